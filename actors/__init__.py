@@ -1,0 +1,74 @@
+"""runactors' runtime: Pykka actors, the supervisor, the executors and batch planning.
+
+Users import :mod:`client`; this package never imports it.
+"""
+
+from actors._executor import Executor, ThreadExecutor, default_max_workers
+from actors._inputs import (
+    check_metrics_mapping,
+    check_status,
+    check_step,
+    metric_rows,
+    param_pairs,
+    tag_pairs,
+)
+from actors._pending import PendingRunId
+from actors._perform import Job, JobResult, failure_message, perform_job
+from actors._plan import (
+    Call,
+    CreateRunCall,
+    LogBatchCall,
+    LogInputsCall,
+    SetTerminatedCall,
+    plan_batches,
+)
+from actors._queues import CreateRun, RunQueues, Terminate
+from actors._retry import call_with_retry, is_transient
+from actors._run_actor import RunActor
+from actors._session import RunHandle, Session, SessionConfig
+from actors._status import STATES, ClientStatus, RunRecord, RunStatus
+from actors._supervisor import Supervisor, Ticket, closed_error
+from actors._system import ActorSystem, get_system, ticket_done, wait_tickets
+
+__all__ = [
+    "STATES",
+    "ActorSystem",
+    "Call",
+    "ClientStatus",
+    "CreateRun",
+    "CreateRunCall",
+    "Executor",
+    "Job",
+    "JobResult",
+    "LogBatchCall",
+    "LogInputsCall",
+    "PendingRunId",
+    "RunActor",
+    "RunHandle",
+    "RunQueues",
+    "RunRecord",
+    "RunStatus",
+    "Session",
+    "SessionConfig",
+    "SetTerminatedCall",
+    "Supervisor",
+    "Terminate",
+    "ThreadExecutor",
+    "Ticket",
+    "call_with_retry",
+    "check_metrics_mapping",
+    "check_status",
+    "check_step",
+    "closed_error",
+    "default_max_workers",
+    "failure_message",
+    "get_system",
+    "is_transient",
+    "metric_rows",
+    "param_pairs",
+    "perform_job",
+    "plan_batches",
+    "tag_pairs",
+    "ticket_done",
+    "wait_tickets",
+]

@@ -1,0 +1,116 @@
+"""Executors: where the tracking calls run, bounded so that many runs do not mean many writers.
+
+:class:`ThreadExecutor` runs jobs on at most ``max_workers`` daemon threads, started on
+demand and stopped by :meth:`~ThreadExecutor.shutdown`. Daemon threads (not
+``concurrent.futures``, whose workers are joined before ``atexit`` handlers run and refuse new
+work there) let the actor system's exit handler still flush and then stop within its bound.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from actors._perform import Job, JobResult, call_counts, perform_job
+
+StateHook = Callable[[str], None]
+DoneHook = Callable[[JobResult], None]
+
+
+def default_max_workers() -> int:
+    """The seed's pool size: ``min(2 x CPUs, 8)``."""
+    return min((os.cpu_count() or 4) * 2, 8)
+
+
+class Executor(Protocol):
+    """What a run actor needs from an executor."""
+
+    def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None: ...
+
+    def shutdown(self, timeout: float | None = None) -> None: ...
+
+
+def failed_result(job: Job, exc: BaseException) -> JobResult:
+    """The result of a job that could not be performed at all."""
+    result = JobResult(run_id=job.run_id)
+    result.errors.append(f"could not perform the run's calls: {exc!r}")
+    if job.run_id is None:
+        result.create_error = repr(exc)
+    for call in job.calls:
+        for kind, n in call_counts(call).items():
+            result.unsent[kind] += n
+    return result
+
+
+class ThreadExecutor:
+    """Performs jobs on up to ``max_workers`` daemon threads, one ``MlflowClient`` per URI."""
+
+    def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
+        self.max_workers = max_workers or default_max_workers()
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Job, StateHook, DoneHook] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._clients: dict[str, Any] = {}
+        self._closed = False
+
+    def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("executor is shut down")
+            self._queue.put((job, on_state, on_done))
+            if len(self._threads) < self.max_workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _client(self, uri: str) -> Any:
+        client = self._clients.get(uri)
+        if client is None:
+            from mlflow.tracking import MlflowClient
+
+            with self._lock:
+                client = self._clients.get(uri)
+                if client is None:
+                    client = self._clients[uri] = MlflowClient(tracking_uri=uri)
+        return client
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job, on_state, on_done = item
+            result = self._perform(job, on_state)
+            on_done(result)
+
+    def _perform(self, job: Job, on_state: StateHook) -> JobResult:
+        def on_retry(exc: BaseException, delay: float) -> None:
+            on_state("retrying")
+
+        on_state("flushing")
+        try:
+            return perform_job(self._client(job.tracking_uri), job, on_retry)
+        except BaseException as exc:  # a bad URI, a broken store: fail this job alone
+            return failed_result(job, exc)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the workers after the jobs already submitted; wait up to ``timeout`` s."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is threading.current_thread():
+                continue
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))

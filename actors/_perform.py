@@ -1,0 +1,158 @@
+"""Performing one run's planned calls against a tracking store: the work an executor runs.
+
+A :class:`Job` is plain data (picklable with cloudpickle, so a worker process can run it);
+:func:`perform_job` never raises: every failure is recorded in the :class:`JobResult`,
+call by call, so that one failed batch does not stop the ones after it (as in the seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+
+from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors._retry import call_with_retry
+
+KINDS = ("metrics", "params", "tags", "datasets")
+
+
+def empty_counts() -> dict[str, int]:
+    return dict.fromkeys(KINDS, 0)
+
+
+@dataclass
+class Job:
+    """One run's calls for one flush round."""
+
+    tracking_uri: str
+    run_id: str | None
+    calls: list[Call]
+    retry_timeout: float
+    label: str = ""  # how failures name the run while its ID is unknown
+
+
+@dataclass
+class JobResult:
+    run_id: str | None
+    created: bool = False
+    create_error: str | None = None
+    logged: dict[str, int] = field(default_factory=empty_counts)
+    unsent: dict[str, int] = field(default_factory=empty_counts)
+    errors: list[str] = field(default_factory=list)
+    terminated: bool = False
+
+
+def call_counts(call: Call) -> dict[str, int]:
+    """Entities per kind that one call delivers."""
+    counts = empty_counts()
+    if isinstance(call, CreateRunCall):
+        counts["tags"] = len(call.tags)
+    elif isinstance(call, LogBatchCall):
+        counts["metrics"] = len(call.metrics)
+        counts["params"] = len(call.params)
+        counts["tags"] = len(call.tags)
+    elif isinstance(call, LogInputsCall):
+        counts["datasets"] = len(call.datasets)
+    return counts
+
+
+def _add(target: dict[str, int], counts: dict[str, int]) -> None:
+    for kind, n in counts.items():
+        target[kind] += n
+
+
+def _invoke(client: Any, run_id: str, call: Call) -> None:
+    if isinstance(call, LogBatchCall):
+        client.log_batch(
+            run_id=run_id,
+            metrics=[
+                Metric(
+                    key,
+                    value,
+                    timestamp,
+                    step,
+                    model_id=model_id,
+                    dataset_name=dataset_name,
+                    dataset_digest=dataset_digest,
+                )
+                for key, value, timestamp, step, model_id, dataset_name, dataset_digest in (
+                    call.metrics
+                )
+            ],
+            params=[Param(key, value) for key, value in call.params],
+            tags=[RunTag(key, value) for key, value in call.tags],
+        )
+    elif isinstance(call, LogInputsCall):
+        client.log_inputs(run_id=run_id, datasets=call.datasets)
+    elif isinstance(call, SetTerminatedCall):
+        client.set_terminated(run_id=run_id, status=call.status, end_time=call.end_time)
+    else:  # pragma: no cover - the plan only makes the calls above after creation
+        raise TypeError(f"unexpected call {call!r}")
+
+
+def perform_job(
+    client: Any,
+    job: Job,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> JobResult:
+    """Make the job's calls in order on ``client`` (an ``MlflowClient``), retrying transient
+    failures for up to ``job.retry_timeout`` seconds each."""
+    result = JobResult(run_id=job.run_id)
+    calls = job.calls
+    if calls and isinstance(calls[0], CreateRunCall):
+        create = calls[0]
+        calls = calls[1:]
+        try:
+            run = call_with_retry(
+                lambda: client.create_run(
+                    experiment_id=create.experiment_id,
+                    start_time=create.start_time,
+                    tags=dict(create.tags),
+                    run_name=create.run_name,
+                ),
+                job.retry_timeout,
+                on_retry,
+            )
+        except Exception as exc:
+            result.create_error = repr(exc)
+            result.errors.append(f"create_run failed: {exc!r}")
+            _add(result.unsent, call_counts(create))
+            for call in calls:
+                _add(result.unsent, call_counts(call))
+            return result
+        result.run_id = run.info.run_id
+        result.created = True
+        _add(result.logged, call_counts(create))
+
+    run_id = result.run_id
+    if run_id is None:
+        result.errors.append(
+            f"run {job.label} has no ID: its creation failed, so its operations were not sent"
+        )
+        for call in calls:
+            _add(result.unsent, call_counts(call))
+        return result
+
+    for call in calls:
+        try:
+            call_with_retry(partial(_invoke, client, run_id, call), job.retry_timeout, on_retry)
+        except Exception as exc:
+            result.errors.append(f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}")
+            _add(result.unsent, call_counts(call))
+        else:
+            _add(result.logged, call_counts(call))
+            if isinstance(call, SetTerminatedCall):
+                result.terminated = True
+    return result
+
+
+def failure_message(run_label: str, errors: list[str]) -> str:
+    """The seed's failure text for one run, which callers and tests match on."""
+    return (
+        f"Failed to perform one or more operations on the run with ID {run_label}."
+        f" Failed operations: {errors}"
+    )

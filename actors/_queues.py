@@ -1,0 +1,139 @@
+"""The queued operations of one run, and the buffer that holds them until a flush.
+
+Callers append to a run's :class:`RunQueues` directly (one short lock, no actor round
+trip per ``log_*`` call); only the run's actor takes from it, a whole snapshot at a time.
+That split keeps the hot path cheap while the actor stays the only consumer, so the order
+of a run's operations is the order in which they were appended.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple
+
+# key, value, timestamp (ms), step, model_id, dataset_name, dataset_digest.
+# Plain tuples: building mlflow.entities.Metric objects is deferred to the executor.
+MetricRow = tuple[str, Any, int, int, "str | None", "str | None", "str | None"]
+# key, value (already a str).
+Pair = tuple[str, str]
+
+
+class CreateRun(NamedTuple):
+    """A queued ``create_run``."""
+
+    experiment_id: str
+    start_time: int | None
+    tags: list[Pair]
+    run_name: str | None
+
+
+class Terminate(NamedTuple):
+    """A queued ``set_terminated``."""
+
+    status: str | None
+    end_time: int | None
+
+
+class Snapshot(NamedTuple):
+    """Everything a run had queued at the moment its actor took it."""
+
+    create: CreateRun | None
+    params: list[Pair]
+    tags: list[Pair]
+    metrics: list[MetricRow]
+    datasets: list[Any]
+    terminate: Terminate | None
+
+    def is_empty(self) -> bool:
+        return not (
+            self.create
+            or self.params
+            or self.tags
+            or self.metrics
+            or self.datasets
+            or self.terminate
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "metrics": len(self.metrics),
+            "params": len(self.params),
+            "tags": len(self.tags) + (len(self.create.tags) if self.create else 0),
+            "datasets": len(self.datasets),
+        }
+
+
+class RunQueues:
+    """The lock-guarded buffer of one run's not-yet-flushed operations.
+
+    Producers (any thread) call the ``add_*`` methods; the run's actor calls :meth:`take`.
+    """
+
+    __slots__ = ("_lock", "create", "datasets", "metrics", "params", "tags", "terminate")
+
+    def __init__(self, create: CreateRun | None = None) -> None:
+        self._lock = threading.Lock()
+        self.create: CreateRun | None = create
+        self.terminate: Terminate | None = None
+        self.params: list[Pair] = []
+        self.tags: list[Pair] = []
+        self.metrics: list[MetricRow] = []
+        self.datasets: list[Any] = []
+
+    def add_metrics(self, rows: list[MetricRow]) -> None:
+        with self._lock:
+            self.metrics += rows
+
+    def add_params(self, pairs: list[Pair]) -> None:
+        with self._lock:
+            self.params += pairs
+
+    def add_tags(self, pairs: list[Pair]) -> None:
+        with self._lock:
+            self.tags += pairs
+
+    def add_datasets(self, datasets: list[Any]) -> None:
+        with self._lock:
+            self.datasets += datasets
+
+    def set_terminate(self, terminate: Terminate) -> bool:
+        """Queue a termination; ``False`` if one is already queued (nothing changes)."""
+        with self._lock:
+            if self.terminate is not None:
+                return False
+            self.terminate = terminate
+            return True
+
+    def take(self) -> Snapshot:
+        """Remove and return everything queued, atomically with respect to producers."""
+        with self._lock:
+            snap = Snapshot(
+                self.create, self.params, self.tags, self.metrics, self.datasets, self.terminate
+            )
+            self.create = None
+            self.terminate = None
+            self.params = []
+            self.tags = []
+            self.metrics = []
+            self.datasets = []
+        return snap
+
+    def counts(self) -> dict[str, int]:
+        """Queued entities per kind; a lock-free estimate, exact when producers are idle."""
+        create = self.create
+        return {
+            "metrics": len(self.metrics),
+            "params": len(self.params),
+            "tags": len(self.tags) + (len(create.tags) if create else 0),
+            "datasets": len(self.datasets),
+        }
+
+    def has_work(self) -> bool:
+        return bool(
+            self.create
+            or self.terminate
+            or self.metrics
+            or self.params
+            or self.tags
+            or self.datasets
+        )

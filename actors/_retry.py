@@ -1,0 +1,82 @@
+"""Which failures are transient, and retrying one call with exponential backoff and jitter."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Text that marks a failure as transient wherever it appears in the exception chain.
+_TRANSIENT_TEXT = (
+    "database is locked",
+    "database table is locked",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "temporarily unavailable",
+    "too many requests",
+)
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+BACKOFF_START = 0.05
+BACKOFF_MAX = 2.0
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same call later may succeed (and cannot duplicate data).
+
+    Connection refused or reset, timeouts, HTTP 408/429/5xx and SQLite's "database is
+    locked" are transient; everything else (bad input, missing runs) is permanent.
+    """
+    for item in _chain(exc):
+        if isinstance(item, ConnectionError | TimeoutError):
+            return True
+        status = getattr(item, "get_http_status_code", None)
+        if callable(status):
+            try:
+                if int(status()) in _TRANSIENT_HTTP:
+                    return True
+            except (TypeError, ValueError):
+                pass
+        text = str(item).lower()
+        if any(marker in text for marker in _TRANSIENT_TEXT):
+            return True
+    return False
+
+
+def call_with_retry(
+    fn: Callable[[], T],
+    retry_timeout: float,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn`` until it succeeds, fails permanently, or ``retry_timeout`` seconds pass.
+
+    Backoff doubles from 50 ms up to 2 s, with full jitter; the last error is raised.
+    """
+    deadline = time.monotonic() + retry_timeout
+    backoff = BACKOFF_START
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not is_transient(exc):
+                raise
+            delay = min(random.uniform(0, backoff), remaining)
+            if on_retry is not None:
+                on_retry(exc, delay)
+            sleep(delay)
+            backoff = min(backoff * 2, BACKOFF_MAX)

@@ -1,0 +1,177 @@
+"""``RunActor``: one run's actor. It owns the run's queues and serializes its flushes.
+
+A flush is a *round*: take everything queued (one snapshot), plan it, hand the job to the
+executor, and wait for the job's result as a message. While a round is in flight, further
+flush requests wait for the next round, which snapshots only after the current one ends.
+So a run's operations reach the store in call order whatever the flushes do, and the
+actor's mailbox never waits on I/O: ``status()`` and new flush requests are answered at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pykka
+from mlflow.exceptions import MlflowException
+
+from actors._executor import failed_result
+from actors._perform import Job, JobResult, empty_counts, failure_message
+from actors._plan import plan_snapshot
+
+if TYPE_CHECKING:
+    from actors._session import RunHandle, Session
+
+
+class FlushRequest:
+    """Ask a run actor to flush; the reply is a future of that flush's outcome."""
+
+
+FLUSH = FlushRequest()
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """Told by the executor when a round's job has finished."""
+
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """Told to the supervisor: the run is terminated and flushed, after ``seen`` flushes."""
+
+    handle: RunHandle
+    ref: pykka.ActorRef[Any]
+    seen: int
+
+
+def _fail(future: pykka.ThreadingFuture[None], message: str) -> None:
+    exc = MlflowException(message)
+    future.set_exception((MlflowException, exc, None))
+
+
+class RunActor(pykka.ThreadingActor):
+    """The actor of one run (pending or addressed by its ID)."""
+
+    use_daemon_thread = True  # the exit handler, not thread joins, bounds shutdown
+
+    def __init__(
+        self, supervisor: pykka.ActorRef[Any], session: Session, handle: RunHandle
+    ) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+        self._session = session
+        self._handle = handle
+        self._seen = 0
+        self._inflight = False
+        self._creating = False
+        self._waiters: list[pykka.ThreadingFuture[None]] = []
+        self._next: list[pykka.ThreadingFuture[None]] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if message is FLUSH:
+            return self._on_flush()
+        if isinstance(message, JobDone):
+            self._on_job_done(message.result)
+            return None
+        raise TypeError(f"{self} got an unexpected message: {message!r}")
+
+    def _on_flush(self) -> pykka.ThreadingFuture[None]:
+        self._seen += 1
+        done: pykka.ThreadingFuture[None] = pykka.ThreadingFuture()
+        if self._inflight:
+            self._next.append(done)
+        else:
+            self._start_round([done])
+        return done
+
+    def _start_round(self, waiters: list[pykka.ThreadingFuture[None]]) -> None:
+        handle, record = self._handle, self._handle.record
+        snapshot = handle.queues.take()
+        if snapshot.is_empty():
+            for waiter in waiters:
+                waiter.set(None)
+            self._report_if_finished()
+            return
+        job = Job(
+            tracking_uri=self._session.config.tracking_uri,
+            run_id=record.run_id,
+            calls=plan_snapshot(snapshot),
+            retry_timeout=self._session.config.retry_timeout,
+            label=record.label,
+        )
+        if record.run_id is None and snapshot.create is None and record.create_error:
+            job.label = f"{record.label} (creation failed: {record.create_error})"
+        self._inflight = True
+        self._creating = snapshot.create is not None
+        self._waiters = waiters
+        record.inflight = snapshot.counts()
+        record.state = "waiting"
+        ref = self.actor_ref
+
+        def on_state(state: str) -> None:
+            record.state = state
+
+        def on_done(result: JobResult) -> None:
+            try:
+                ref.tell(JobDone(result))
+            except pykka.ActorDeadError:  # stopped or crashed meanwhile: nobody to tell
+                pass
+
+        try:
+            self._session.executor().submit(job, on_state, on_done)
+        except Exception as exc:  # the executor is shut down: fail this round only
+            self._on_job_done(failed_result(job, exc))
+
+    def _on_job_done(self, result: JobResult) -> None:
+        handle, record = self._handle, self._handle.record
+        self._inflight = False
+        if result.created and result.run_id is not None:
+            record.run_id = result.run_id
+            if handle.pending is not None:
+                handle.pending._set_created(result.run_id)
+        elif self._creating and result.create_error is not None:
+            record.create_error = result.create_error
+            if handle.pending is not None:
+                handle.pending._set_failed(result.create_error)
+        for kind, n in result.logged.items():
+            record.logged[kind] += n
+        record.inflight = empty_counts()
+        record.errors.extend(result.errors)
+        record.terminated = record.terminated or result.terminated
+        record.state = "idle"
+        waiters, self._waiters = self._waiters, []
+        message = failure_message(record.label, result.errors) if result.errors else None
+        for waiter in waiters:
+            if message is None:
+                waiter.set(None)
+            else:
+                _fail(waiter, message)
+        if self._next:
+            waiters, self._next = self._next, []
+            self._start_round(waiters)
+        else:
+            self._report_if_finished()
+
+    def _report_if_finished(self) -> None:
+        if self._handle.record.terminated and not self._handle.queues.has_work():
+            self._supervisor.tell(RunFinished(self._handle, self.actor_ref, self._seen))
+
+    def _fail_waiters(self, message: str) -> None:
+        waiters = self._waiters + self._next
+        self._waiters, self._next = [], []
+        for waiter in waiters:
+            _fail(waiter, failure_message(self._handle.record.label, [message]))
+
+    def on_stop(self) -> None:
+        record = self._handle.record
+        self._fail_waiters("the client was closed before this flush completed")
+        record.state = "stopped" if record.terminated and not self._inflight else "closed"
+
+    def on_failure(self, *exc_info: Any) -> None:
+        record = self._handle.record
+        error = f"run actor crashed: {exc_info[1]!r}"
+        record.errors.append(error)
+        record.state = "crashed"
+        self._fail_waiters(error)

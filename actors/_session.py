@@ -1,0 +1,76 @@
+"""A client's share of the actor system: its configuration, its runs and its executor."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from actors._executor import Executor, ThreadExecutor
+from actors._pending import PendingRunId
+from actors._queues import RunQueues
+from actors._status import RunRecord
+
+if TYPE_CHECKING:
+    import pykka
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a client is configured with; all a pickled client carries."""
+
+    tracking_uri: str
+    executor: str = "thread"
+    max_workers: int | None = None
+    flush_interval: float | None = None
+    max_queued: int | None = None
+    retry_timeout: float = 60.0
+    spool_dir: str | None = None
+
+
+class RunHandle:
+    """One run of one session: its queues, its live record and (while alive) its actor."""
+
+    __slots__ = ("key", "pending", "queues", "record", "ref", "sent")
+
+    def __init__(self, key: Any, pending: PendingRunId | None, queues: RunQueues) -> None:
+        self.key = key
+        self.pending = pending
+        self.queues = queues
+        self.record = RunRecord(pending=pending, run_id=None if pending else key)
+        self.ref: pykka.ActorRef[Any] | None = None  # written by the supervisor only
+        self.sent = 0  # flush messages the supervisor sent to the current actor
+
+
+class Session:
+    """The runtime side of one client; created and registered by the supervisor."""
+
+    def __init__(self, session_id: int, config: SessionConfig) -> None:
+        self.id = session_id
+        self.config = config
+        self.handles: dict[Any, RunHandle] = {}  # written by the supervisor only
+        self.closed = False
+        self._seq = 0
+        self._executor: Executor | None = None
+        self._lock = threading.Lock()
+
+    def next_label(self) -> str:
+        self._seq += 1
+        return f"pending-{self.id}-{self._seq}"
+
+    def executor(self) -> Executor:
+        """The session's executor, started on first use."""
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = self._make_executor()
+        return self._executor
+
+    def _make_executor(self) -> Executor:
+        return ThreadExecutor(self.config.max_workers, name=f"runactors-{self.id}")
+
+    def shutdown_executor(self, timeout: float | None) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(timeout)

@@ -1,0 +1,216 @@
+"""The process-wide actor system: started lazily, rebuilt after ``fork``, closed at exit.
+
+One :class:`ActorSystem` (one :class:`~actors._supervisor.Supervisor`) serves every client
+in a process, the way MLflow's autologging creates a client per ``fit()``. All its threads
+are daemon threads, so the interpreter never waits on them; instead an ``atexit`` handler
+flushes and closes every open session within ``RUNACTORS_EXIT_TIMEOUT`` seconds (default
+30), letting flushes already in flight complete.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import pykka
+from mlflow.exceptions import MlflowException
+
+from actors._perform import failure_message
+from actors._queues import CreateRun
+from actors._run_actor import RunActor
+from actors._session import RunHandle, Session, SessionConfig
+from actors._supervisor import (
+    CloseSession,
+    FlushSession,
+    ListSessions,
+    OpenSession,
+    RegisterRun,
+    Supervisor,
+    Ticket,
+)
+
+_logger = logging.getLogger(__name__)
+
+EXIT_TIMEOUT_ENV = "RUNACTORS_EXIT_TIMEOUT"
+DEFAULT_EXIT_TIMEOUT = 30.0
+
+
+def exit_timeout() -> float:
+    try:
+        return float(os.environ.get(EXIT_TIMEOUT_ENV, DEFAULT_EXIT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_EXIT_TIMEOUT
+
+
+class _Deadline:
+    def __init__(self, timeout: float | None) -> None:
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self._end is None else max(self._end - time.monotonic(), 0.0)
+
+
+def _settled(future: pykka.Future[Any]) -> bool:
+    try:
+        future.get(timeout=0)
+    except pykka.Timeout:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def ticket_done(ticket: Ticket) -> bool:
+    """Whether this run's part of a flush has finished."""
+    _, reply = ticket
+    if not _settled(reply):
+        return False
+    try:
+        return _settled(reply.get(timeout=0))
+    except Exception:
+        return True
+
+
+def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[str]:
+    """Wait for every run's part of a flush; return one failure message per failed run.
+
+    Raises ``TimeoutError`` if ``timeout`` seconds pass first.
+    """
+    deadline = _Deadline(timeout)
+    failures: list[str] = []
+    for handle, reply in tickets:
+        try:
+            reply.get(timeout=deadline.remaining()).get(timeout=deadline.remaining())
+        except pykka.Timeout:
+            raise TimeoutError(f"the flush did not complete within {timeout} s") from None
+        except MlflowException as exc:
+            failures.append(exc.message)
+        except Exception as exc:  # the actor died before it could take the request
+            failures.append(failure_message(handle.record.label, [repr(exc)]))
+    return failures
+
+
+class ActorSystem:
+    """The supervisor of this process and the calls clients make on it."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.supervisor = Supervisor.start()
+
+    def _ask(self, message: Any) -> Any:
+        return self.supervisor.ask(message)
+
+    def open_session(self, config: SessionConfig) -> Session:
+        session: Session = self._ask(OpenSession(config))
+        return session
+
+    def register_run(
+        self, session: Session, key: str | None, create: CreateRun | None = None
+    ) -> RunHandle:
+        handle: RunHandle = self._ask(RegisterRun(session, key, create))
+        return handle
+
+    def flush(self, session: Session) -> list[Ticket]:
+        tickets: list[Ticket] = self._ask(FlushSession(session))
+        return tickets
+
+    def sessions(self) -> list[Session]:
+        sessions: list[Session] = self._ask(ListSessions())
+        return sessions
+
+    def close_session(self, session: Session, timeout: float | None = None) -> list[str]:
+        """Flush what the session queued, wait up to ``timeout`` s, stop its actors and
+        executor; return the failure messages of that last flush."""
+        if session.closed:
+            return []
+        deadline = _Deadline(timeout)
+        failures: list[str] = []
+        try:
+            failures = wait_tickets(self.flush(session), deadline.remaining())
+        except TimeoutError as exc:
+            failures = [f"closing before the last flush completed: {exc}"]
+        finally:
+            stops = self._ask(CloseSession(session))
+            try:
+                pykka.get_all(stops, timeout=deadline.remaining())
+            except pykka.Timeout:
+                _logger.warning("runactors: some run actors did not stop within %s s", timeout)
+            session.shutdown_executor(deadline.remaining())
+        return failures
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Close every session and stop the supervisor (used at interpreter exit)."""
+        deadline = _Deadline(timeout)
+        for session in self.sessions():
+            try:
+                failures = self.close_session(session, deadline.remaining())
+            except Exception:
+                _logger.exception("runactors: closing a client at exit failed")
+                continue
+            for failure in failures:
+                _logger.warning("runactors: at exit: %s", failure)
+        self.supervisor.stop(block=False)
+
+
+_system: ActorSystem | None = None
+_system_lock = threading.Lock()
+_exit_registered = False
+
+
+def get_system() -> ActorSystem:
+    """This process's actor system, started on first use."""
+    global _system, _exit_registered
+    system = _system
+    if system is not None:
+        return system
+    with _system_lock:
+        if _system is None:
+            _system = ActorSystem()
+            if not _exit_registered:
+                atexit.register(_stop_at_exit)
+                _exit_registered = True
+        return _system
+
+
+def _stop_at_exit() -> None:
+    system = _system
+    if system is not None and system.pid == os.getpid():
+        system.stop(exit_timeout())
+
+
+def _after_fork_in_child() -> None:
+    """Forget the parent's actors (their threads do not exist here) and its DB connections."""
+    global _system, _system_lock
+    _system_lock = threading.Lock()
+    if _system is None:
+        return
+    _system = None
+    # A parent thread may have held the registry lock at fork time.
+    pykka.ActorRegistry._actor_refs_lock = threading.RLock()
+    for ref in pykka.ActorRegistry.get_all():
+        if ref.actor_class in (Supervisor, RunActor):
+            pykka.ActorRegistry.unregister(ref)
+    _forget_inherited_engines()
+
+
+def _forget_inherited_engines() -> None:
+    # SQLAlchemy's recipe for fork: the child drops the pooled connections it inherited,
+    # without closing them (they still belong to the parent), and opens its own.
+    module = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    store = getattr(module, "SqlAlchemyStore", None)
+    if store is None:
+        return
+    store._engine_map_lock = threading.Lock()
+    for engine in list(store._engine_map.values()):
+        try:
+            engine.dispose(close=False)
+        except Exception:  # pragma: no cover - best effort
+            _logger.debug("runactors: could not reset an inherited engine", exc_info=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,18 @@
+"""runactors' public API: the queueing client, its result types and the CLI.
+
+``MlflowAutologgingQueueingClient`` is ``QueueingClient``: code written for MLflow's
+``mlflow.utils.autologging_utils.MlflowAutologgingQueueingClient`` switches by one import.
+"""
+
+from actors import ClientStatus, PendingRunId, RunStatus
+from client._client import MlflowAutologgingQueueingClient, QueueingClient
+from client._operations import RunOperations
+
+__all__ = [
+    "ClientStatus",
+    "MlflowAutologgingQueueingClient",
+    "PendingRunId",
+    "QueueingClient",
+    "RunOperations",
+    "RunStatus",
+]
