@@ -65,3 +65,15 @@ def wait_for_threads(baseline: int, timeout: float = 30.0) -> int:
     while threading.active_count() > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     return threading.active_count()
+
+
+def run_actor_threads() -> list[str]:
+    """Names of the live threads of run actors (Pykka names them after the class)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("RunActor")]
+
+
+def wait_for_no_run_actors(timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while run_actor_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return run_actor_threads()

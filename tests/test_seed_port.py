@@ -72,7 +72,9 @@ def test_client_truncates_metric_keys(store):
 
 def test_client_logs_expected_run_data(store):
     client = MlflowAutologgingQueueingClient()
-    params_to_log = {f"param_key_{i}": f"param_val_{i}" for i in range(2 * MAX_PARAMS_TAGS_PER_BATCH + 1)}
+    params_to_log = {
+        f"param_key_{i}": f"param_val_{i}" for i in range(2 * MAX_PARAMS_TAGS_PER_BATCH + 1)
+    }
     tags_to_log = {f"tag_key_{i}": f"tag_val_{i}" for i in range(2 * MAX_PARAMS_TAGS_PER_BATCH + 1)}
     metrics_to_log = {f"metric_key_{i}": i for i in range(4 * MAX_METRICS_PER_BATCH + 1)}
 
@@ -218,8 +220,7 @@ def test_logging_failures_are_handled_as_expected(experiment_id):
     run = runs[0]
     assert not run.data.metrics  # the batch failed
     assert run.info.status == "KILLED"  # the termination after it still happened
-    assert (
-        f"Failed to perform one or more operations on the run with ID {run.info.run_id}"
-        in str(exc.value)
+    assert f"Failed to perform one or more operations on the run with ID {run.info.run_id}" in str(
+        exc.value
     )
     assert "Batch logging failed!" in str(exc.value)
