@@ -118,6 +118,18 @@ class RunQueues:
             self.datasets = []
         return snap
 
+    def put_back(self, snapshot: Snapshot) -> None:
+        """Return a taken snapshot to the front of the queues (its flush never started)."""
+        with self._lock:
+            if snapshot.create is not None:
+                self.create = snapshot.create
+            if snapshot.terminate is not None and self.terminate is None:
+                self.terminate = snapshot.terminate
+            self.params = snapshot.params + self.params
+            self.tags = snapshot.tags + self.tags
+            self.metrics = snapshot.metrics + self.metrics
+            self.datasets = snapshot.datasets + self.datasets
+
     def counts(self) -> dict[str, int]:
         """Queued entities per kind; a lock-free estimate, exact when producers are idle."""
         create = self.create

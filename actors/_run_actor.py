@@ -88,16 +88,23 @@ class RunActor(pykka.ThreadingActor):
 
     def _start_round(self, waiters: list[pykka.ThreadingFuture[None]]) -> None:
         handle, record = self._handle, self._handle.record
+        self._waiters = waiters  # from here on, a crash fails them (on_failure)
         snapshot = handle.queues.take()
         if snapshot.is_empty():
+            self._waiters = []
             for waiter in waiters:
                 waiter.set(None)
             self._report_if_finished()
             return
+        try:
+            calls = plan_snapshot(snapshot)
+        except BaseException:
+            handle.queues.put_back(snapshot)  # nothing was sent: the next round retries it
+            raise
         job = Job(
             tracking_uri=self._session.config.tracking_uri,
             run_id=record.run_id,
-            calls=plan_snapshot(snapshot),
+            calls=calls,
             retry_timeout=self._session.config.retry_timeout,
             label=record.label,
         )
@@ -105,7 +112,6 @@ class RunActor(pykka.ThreadingActor):
             job.label = f"{record.label} (creation failed: {record.create_error})"
         self._inflight = True
         self._creating = snapshot.create is not None
-        self._waiters = waiters
         record.inflight = snapshot.counts()
         record.state = "waiting"
         ref = self.actor_ref
