@@ -19,6 +19,10 @@ from actors._retry import call_with_retry
 
 KINDS = ("metrics", "params", "tags", "datasets")
 
+RetryHook = Callable[[BaseException, float], None]
+# (call, error text or None, run ID known after the call)
+CallHook = Callable[[Call, "str | None", "str | None"], None]
+
 
 def empty_counts() -> dict[str, int]:
     return dict.fromkeys(KINDS, 0)
@@ -94,59 +98,84 @@ def _invoke(client: Any, run_id: str, call: Call) -> None:
         raise TypeError(f"unexpected call {call!r}")
 
 
+def compress_errors(errors: list[str]) -> list[str]:
+    """Collapse runs of the same message: a dead run fails every batch the same way."""
+    out: list[str] = []
+    count = 0
+    for index, error in enumerate(errors):
+        count += 1
+        if index + 1 == len(errors) or errors[index + 1] != error:
+            out.append(error if count == 1 else f"{error} (x{count})")
+            count = 0
+    return out
+
+
 def perform_job(
     client: Any,
     job: Job,
-    on_retry: Callable[[BaseException, float], None] | None = None,
+    on_retry: RetryHook | None = None,
+    on_call: CallHook | None = None,
 ) -> JobResult:
     """Make the job's calls in order on ``client`` (an ``MlflowClient``), retrying transient
-    failures for up to ``job.retry_timeout`` seconds each."""
+    failures for up to ``job.retry_timeout`` seconds each; ``on_call`` hears each outcome."""
+    result = _perform(client, job, on_retry, on_call)
+    result.errors = compress_errors(result.errors)
+    return result
+
+
+def record_outcome(result: JobResult, call: Call, error: str | None, run_id: str | None) -> None:
+    """Account one call's outcome in ``result`` (shared by workers and their drivers)."""
+    counts = call_counts(call)
+    if error is None:
+        _add(result.logged, counts)
+        if isinstance(call, CreateRunCall):
+            result.run_id, result.created = run_id, True
+        elif isinstance(call, SetTerminatedCall):
+            result.terminated = True
+    else:
+        result.errors.append(error)
+        _add(result.unsent, counts)
+        if isinstance(call, CreateRunCall):
+            result.create_error = error
+
+
+def _create(client: Any, call: CreateRunCall) -> str:
+    run = client.create_run(
+        experiment_id=call.experiment_id,
+        start_time=call.start_time,
+        tags=dict(call.tags),
+        run_name=call.run_name,
+    )
+    return str(run.info.run_id)
+
+
+def _perform(
+    client: Any,
+    job: Job,
+    on_retry: RetryHook | None,
+    on_call: CallHook | None,
+) -> JobResult:
     result = JobResult(run_id=job.run_id)
-    calls = job.calls
-    if calls and isinstance(calls[0], CreateRunCall):
-        create = calls[0]
-        calls = calls[1:]
-        try:
-            run = call_with_retry(
-                lambda: client.create_run(
-                    experiment_id=create.experiment_id,
-                    start_time=create.start_time,
-                    tags=dict(create.tags),
-                    run_name=create.run_name,
-                ),
-                job.retry_timeout,
-                on_retry,
-            )
-        except Exception as exc:
-            result.create_error = repr(exc)
-            result.errors.append(f"create_run failed: {exc!r}")
-            _add(result.unsent, call_counts(create))
-            for call in calls:
-                _add(result.unsent, call_counts(call))
-            return result
-        result.run_id = run.info.run_id
-        result.created = True
-        _add(result.logged, call_counts(create))
-
-    run_id = result.run_id
-    if run_id is None:
-        result.errors.append(
-            f"run {job.label} has no ID: its creation failed, so its operations were not sent"
-        )
-        for call in calls:
-            _add(result.unsent, call_counts(call))
-        return result
-
-    for call in calls:
-        try:
-            call_with_retry(partial(_invoke, client, run_id, call), job.retry_timeout, on_retry)
-        except Exception as exc:
-            result.errors.append(f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}")
-            _add(result.unsent, call_counts(call))
+    for call in job.calls:
+        error: str | None = None
+        run_id = result.run_id
+        if isinstance(call, CreateRunCall):
+            try:
+                run_id = call_with_retry(
+                    partial(_create, client, call), job.retry_timeout, on_retry
+                )
+            except Exception as exc:
+                error = f"create_run failed: {exc!r}"
+        elif run_id is None:
+            error = f"run {job.label} has no ID: its creation failed, so this call was not sent"
         else:
-            _add(result.logged, call_counts(call))
-            if isinstance(call, SetTerminatedCall):
-                result.terminated = True
+            try:
+                call_with_retry(partial(_invoke, client, run_id, call), job.retry_timeout, on_retry)
+            except Exception as exc:
+                error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
+        record_outcome(result, call, error, run_id)
+        if on_call is not None:
+            on_call(call, error, run_id)
     return result
 
 
