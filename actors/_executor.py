@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from actors._perform import Job, JobResult, call_counts, perform_job
 
-StateHook = Callable[[str], None]
+StateHook = Callable[[str, "str | None"], None]  # state, worker
 DoneHook = Callable[[JobResult], None]
 
 
@@ -92,9 +92,10 @@ class ThreadExecutor:
 
     def _perform(self, job: Job, on_state: StateHook) -> JobResult:
         def on_retry(exc: BaseException, delay: float) -> None:
-            on_state("retrying")
+            on_state("retrying", worker)
 
-        on_state("flushing")
+        worker = threading.current_thread().name
+        on_state("flushing", worker)
         try:
             return perform_job(self._client(job.tracking_uri), job, on_retry)
         except BaseException as exc:  # a bad URI, a broken store: fail this job alone

@@ -18,6 +18,9 @@ _TRANSIENT_TEXT = (
     "connection aborted",
     "temporarily unavailable",
     "too many requests",
+    # Two runs logging the same new dataset at once race in MLflow's SQL store; the loser
+    # finds the dataset there on retry.
+    "unique constraint failed: datasets",
 )
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 

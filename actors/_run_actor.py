@@ -116,8 +116,8 @@ class RunActor(pykka.ThreadingActor):
         record.state = "waiting"
         ref = self.actor_ref
 
-        def on_state(state: str) -> None:
-            record.state = state
+        def on_state(state: str, worker: str | None) -> None:
+            record.state, record.worker = state, worker
 
         def on_done(result: JobResult) -> None:
             try:
@@ -146,7 +146,7 @@ class RunActor(pykka.ThreadingActor):
         record.inflight = empty_counts()
         record.errors.extend(result.errors)
         record.terminated = record.terminated or result.terminated
-        record.state = "idle"
+        record.state, record.worker = "idle", None
         waiters, self._waiters = self._waiters, []
         message = failure_message(record.label, result.errors) if result.errors else None
         for waiter in waiters:

@@ -67,7 +67,12 @@ class Session:
         return self._executor
 
     def _make_executor(self) -> Executor:
-        return ThreadExecutor(self.config.max_workers, name=f"runactors-{self.id}")
+        name = f"runactors-{self.id}"
+        if self.config.executor == "process":
+            from actors._process_executor import ProcessExecutor
+
+            return ProcessExecutor(self.config.max_workers, name=name)
+        return ThreadExecutor(self.config.max_workers, name=name)
 
     def shutdown_executor(self, timeout: float | None) -> None:
         with self._lock:

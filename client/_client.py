@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
 
 RunIdLike = str | PendingRunId
-EXECUTORS = ("thread",)
+EXECUTORS = ("thread", "process")
 
 # Every client alive in this process, so that a forked child can reset them.
 _live: weakref.WeakSet[QueueingClient] = weakref.WeakSet()

@@ -1,0 +1,58 @@
+"""The worker process of the process executor: ``python -m actors._worker FD``.
+
+A fresh interpreter (never a fork, and not ``multiprocessing``'s spawn, which would re-import
+the user's ``__main__``) that reads cloudpickled :class:`~actors._perform.Job`\\ s from a
+socket, performs them with one ``MlflowClient`` per tracking URI, and reports each call's
+outcome as it goes, so that its driver can resume the job elsewhere if this process dies.
+It exits when the socket closes: a parent that dies takes its workers with it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+from actors._executor import failed_result
+from actors._perform import Job, perform_job
+from actors._plan import Call
+
+
+def serve(conn: Connection) -> None:
+    clients: dict[str, Any] = {}
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        job: Job = cloudpickle.loads(payload)
+
+        def on_retry(exc: BaseException, delay: float) -> None:
+            conn.send(("state", "retrying"))
+
+        def on_call(call: Call, error: str | None, run_id: str | None) -> None:
+            conn.send(("call", error, run_id))
+
+        conn.send(("state", "flushing"))
+        try:
+            client = clients.get(job.tracking_uri)
+            if client is None:
+                from mlflow.tracking import MlflowClient
+
+                client = clients[job.tracking_uri] = MlflowClient(tracking_uri=job.tracking_uri)
+            result = perform_job(client, job, on_retry, on_call)
+        except BaseException as exc:  # a bad URI, a broken store: this job fails, we go on
+            result = failed_result(job, exc)
+        conn.send_bytes(cloudpickle.dumps(result))
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    serve(Connection(sock.detach()))
+
+
+if __name__ == "__main__":
+    main()
