@@ -22,7 +22,9 @@ def workload(client: QueueingClient, experiment_id: str) -> list:
     entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "train")])
     runs = []
     for i in range(5):
-        run = client.create_run(experiment_id, start_time=1000 + i, tags={"trial": i}, run_name=f"t{i}")
+        run = client.create_run(
+            experiment_id, start_time=1000 + i, tags={"trial": i}, run_name=f"t{i}"
+        )
         client.log_params(run, {"alpha": 0.1 * i, "layers": i + 1, "name": f"model-{i}"})
         client.set_tags(run, {"phase": "train"})
         client.log_inputs(run, [entity])
@@ -40,7 +42,9 @@ def stored(store, experiment_id: str) -> dict:
     for run in store.search_runs([experiment_id]):
         info, data = run.info, run.data
         histories = {
-            key: [(m.step, m.value, m.timestamp) for m in store.get_metric_history(info.run_id, key)]
+            key: [
+                (m.step, m.value, m.timestamp) for m in store.get_metric_history(info.run_id, key)
+            ]
             for key in data.metrics
         }
         out[info.run_name] = {
