@@ -77,3 +77,9 @@ def wait_for_no_run_actors(timeout: float = 30.0) -> list[str]:
     while run_actor_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     return run_actor_threads()
+
+
+@pytest.fixture(params=["thread", "process"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """Behavioural tests run on both executors: they must store exactly the same."""
+    return str(request.param)

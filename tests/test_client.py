@@ -26,7 +26,15 @@ from client import (
 
 
 @pytest.fixture
-def client(tracking_uri):
+def client(tracking_uri, executor):
+    client = QueueingClient(tracking_uri, executor=executor)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def thread_client(tracking_uri):
+    """For tests that inject a delay into MlflowClient, which only reaches threads."""
     client = QueueingClient(tracking_uri)
     yield client
     client.close()
@@ -225,7 +233,8 @@ def test_pending_run_id_resolve_done_and_failed_creation(client, store, experime
         client.flush()
 
 
-def test_run_operations_of_an_asynchronous_flush(client, store, experiment_id):
+def test_run_operations_of_an_asynchronous_flush(thread_client, store, experiment_id):
+    client = thread_client
     gate = threading.Event()
     original = MlflowClient.log_batch
 

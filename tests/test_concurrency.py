@@ -65,7 +65,10 @@ def test_overlapping_flushes_of_one_run_keep_call_order(client, store, experimen
     assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0)]
 
 
-def test_eight_threads_into_four_runs_while_another_thread_flushes(client, store, experiment_id):
+def test_eight_threads_into_four_runs_while_another_thread_flushes(
+    tracking_uri, executor, store, experiment_id
+):
+    client = QueueingClient(tracking_uri, executor=executor, max_workers=2)
     runs = [client.create_run(experiment_id, run_name=f"r{i}") for i in range(4)]
     steps = 150
     stop = threading.Event()
@@ -110,6 +113,7 @@ def test_eight_threads_into_four_runs_while_another_thread_flushes(client, store
         assert tags[f"t{thread}"] == "100"  # the last value set, in call order
     assert {r.state for r in client.status().runs} <= {"idle"}
     assert all(r.errors == [] for r in client.status().runs)
+    client.close()
 
 
 def test_concurrent_create_run_gives_distinct_runs(client, store, experiment_id):

@@ -121,11 +121,11 @@ def run_script(code: str, tracking_uri: str, timeout: float = 120, **env: str):
     )
 
 
-def test_process_that_never_flushed_delivers_at_exit(tracking_uri, store, experiment_id):
+def test_process_that_never_flushed_delivers_at_exit(tracking_uri, store, experiment_id, executor):
     result = run_script(
         f"""
         from client import QueueingClient
-        client = QueueingClient({tracking_uri!r})
+        client = QueueingClient({tracking_uri!r}, executor={executor!r})
         run = client.create_run({experiment_id!r}, run_name="exit")
         for step in range(10):
             client.log_metrics(run, {{"m": float(step)}}, step=step)

@@ -25,8 +25,8 @@ from client import MlflowAutologgingQueueingClient
 ORIGINAL_LOG_BATCH = MlflowClient.log_batch
 
 
-def test_client_truncates_param_keys_and_values(store):
-    client = MlflowAutologgingQueueingClient()
+def test_client_truncates_param_keys_and_values(store, executor):
+    client = MlflowAutologgingQueueingClient(executor=executor)
     params_to_log = {
         "a" * (MAX_ENTITY_KEY_LENGTH + 5): "b" * (MAX_PARAM_VAL_LENGTH + 5),
         "a" * (MAX_ENTITY_KEY_LENGTH + 50): "b" * (MAX_PARAM_VAL_LENGTH + 50),
@@ -40,8 +40,8 @@ def test_client_truncates_param_keys_and_values(store):
     )
 
 
-def test_client_truncates_tag_keys_and_values(store):
-    client = MlflowAutologgingQueueingClient()
+def test_client_truncates_tag_keys_and_values(store, executor):
+    client = MlflowAutologgingQueueingClient(executor=executor)
     tags_to_log = {
         "a" * (MAX_ENTITY_KEY_LENGTH + 5): "b" * (MAX_PARAM_VAL_LENGTH + 5),
         "c" * (MAX_ENTITY_KEY_LENGTH + 50): "d" * (MAX_PARAM_VAL_LENGTH + 50),
@@ -55,8 +55,8 @@ def test_client_truncates_tag_keys_and_values(store):
     )
 
 
-def test_client_truncates_metric_keys(store):
-    client = MlflowAutologgingQueueingClient()
+def test_client_truncates_metric_keys(store, executor):
+    client = MlflowAutologgingQueueingClient(executor=executor)
     metrics_to_log = {
         "a" * (MAX_ENTITY_KEY_LENGTH + 5): 1,
         "b" * (MAX_ENTITY_KEY_LENGTH + 50): 2,
@@ -70,8 +70,8 @@ def test_client_truncates_metric_keys(store):
     )
 
 
-def test_client_logs_expected_run_data(store):
-    client = MlflowAutologgingQueueingClient()
+def test_client_logs_expected_run_data(store, executor):
+    client = MlflowAutologgingQueueingClient(executor=executor)
     params_to_log = {
         f"param_key_{i}": f"param_val_{i}" for i in range(2 * MAX_PARAMS_TAGS_PER_BATCH + 1)
     }
@@ -90,8 +90,8 @@ def test_client_logs_expected_run_data(store):
     assert run_tags == tags_to_log
 
 
-def test_client_logs_metric_steps_correctly(store):
-    client = MlflowAutologgingQueueingClient()
+def test_client_logs_metric_steps_correctly(store, executor):
+    client = MlflowAutologgingQueueingClient(executor=executor)
     with mlflow.start_run() as run:
         for step in range(3):
             client.log_metrics(run_id=run.info.run_id, metrics={"a": 1}, step=step)
@@ -102,8 +102,8 @@ def test_client_logs_metric_steps_correctly(store):
     assert [metric.step for metric in history] == list(range(3))
 
 
-def test_client_run_creation_and_termination_are_successful(experiment_id):
-    client = MlflowAutologgingQueueingClient()
+def test_client_run_creation_and_termination_are_successful(experiment_id, executor):
+    client = MlflowAutologgingQueueingClient(executor=executor)
     pending_run_id = client.create_run(experiment_id=experiment_id, start_time=5, tags={"a": "b"})
     client.set_terminated(run_id=pending_run_id, status="FINISHED", end_time=6)
     client.flush()
@@ -177,12 +177,12 @@ def test_flush_clears_pending_operations(experiment_id):
         assert len(calls) == count_1  # nothing new was queued, so nothing new was sent
 
 
-def test_client_correctly_operates_as_context_manager_for_synchronous_flush(store):
+def test_client_correctly_operates_as_context_manager_for_synchronous_flush(store, executor):
     params_to_log = {"a": "b"}
     metrics_to_log = {"c": 1}
     tags_to_log = {"d": "e"}
 
-    with mlflow.start_run(), MlflowAutologgingQueueingClient() as client:
+    with mlflow.start_run(), MlflowAutologgingQueueingClient(executor=executor) as client:
         run_id_1 = mlflow.active_run().info.run_id
         client.log_params(run_id_1, params_to_log)
         client.log_metrics(run_id_1, metrics_to_log)
@@ -192,7 +192,7 @@ def test_client_correctly_operates_as_context_manager_for_synchronous_flush(stor
 
     exc_to_raise = Exception("test exception")
     with pytest.raises(Exception) as raised_exc_info:
-        with mlflow.start_run(), MlflowAutologgingQueueingClient() as client:
+        with mlflow.start_run(), MlflowAutologgingQueueingClient(executor=executor) as client:
             run_id_2 = mlflow.active_run().info.run_id
             client.log_params(run_id_2, params_to_log)
             client.log_metrics(run_id_2, metrics_to_log)
