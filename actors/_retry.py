@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from mlflow.exceptions import RestException
 
 T = TypeVar("T")
 
@@ -23,6 +26,10 @@ _TRANSIENT_TEXT = (
     "unique constraint failed: datasets",
 )
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+# How MLflow's REST client words an HTTP failure it gave up on.
+_TRANSIENT_HTTP_TEXT = re.compile(
+    r"error code (408|429|5\d\d)|too many (408|429|5\d\d) error responses|max retries exceeded"
+)
 
 BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
@@ -46,15 +53,12 @@ def is_transient(exc: BaseException) -> bool:
     for item in _chain(exc):
         if isinstance(item, ConnectionError | TimeoutError):
             return True
-        status = getattr(item, "get_http_status_code", None)
-        if callable(status):
-            try:
-                if int(status()) in _TRANSIENT_HTTP:
-                    return True
-            except (TypeError, ValueError):
-                pass
+        # Only a server's answer carries a real HTTP status: a local MlflowException maps
+        # every unknown error to 500, which says nothing about retrying.
+        if isinstance(item, RestException) and item.get_http_status_code() in _TRANSIENT_HTTP:
+            return True
         text = str(item).lower()
-        if any(marker in text for marker in _TRANSIENT_TEXT):
+        if any(marker in text for marker in _TRANSIENT_TEXT) or _TRANSIENT_HTTP_TEXT.search(text):
             return True
     return False
 

@@ -185,3 +185,78 @@ def test_exit_is_bounded_even_when_the_store_hangs(tracking_uri, store, experime
         RUNACTORS_EXIT_TIMEOUT="2",
     )
     assert result.returncode == 0, result.stderr
+
+
+def _hammer(payload: bytes, experiment_id: str, worker: int) -> int:
+    client = cloudpickle.loads(payload)
+    runs = [client.create_run(experiment_id, run_name=f"w{worker}-r{i}") for i in range(3)]
+    for step in range(200):
+        for run in runs:
+            client.log_metrics(run, {"m": float(step)}, step=step)
+        if step % 20 == 0:
+            client.flush(synchronous=False)
+    for run in runs:
+        client.set_terminated(run)
+    client.close()
+    return worker
+
+
+def test_four_processes_writing_one_sqlite_file_lose_nothing(tracking_uri, store, experiment_id):
+    payload = cloudpickle.dumps(QueueingClient(tracking_uri))
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert sorted(pool.starmap(_hammer, [(payload, experiment_id, w) for w in range(4)])) == [
+            0,
+            1,
+            2,
+            3,
+        ]
+    runs = store.search_runs([experiment_id], max_results=100)
+    assert len(runs) == 12
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in store.get_metric_history(run.info.run_id, "m")]
+        assert sorted(steps) == list(range(200))
+
+
+def test_joblib_loky_workers_log_trials(tracking_uri, store, experiment_id):
+    joblib = pytest.importorskip("joblib")
+    client = QueueingClient(tracking_uri)
+    joblib.Parallel(n_jobs=2, backend="loky")(
+        joblib.delayed(_log_trial)(cloudpickle.dumps(client), experiment_id, f"loky-{i}", 4)
+        for i in range(4)
+    )
+    runs = store.search_runs([experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"loky-{i}" for i in range(4)]
+    assert all(len(store.get_metric_history(r.info.run_id, "loss")) == 4 for r in runs)
+    client.close()
+
+
+def test_fork_children_log_their_own_runs_while_the_parent_keeps_working(
+    tracking_uri, store, experiment_id
+):
+    client = QueueingClient(tracking_uri)
+    parent_run = client.create_run(experiment_id, run_name="parent")
+    client.flush()
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    children = [
+        context.Process(target=_forked_child, args=(client, parent_run, experiment_id, out))
+        for _ in range(3)
+    ]
+    for child in children:
+        child.start()
+    for step in range(100):  # the parent logs while its children do
+        client.log_metrics(parent_run, {"p": float(step)}, step=step)
+        if step % 10 == 0:
+            client.flush(synchronous=False)
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    child_ids = {out.get(timeout=5) for _ in children}
+    client.close()
+    assert all(len(run_id) == 32 for run_id in child_ids), child_ids
+    runs = store.search_runs([experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["child", "child", "child", "parent"]
+    assert sorted(m.step for m in store.get_metric_history(parent_run.resolve(), "p")) == list(
+        range(100)
+    )
