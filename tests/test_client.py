@@ -297,3 +297,9 @@ def test_terminal_status_defaults_like_mlflow(client, store, experiment_id):
     assert store.get_run(pending.resolve()).info.status == MlflowRunStatus.to_string(
         MlflowRunStatus.FINISHED
     )
+
+
+def test_options_not_delivered_yet_say_so(tracking_uri, tmp_path):
+    for kwargs in ({"flush_interval": 1.0}, {"max_queued": 10}, {"spool_dir": tmp_path}):
+        with pytest.raises(MlflowException, match="not supported yet"):
+            QueueingClient(tracking_uri, **kwargs)
