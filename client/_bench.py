@@ -65,7 +65,8 @@ def hot_path(calls: int = 20_000, repeat: int = 7) -> HotPath:
         def our_call() -> None:
             ours.log_metrics(HOT_RUN_ID, metrics, step=1)
 
-        seed_call(), our_call()
+        seed_call()
+        our_call()
         best = {"seed": float("inf"), "ours": float("inf")}
         for _ in range(repeat):  # interleaved, so both see the same machine state
             for name, call in (("seed", seed_call), ("ours", our_call)):

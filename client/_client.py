@@ -99,12 +99,12 @@ class QueueingClient:
         ):
             if value is not None and not value > 0:
                 raise _invalid(f"Invalid {name} {value!r}: expected a positive number or None.")
-        for name, value in (
+        for name, option in (
             ("flush_interval", flush_interval),
             ("max_queued", max_queued),
             ("spool_dir", spool_dir),
         ):
-            if value is not None:  # accepted by the contract; delivered by a later release
+            if option is not None:  # accepted by the contract; delivered by a later release
                 raise MlflowException(
                     f"{name} is not supported yet by this version of runactors.",
                     INVALID_PARAMETER_VALUE,
