@@ -89,8 +89,12 @@ class RunActor(pykka.ThreadingActor):
     def _start_round(self, waiters: list[pykka.ThreadingFuture[None]]) -> None:
         handle, record = self._handle, self._handle.record
         self._waiters = waiters  # from here on, a crash fails them (on_failure)
+        # Busy before the queues look empty: the supervisor skips a run only when it sees
+        # both no work and no round, so a flush can never slip past a round being started.
+        record.state = "waiting"
         snapshot = handle.queues.take()
         if snapshot.is_empty():
+            record.state = "idle"
             self._waiters = []
             for waiter in waiters:
                 waiter.set(None)
@@ -100,6 +104,7 @@ class RunActor(pykka.ThreadingActor):
             calls = plan_snapshot(snapshot)
         except BaseException:
             handle.queues.put_back(snapshot)  # nothing was sent: the next round retries it
+            record.state = "idle"
             raise
         job = Job(
             tracking_uri=self._session.config.tracking_uri,
@@ -113,7 +118,6 @@ class RunActor(pykka.ThreadingActor):
         self._inflight = True
         self._creating = snapshot.create is not None
         record.inflight = snapshot.counts()
-        record.state = "waiting"
         ref = self.actor_ref
 
         def on_state(state: str, worker: str | None) -> None:
