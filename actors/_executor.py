@@ -8,6 +8,7 @@ work there) let the actor system's exit handler still flush and then stop within
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from actors._perform import Job, JobResult, call_counts, perform_job
+
+_logger = logging.getLogger(__name__)
 
 StateHook = Callable[[str, "str | None"], None]  # state, worker
 DoneHook = Callable[[JobResult], None]
@@ -88,7 +91,10 @@ class ThreadExecutor:
                 return
             job, on_state, on_done = item
             result = self._perform(job, on_state)
-            on_done(result)
+            try:
+                on_done(result)
+            except Exception:  # never lose the worker thread to a callback's fault
+                _logger.exception("runactors: delivering a job's result failed")
 
     def _perform(self, job: Job, on_state: StateHook) -> JobResult:
         def on_retry(exc: BaseException, delay: float) -> None:

@@ -11,6 +11,7 @@ make a second run); it is reported as failed instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -26,6 +27,8 @@ import cloudpickle
 from actors._executor import DoneHook, StateHook, default_max_workers
 from actors._perform import Job, JobResult, compress_errors, record_outcome
 from actors._plan import CreateRunCall
+
+_logger = logging.getLogger(__name__)
 
 # The folder that holds the ``actors`` package, so that workers import the same code.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -70,7 +73,11 @@ class _Driver(threading.Thread):
             if item is None:
                 break
             job, on_state, on_done = item
-            on_done(self._run_job(job, on_state))
+            result = self._run_job(job, on_state)
+            try:
+                on_done(result)
+            except Exception:  # never lose the driver to a callback's fault
+                _logger.exception("runactors: delivering a job's result failed")
         if self.worker is not None:
             self.worker.stop(self._executor._stop_timeout)
             self.worker = None

@@ -169,6 +169,10 @@ class RunActor(pykka.ThreadingActor):
             self._supervisor.tell(RunFinished(self._handle, self.actor_ref, self._seen))
 
     def _fail_waiters(self, message: str) -> None:
+        pending = self._handle.pending
+        if self._inflight and self._creating and pending is not None:
+            # Its creation's outcome would come back to a dead actor: settle it now.
+            pending._set_failed(message)
         waiters = self._waiters + self._next
         self._waiters, self._next = [], []
         for waiter in waiters:

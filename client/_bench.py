@@ -10,6 +10,7 @@ Two measurements, each run for every contender in the same process, interleaved:
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import click
 from mlflow.tracking import MlflowClient
 from mlflow.utils.autologging_utils import MlflowAutologgingQueueingClient as SeedClient
 
@@ -126,3 +128,58 @@ def to_dict(hot: HotPath, flushes: list[Throughput]) -> dict[str, Any]:
         "hot_path": {**asdict(hot), "ratio": hot.ratio},
         "throughput": [{**asdict(t), "points_per_second": t.points_per_second} for t in flushes],
     }
+
+
+@click.command("bench")
+@click.option(
+    "--calls",
+    type=click.IntRange(min=100),
+    default=20_000,
+    show_default=True,
+    help="log_metrics calls per timing round.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=7,
+    show_default=True,
+    help="Timing rounds; the best is kept.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Runs in the flush workload.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Steps per run (two metrics each) in the flush workload.",
+)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="max_workers of the runactors clients.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench(calls: int, repeat: int, runs: int, steps: int, max_workers: int, as_json: bool) -> None:
+    """Benchmark this client against MLflow's own queueing client, side by side."""
+    hot = hot_path(calls, repeat)
+    flushes = [
+        throughput(name, make, runs, steps) for name, make in contenders(max_workers).items()
+    ]
+    if as_json:
+        click.echo(json.dumps(to_dict(hot, flushes), indent=2))
+        return
+    click.echo(f"machine: {machine()}")
+    click.echo("hot path: log_metrics with two metrics, per call (best of rounds)")
+    click.echo(f"  mlflow seed client  {hot.seed_us:8.2f} us")
+    click.echo(f"  runactors           {hot.runactors_us:8.2f} us   ({hot.ratio:.2f}x the seed)")
+    click.echo(f"flush: {runs} runs x {steps} steps x 2 metrics into a fresh SQLite store")
+    for t in flushes:
+        click.echo(f"  {t.contender:<20}{t.seconds:8.2f} s  {t.points_per_second:10,.0f} points/s")

@@ -250,3 +250,17 @@ def test_a_planning_fault_loses_nothing(client, store, experiment_id):
         client.flush()
     client.flush()
     assert run_data(store, run_id)[1] == {"a": 1.0}
+
+
+def test_a_crash_while_creating_settles_the_pending_run_id(client, experiment_id):
+    def crash(self, result):
+        raise RuntimeError("actor bug")
+
+    pending = client.create_run(experiment_id)
+    with (
+        mock.patch.object(RunActor, "_on_job_done", crash),
+        pytest.raises(MlflowException, match="actor bug"),
+    ):
+        client.flush()
+    with pytest.raises(MlflowException, match="actor bug"):
+        pending.resolve(timeout=10)

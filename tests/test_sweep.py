@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_the_command_creates_mlflow_db_in_the_current_folder(tmp_path: Path) -> 
         env=env,
         capture_output=True,
         text=True,
-        timeout=40,
+        timeout=120,
     )
 
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -129,6 +130,36 @@ def test_the_command_creates_mlflow_db_in_the_current_folder(tmp_path: Path) -> 
     for run in children:
         assert_complete_trial(uri, run, epochs=2)
     assert f"mlflow ui --backend-store-uri {uri}" in completed.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_every_run_killed_and_exits(tmp_path: Path, template_db: Path) -> None:
+    uri = store_copy(tmp_path, template_db)
+    command = [sys.executable, "-m", "client._cli", "sweep", "--trials", "4", "--epochs"]
+    process = subprocess.Popen(
+        [*command, "1000000", "--tracking-uri", uri],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # Ctrl-C reaches the whole process group, workers included
+    )
+    try:
+        assert process.stdout is not None
+        while " epoch " not in process.stdout.readline():  # a trial is training
+            assert process.poll() is None
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    assert process.returncode != 0
+    assert "Aborted!" in stderr
+    assert "Traceback" not in stderr
+    assert "interrupted: stopping the running trials" in stdout
+    parent, children = sweep_runs(uri)
+    assert children
+    assert {run.info.status for run in [parent, *children]} == {"KILLED"}
 
 
 def test_the_console_script_runs_the_same_command() -> None:

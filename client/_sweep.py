@@ -1,0 +1,749 @@
+"""``runactors sweep``: a real hyperparameter sweep logged through :class:`QueueingClient`.
+
+Each trial trains a scikit-learn ``SGDClassifier`` epoch by epoch (``partial_fit``) on the
+digits dataset that scikit-learn bundles, in a worker process started with the *spawn*
+context. The parent process creates the sweep's parent run and sends every worker a
+cloudpickled copy of its client (configuration only); each worker logs its trial as a child
+run through its own actors and closes its copy at the end of the trial. Workers report
+progress to the parent over a ``SimpleQueue`` (its ``put`` writes to the pipe at once, so a
+trial's last progress event always arrives before its result). Ctrl-C is handled by the
+parent alone: it asks the workers to stop, and their runs end as KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import multiprocessing
+import os
+import random
+import shlex
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing.queues import SimpleQueue
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import click
+import cloudpickle
+import numpy as np
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+
+from client._client import QueueingClient
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from client import PendingRunId
+
+DEFAULT_EXPERIMENT = "runactors-sweep"
+DEFAULT_DB = "mlflow.db"
+TRIAL_TAG = "runactors.trial"
+SWEEP_TAG = "runactors.sweep"
+
+# The search space: each trial is one point of this grid, drawn in a seeded random order.
+GRID: dict[str, tuple[Any, ...]] = {
+    "loss": ("hinge", "log_loss", "modified_huber"),
+    "alpha": (1e-5, 1e-4, 1e-3, 1e-2),
+    "learning_rate": ("constant", "invscaling"),
+    "eta0": (0.001, 0.01, 0.1),
+}
+SCORE = "val_accuracy"  # what "best trial" means
+
+# How long the up-front check waits for a tracking server before calling it unreachable.
+CHECK_TIMEOUT_SECONDS = "5"
+
+Echo = Callable[[str], None]
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What ``runactors sweep`` was asked to do."""
+
+    trials: int = 8
+    epochs: int = 10
+    workers: int = 2
+    executor: Literal["thread", "process"] = "thread"
+    tracking_uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    seed: int = 0
+    fail_trial: int | None = None  # 1-based trial number forced to raise (for tests)
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The store every process logs to: ``sqlite:///mlflow.db`` in the current folder by
+    default, and any relative SQLite path made absolute, so that worker processes (and the
+    ``mlflow ui`` command in the summary) find the same file whatever their folder."""
+    if uri is None or not uri.strip():
+        return f"sqlite:///{Path(os.getcwd(), DEFAULT_DB)}"
+    uri = uri.strip()
+    path = _sqlite_path(uri)
+    if path is None:
+        return uri
+    scheme, _, rest = uri.partition(":///")
+    _, query_sep, query = rest.partition("?")
+    return f"{scheme}:///{Path(os.getcwd(), path)}{query_sep}{query}"
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The file path of a SQLite URI (``None`` for other stores).
+
+    Raises ``click.UsageError`` for an in-memory database, which worker processes cannot share.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.split("+")[0].lower() != "sqlite":
+        return None
+    path = rest[1:].partition("?")[0] if rest.startswith("/") else ""
+    if path in ("", ":memory:"):
+        raise click.UsageError(
+            f"Invalid tracking URI {uri!r}: an in-memory SQLite store cannot be shared by "
+            "worker processes; give a file, e.g. sqlite:///mlflow.db."
+        )
+    return path
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as a single line of at most ``limit`` characters."""
+    text = exc.message if isinstance(exc, MlflowException) else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _prepare_sqlite_folder(uri: str) -> None:
+    """Create the SQLite file's folder (as MLflow would), failing with a clear message."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(
+            f"Cannot use the SQLite store {path}: cannot create its folder {folder} "
+            f"({exc.strerror or exc})."
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise click.ClickException(
+            f"Cannot use the SQLite store {path}: its folder {folder} is not writable."
+        )
+
+
+@contextlib.contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """Within the block, MLflow's HTTP calls are made once, with a short timeout."""
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": CHECK_TIMEOUT_SECONDS,
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def prepare_experiment(uri: str, name: str) -> str:
+    """Check that the store answers, then get or create the experiment; return its ID.
+
+    Done up front, failing fast, so that a wrong URI ends in one line instead of a sweep
+    whose every run fails. Raises ``click.ClickException``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _prepare_sqlite_folder(uri)
+    try:
+        with _fail_fast_http():
+            store = MlflowClient(tracking_uri=uri)
+            store.search_experiments(max_results=1)
+            return _get_or_create_experiment(store, name)
+    except click.ClickException:
+        raise
+    except UnsupportedModelRegistryStoreURIException:
+        # Raised by MLflow's tracking store registry too, with a model-registry message.
+        scheme = uri.partition(":")[0] if ":" in uri else uri
+        raise click.ClickException(
+            f"Cannot use the tracking store {uri}: MLflow has no store for the scheme "
+            f"{scheme!r}; use a server (http://HOST:PORT) or a database (sqlite:///mlflow.db)."
+        ) from None
+    except Exception as exc:
+        raise click.ClickException(
+            f"Cannot use the tracking store {uri}: {_one_line(exc)}"
+        ) from None
+
+
+def _get_or_create_experiment(store: Any, name: str) -> str:
+    experiment = store.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return str(store.create_experiment(name))
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment = store.get_experiment_by_name(name)  # created meanwhile
+    if experiment.lifecycle_stage != "active":
+        raise click.ClickException(
+            f"The experiment {name!r} is deleted: restore it or choose another --experiment."
+        )
+    return str(experiment.experiment_id)
+
+
+# -- the trials -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial, as sent to a worker."""
+
+    number: int  # 1-based
+    params: dict[str, Any]
+    epochs: int
+    seed: int
+    experiment_id: str
+    parent_run_id: str
+    fail: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a worker tells the parent: a trial started (its run exists) or ended an epoch."""
+
+    trial: int
+    run_id: str
+    epoch: int | None = None  # None: the trial's run was just created
+    metrics: dict[str, float] = field(default_factory=dict)
+    states: dict[str, int] = field(default_factory=dict)  # the worker client's run states
+    logged: int = 0  # metric points the store acknowledged so far
+    queued: int = 0  # metric points queued or in flight
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """How a trial ended."""
+
+    number: int
+    run_id: str | None
+    status: str  # FINISHED, FAILED or KILLED
+    params: dict[str, Any]
+    metrics: dict[str, float]  # the last epoch's
+    points: int  # metric points the store acknowledged
+    seconds: float
+    error: str | None = None
+
+
+def sample_trials(trials: int, seed: int) -> list[dict[str, Any]]:
+    """``trials`` points of :data:`GRID` in a seeded random order (repeating past its size)."""
+    names = list(GRID)
+    points = [dict(zip(names, values, strict=True)) for values in itertools.product(*GRID.values())]
+    random.Random(seed).shuffle(points)
+    return [points[i % len(points)] for i in range(trials)]
+
+
+@dataclass(frozen=True)
+class Digits:
+    """scikit-learn's digits, split once per process, and the inputs that describe it."""
+
+    x_train: NDArray[np.float64]
+    y_train: NDArray[np.int64]
+    x_val: NDArray[np.float64]
+    y_val: NDArray[np.int64]
+    classes: NDArray[np.int64]
+    inputs: list[DatasetInput]
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits() -> Digits:
+    """Load and split the digits (1,797 8x8 images) with a fixed seed, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits  # type: ignore[import-untyped]
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+
+    x, y = sklearn_digits(return_X_y=True)
+    x = x / 16.0
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, y, test_size=0.2, random_state=0, stratify=y
+    )
+    inputs = [
+        _dataset_input(x_train, y_train, "digits-train", "training"),
+        _dataset_input(x_val, y_val, "digits-val", "validation"),
+    ]
+    return Digits(x_train, y_train, x_val, y_val, np.unique(y), inputs)
+
+
+def _dataset_input(
+    x: NDArray[np.float64], y: NDArray[np.int64], name: str, context: str
+) -> DatasetInput:
+    """A ``DatasetInput`` entity for ``log_inputs``, its source the file scikit-learn ships."""
+    import sklearn.datasets  # type: ignore[import-untyped]
+    from mlflow.data.numpy_dataset import from_numpy
+
+    source = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and warns that the URI is ambiguous.
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = from_numpy(x, targets=y, source=source.as_uri(), name=name)
+    return DatasetInput(
+        dataset._to_mlflow_entity(), [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+    )
+
+
+def evaluate(model: Any, data: Digits) -> dict[str, float]:
+    """Training and validation accuracy, and the validation cross-entropy of the softmax of
+    the decision scores (comparable across the grid's losses, not all of which give
+    probabilities)."""
+    scores = model.decision_function(data.x_val)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.searchsorted(data.classes, data.y_val)
+    return {
+        "train_accuracy": float(model.score(data.x_train, data.y_train)),
+        "val_accuracy": float(np.mean(data.classes[scores.argmax(axis=1)] == data.y_val)),
+        "val_loss": float(-log_probs[np.arange(len(rows)), rows].mean()),
+    }
+
+
+class TrialStopped(Exception):
+    """Raised in a trial when the parent asked the workers to stop (the user pressed Ctrl-C)."""
+
+
+# Set in each worker by the pool's initializer (a queue or event reaches a process only when
+# the process starts): where progress goes, and the parent's request to stop.
+_progress: SimpleQueue[Progress] | None = None
+_stop: EventType | None = None
+
+
+def _init_worker(progress: SimpleQueue[Progress], stop: EventType) -> None:
+    """Prepare a worker: Ctrl-C is the parent's to handle, which then sets ``stop``, so a
+    trial always ends at an epoch boundary with its run terminated."""
+    global _progress, _stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _progress, _stop = progress, stop
+
+
+def _report(event: Progress) -> None:
+    if _progress is not None:
+        _progress.put(event)
+
+
+def _check_stop(spec: TrialSpec) -> None:
+    if _stop is not None and _stop.is_set():
+        raise TrialStopped(f"trial {spec.number} stopped: the sweep was interrupted")
+
+
+def _metric_counts(client: QueueingClient) -> tuple[dict[str, int], int, int]:
+    """The client's run states, and metric points logged and still queued."""
+    runs = client.status().runs
+    states: dict[str, int] = {}
+    for run in runs:
+        states[run.state] = states.get(run.state, 0) + 1
+    logged = sum(run.logged["metrics"] for run in runs)
+    return states, logged, sum(run.queued["metrics"] for run in runs)
+
+
+def train(
+    client: QueueingClient, run: PendingRunId, run_id: str, spec: TrialSpec, data: Digits
+) -> dict[str, float]:
+    """Train one model epoch by epoch, logging each epoch's metrics; return the last ones.
+
+    Each epoch's metrics are flushed asynchronously, so the store fills while training goes on.
+    """
+    from sklearn.linear_model import SGDClassifier  # type: ignore[import-untyped]
+
+    model = SGDClassifier(**spec.params, random_state=spec.seed)
+    order = np.random.default_rng(spec.seed)
+    fail_at = min(1, spec.epochs - 1) if spec.fail else None
+    metrics: dict[str, float] = {}
+    for epoch in range(spec.epochs):
+        _check_stop(spec)
+        if epoch == fail_at:
+            raise RuntimeError(f"forced failure of trial {spec.number} at epoch {epoch}")
+        shuffled = order.permutation(len(data.y_train))
+        model.partial_fit(data.x_train[shuffled], data.y_train[shuffled], classes=data.classes)
+        metrics = evaluate(model, data)
+        client.log_metrics(run, metrics, step=epoch)
+        client.flush(synchronous=False)
+        states, logged, queued = _metric_counts(client)
+        _report(Progress(spec.number, run_id, epoch, metrics, states, logged, queued))
+    return metrics
+
+
+def run_trial(payload: bytes, spec: TrialSpec) -> TrialResult:
+    """One trial, in a worker process: a child run of the sweep, trained and terminated.
+
+    ``payload`` is the parent's client, cloudpickled: its copy here binds to this process's
+    actor system. A trial that raises ends as a FAILED run (the exception stays here); one
+    stopped by the parent ends as KILLED.
+    """
+    started = time.monotonic()
+    client: QueueingClient = cloudpickle.loads(payload)
+    try:
+        run, run_id = _start_run(client, spec)
+    except MlflowException as exc:
+        with contextlib.suppress(MlflowException):
+            client.close()
+        reason = f"creating its run failed: {_one_line(exc)}"
+        return TrialResult(spec.number, None, "FAILED", spec.params, {}, 0, 0.0, reason)
+    _report(Progress(spec.number, run_id))
+    metrics: dict[str, float] = {}
+    error: str | None = None
+    try:
+        metrics = train(client, run, run_id, spec, load_digits())
+    except TrialStopped as exc:
+        status, error = "KILLED", str(exc)
+    except Exception as exc:
+        status, error = "FAILED", f"{type(exc).__name__}: {_one_line(exc)}"
+    else:
+        status = "FINISHED"
+    status, error, points = _end_run(client, run, status, error)
+    seconds = time.monotonic() - started
+    return TrialResult(spec.number, run_id, status, spec.params, metrics, points, seconds, error)
+
+
+def _end_run(
+    client: QueueingClient, run: PendingRunId, status: str, error: str | None
+) -> tuple[str, str | None, int]:
+    """Terminate the trial's run, flush, and close the client; return the trial's status,
+    error and metric points logged (a failed flush makes the trial FAILED)."""
+    points = 0
+    try:
+        client.set_terminated(run, status)
+        client.flush()
+        points = _metric_counts(client)[1]
+    except MlflowException as exc:
+        status, error = "FAILED", error or f"logging failed: {_one_line(exc)}"
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.close()
+    return status, error, points
+
+
+def _start_run(client: QueueingClient, spec: TrialSpec) -> tuple[PendingRunId, str]:
+    """Create the trial's child run with its params, tags and inputs; wait for its ID."""
+    tags = {MLFLOW_PARENT_RUN_ID: spec.parent_run_id, TRIAL_TAG: str(spec.number)}
+    run = client.create_run(spec.experiment_id, tags=tags, run_name=f"trial-{spec.number}")
+    client.log_params(run, {**spec.params, "epochs": spec.epochs, "seed": spec.seed})
+    client.set_tags(run, {"model": "SGDClassifier", "dataset": "digits"})
+    client.log_inputs(run, load_digits().inputs)
+    client.flush(synchronous=False)
+    return run, run.resolve()
+
+
+# -- the sweep, in the parent process ---------------------------------------------------
+
+
+@dataclass
+class SweepSummary:
+    """The outcome of a sweep."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    results: list[TrialResult]
+    seconds: float
+
+    @property
+    def finished(self) -> list[TrialResult]:
+        return [result for result in self.results if result.status == "FINISHED"]
+
+    @property
+    def failures(self) -> list[TrialResult]:
+        return [result for result in self.results if result.status != "FINISHED"]
+
+    @property
+    def best(self) -> TrialResult | None:
+        """The finished trial with the highest final :data:`SCORE` (NaN counts as lowest)."""
+        scored = [r for r in self.finished if not np.isnan(r.metrics.get(SCORE, np.nan))]
+        return max(scored, key=lambda r: r.metrics[SCORE], default=None)
+
+    @property
+    def points(self) -> int:
+        return sum(result.points for result in self.results)
+
+
+def run_sweep(options: SweepOptions, echo: Echo) -> SweepSummary:
+    """Run the sweep described by ``options``, printing progress lines through ``echo``.
+
+    Raises ``click.ClickException`` for a store that cannot be used or a client that cannot
+    be made; a failing trial does not raise.
+    """
+    uri = resolve_tracking_uri(options.tracking_uri)
+    try:
+        client = QueueingClient(uri, executor=options.executor)
+    except MlflowException as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    experiment_id = prepare_experiment(uri, options.experiment)
+    started = time.monotonic()
+    parent, parent_id = _start_parent(client, options, experiment_id)
+    workers = min(options.workers, options.trials)
+    echo(
+        f"sweep: {options.trials} trials x {options.epochs} epochs on {workers} spawned "
+        f"worker(s), {options.executor} executor; parent run {parent_id} in experiment "
+        f"{options.experiment!r} (ID {experiment_id}) at {uri}"
+    )
+    specs = trial_specs(options, experiment_id, parent_id)
+    try:
+        results = _run_trials(client, specs, workers, echo)
+    except BaseException:
+        _end_parent(client, parent, None, "KILLED")
+        raise
+    summary = SweepSummary(uri, experiment_id, parent_id, results, time.monotonic() - started)
+    _end_parent(client, parent, summary, "FINISHED" if summary.finished else "FAILED")
+    return summary
+
+
+def trial_specs(options: SweepOptions, experiment_id: str, parent_id: str) -> list[TrialSpec]:
+    """The sweep's trials, numbered from 1, each seeded differently."""
+    return [
+        TrialSpec(
+            number=number,
+            params=params,
+            epochs=options.epochs,
+            seed=options.seed + number,
+            experiment_id=experiment_id,
+            parent_run_id=parent_id,
+            fail=number == options.fail_trial,
+        )
+        for number, params in enumerate(sample_trials(options.trials, options.seed), start=1)
+    ]
+
+
+def _start_parent(
+    client: QueueingClient, options: SweepOptions, experiment_id: str
+) -> tuple[PendingRunId, str]:
+    """Create the sweep's parent run and wait for its ID, which every trial's run names."""
+    parent = client.create_run(
+        experiment_id, tags={SWEEP_TAG: "parent"}, run_name=f"sweep-{time.strftime('%H%M%S')}"
+    )
+    client.log_params(
+        parent,
+        {
+            "trials": options.trials,
+            "epochs": options.epochs,
+            "workers": options.workers,
+            "executor": options.executor,
+            "seed": options.seed,
+            "model": "SGDClassifier",
+            "dataset": "digits",
+        },
+    )
+    try:
+        client.flush()
+        return parent, parent.resolve()
+    except MlflowException as exc:
+        with contextlib.suppress(MlflowException):
+            client.close()
+        raise click.ClickException(f"Cannot create the sweep's run: {_one_line(exc)}") from None
+
+
+def _end_parent(
+    client: QueueingClient, parent: PendingRunId, summary: SweepSummary | None, status: str
+) -> None:
+    """Log the sweep's outcome on its parent run, terminate it and close the client."""
+    try:
+        if summary is not None:
+            best = summary.best
+            client.log_metrics(
+                parent,
+                {
+                    "trials_finished": len(summary.finished),
+                    "trials_failed": len(summary.failures),
+                    "metric_points": summary.points,
+                    "sweep_seconds": summary.seconds,
+                    **({f"best_{SCORE}": best.metrics[SCORE]} if best else {}),
+                },
+            )
+            if best is not None and best.run_id is not None:
+                client.set_tags(parent, {"best_run_id": best.run_id})
+        client.set_terminated(parent, status)
+    finally:
+        try:
+            client.close()
+        except MlflowException as exc:
+            raise click.ClickException(
+                f"Logging the sweep's parent run failed: {_one_line(exc)}"
+            ) from None
+
+
+class _Trials:
+    """The parent's view of the running trials: it echoes their progress, collects their
+    results, and terminates the runs of trials whose worker died."""
+
+    def __init__(self, client: QueueingClient, specs: list[TrialSpec], echo: Echo) -> None:
+        self._client = client
+        self._specs = specs
+        self._echo = echo
+        self._started = time.monotonic()
+        self.run_ids: dict[int, str] = {}
+        self.results: dict[int, TrialResult] = {}
+
+    def collect(
+        self, futures: dict[Future[TrialResult], TrialSpec], events: SimpleQueue[Progress]
+    ) -> None:
+        """Echo progress and collect results until every future is done."""
+        pending = {future for future, spec in futures.items() if spec.number not in self.results}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            self.drain(events)  # a trial's events are in the pipe before its result
+            for future in done:
+                result = self._result_of(future, futures[future])
+                self.results[result.number] = result
+                self._echo(_result_line(result, len(self._specs), self._started))
+
+    def drain(self, events: SimpleQueue[Progress]) -> None:
+        """Echo the progress events that have arrived, without waiting for more."""
+        while not events.empty():
+            event = events.get()
+            self.run_ids[event.trial] = event.run_id
+            self._echo(_progress_line(event, len(self._specs), self._started))
+
+    def _result_of(self, future: Future[TrialResult], spec: TrialSpec) -> TrialResult:
+        """The trial's result; KILLED if it never started, FAILED if its worker died."""
+        if future.cancelled():
+            return TrialResult(spec.number, None, "KILLED", spec.params, {}, 0, 0.0, "not started")
+        try:
+            return future.result()
+        except Exception as exc:
+            run_id = self.terminate(spec.number, "FAILED")
+            error = f"its worker failed: {type(exc).__name__}: {_one_line(exc)}"
+            return TrialResult(spec.number, run_id, "FAILED", spec.params, {}, 0, 0.0, error)
+
+    def terminate(self, number: int, status: str) -> str | None:
+        """Terminate a trial's run from the parent (its worker could not), if it was created."""
+        run_id = self.run_ids.get(number)
+        if run_id is not None:
+            self._client.set_terminated(run_id, status)
+        return run_id
+
+    def terminate_unfinished(self) -> None:
+        for spec in self._specs:
+            if spec.number not in self.results:
+                self.terminate(spec.number, "KILLED")
+
+    def sorted_results(self) -> list[TrialResult]:
+        return [self.results[number] for number in sorted(self.results)]
+
+
+def _run_trials(
+    client: QueueingClient, specs: list[TrialSpec], workers: int, echo: Echo
+) -> list[TrialResult]:
+    """Run every trial in a pool of spawned processes, echoing their progress as it comes.
+
+    On Ctrl-C the workers are asked to stop: running trials end as KILLED at their next epoch
+    and the rest never start; a second Ctrl-C terminates the workers at once.
+    """
+    context = multiprocessing.get_context("spawn")
+    events: SimpleQueue[Progress] = context.SimpleQueue()
+    stop = context.Event()
+    payload = cloudpickle.dumps(client)
+    trials = _Trials(client, specs, echo)
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(events, stop)
+    )
+    completed = False
+    try:
+        futures = {pool.submit(run_trial, payload, spec): spec for spec in specs}
+        try:
+            trials.collect(futures, events)
+        except KeyboardInterrupt:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            echo("interrupted: stopping the running trials (Ctrl-C again to kill them)")
+            trials.collect(futures, events)
+            raise
+        completed = True
+    finally:
+        if not completed:
+            _kill_workers()
+            trials.drain(events)  # the IDs of runs created just before
+            trials.terminate_unfinished()
+        pool.shutdown(wait=True, cancel_futures=True)
+        events.close()
+    return trials.sorted_results()
+
+
+def _kill_workers() -> None:
+    """Terminate the sweep's worker processes, the only child processes this command starts.
+
+    Used when the parent stops collecting (an error, a second Ctrl-C): a worker must not be
+    left blocked writing progress that nobody reads.
+    """
+    for child in multiprocessing.active_children():
+        child.terminate()
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+def _clock(started: float) -> str:
+    return f"[{time.monotonic() - started:6.1f}s]"
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{key} {value:.3f}" for key, value in metrics.items())
+
+
+def _progress_line(event: Progress, trials: int, started: float) -> str:
+    where = f"{_clock(started)} trial {event.trial}/{trials}"
+    if event.epoch is None:
+        return f"{where} started: run {event.run_id}"
+    states = ", ".join(f"{state} {n}" for state, n in sorted(event.states.items()))
+    return (
+        f"{where} epoch {event.epoch + 1}  {_metrics_text(event.metrics)}  "
+        f"| actors: {states}; points logged {event.logged}, queued {event.queued}"
+    )
+
+
+def _result_line(result: TrialResult, trials: int, started: float) -> str:
+    line = f"{_clock(started)} trial {result.number}/{trials} {result.status}"
+    if result.metrics:
+        line += f"  {SCORE} {result.metrics.get(SCORE, float('nan')):.3f}"
+    line += f"  ({result.points} points in {result.seconds:.1f} s)"
+    return line + (f": {result.error}" if result.error else "")
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the sweep: the server itself, or ``mlflow ui`` on the store."""
+    if uri.lower().startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
+def summary_lines(summary: SweepSummary) -> list[str]:
+    """The end-of-sweep report."""
+    best = summary.best
+    rate = summary.points / summary.seconds if summary.seconds > 0 else 0.0
+    lines = [
+        f"done in {summary.seconds:.1f} s: {len(summary.results)} trial runs "
+        f"({len(summary.finished)} finished, {len(summary.failures)} failed) under parent run "
+        f"{summary.parent_run_id}",
+    ]
+    if best is None:
+        lines.append("best trial: none (no trial finished)")
+    else:
+        params = ", ".join(f"{key}={value}" for key, value in best.params.items())
+        lines.append(
+            f"best trial: trial {best.number} ({SCORE} {best.metrics[SCORE]:.4f}) "
+            f"run {best.run_id}; {params}"
+        )
+    lines.append(f"metric points logged: {summary.points} ({rate:.1f} points/s)")
+    lines.append(f"failures: {len(summary.failures)}")
+    lines.extend(f"  trial {r.number}: {r.error or r.status}" for r in summary.failures)
+    lines.append(f"view: {ui_command(summary.tracking_uri)}")
+    return lines
