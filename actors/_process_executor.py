@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import site
 import socket
 import subprocess
 import sys
@@ -34,13 +35,23 @@ _logger = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+def _site_dirs() -> set[str]:
+    # An installed package needs no PYTHONPATH; putting site-packages there would move it
+    # ahead of the standard library in the worker.
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return {str(Path(d).resolve()) for d in dirs}
+
+
 class _Worker:
     """One worker process and the parent's end of its socket."""
 
     def __init__(self, name: str) -> None:
         parent, child = socket.socketpair()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        if _PACKAGE_ROOT not in _site_dirs():  # running from a source tree: point at it
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p
+            )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "actors._worker", str(child.fileno())],
             pass_fds=(child.fileno(),),

@@ -303,3 +303,16 @@ def test_options_not_delivered_yet_say_so(tracking_uri, tmp_path):
     for kwargs in ({"flush_interval": 1.0}, {"max_queued": 10}, {"spool_dir": tmp_path}):
         with pytest.raises(MlflowException, match="not supported yet"):
             QueueingClient(tracking_uri, **kwargs)
+
+
+def test_a_client_dropped_without_close_sends_what_it_queued(tracking_uri, store, experiment_id):
+    import gc
+
+    client = QueueingClient(tracking_uri)
+    pending = client.create_run(experiment_id, run_name="dropped")
+    client.log_metrics(pending, {"a": 1.0})
+    del client
+    gc.collect()
+    assert pending.resolve(timeout=30)  # the finalizer flushed it
+    assert run_data(store, pending.resolve())[1] == {"a": 1.0}
+    assert wait_for_no_run_actors() == []
