@@ -14,11 +14,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from actors._perform import Job, JobResult, call_counts, perform_job
 
 _logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
 
 StateHook = Callable[[str, "str | None"], None]  # state, worker
 DoneHook = Callable[[JobResult], None]
@@ -49,17 +51,18 @@ def failed_result(job: Job, exc: BaseException) -> JobResult:
     return result
 
 
-class ThreadExecutor:
-    """Performs jobs on up to ``max_workers`` daemon threads, one ``MlflowClient`` per URI."""
+class JobPool(Generic[S]):
+    """What both executors share: a job queue and up to ``max_workers`` daemon threads,
+    started on demand, each holding a per-thread state ``S`` (a worker process, say)."""
 
-    def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
+    def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
-        self._name = name
+        self.name = name
         self._queue: queue.SimpleQueue[tuple[Job, StateHook, DoneHook] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._clients: dict[str, Any] = {}
         self._closed = False
+        self._stop_timeout: float | None = None
 
     def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None:
         with self._lock:
@@ -67,11 +70,64 @@ class ThreadExecutor:
                 raise RuntimeError("executor is shut down")
             self._queue.put((job, on_state, on_done))
             if len(self._threads) < self.max_workers:
+                index = len(self._threads)
                 thread = threading.Thread(
-                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                    target=self._serve, args=(index,), name=f"{self.name}-{index}", daemon=True
                 )
                 self._threads.append(thread)
                 thread.start()
+
+    def _serve(self, index: int) -> None:
+        state = self._open(index)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                job, on_state, on_done = item
+                result = self._perform(state, job, on_state)
+                try:
+                    on_done(result)
+                except Exception:  # never lose the thread to a callback's fault
+                    _logger.exception("runactors: delivering a job's result failed")
+        finally:
+            self._close(state)
+
+    def _open(self, index: int) -> S:
+        raise NotImplementedError
+
+    def _perform(self, state: S, job: Job, on_state: StateHook) -> JobResult:
+        raise NotImplementedError
+
+    def _close(self, state: S) -> None:
+        """Release a thread's state when the pool shuts down."""
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish the jobs already submitted, then stop; wait up to ``timeout`` seconds."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop_timeout = timeout
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        self._after_shutdown()
+
+    def _after_shutdown(self) -> None:
+        """Whatever must not outlive the pool even past the deadline."""
+
+
+class ThreadExecutor(JobPool[str]):
+    """Performs jobs on up to ``max_workers`` daemon threads, one ``MlflowClient`` per URI."""
+
+    def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
+        super().__init__(max_workers, name)
+        self._clients: dict[str, Any] = {}
 
     def _client(self, uri: str) -> Any:
         client = self._clients.get(uri)
@@ -84,40 +140,15 @@ class ThreadExecutor:
                     client = self._clients[uri] = MlflowClient(tracking_uri=uri)
         return client
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            job, on_state, on_done = item
-            result = self._perform(job, on_state)
-            try:
-                on_done(result)
-            except Exception:  # never lose the worker thread to a callback's fault
-                _logger.exception("runactors: delivering a job's result failed")
+    def _open(self, index: int) -> str:
+        return threading.current_thread().name
 
-    def _perform(self, job: Job, on_state: StateHook) -> JobResult:
+    def _perform(self, state: str, job: Job, on_state: StateHook) -> JobResult:
         def on_retry(exc: BaseException, delay: float) -> None:
-            on_state("retrying", worker)
+            on_state("retrying", state)
 
-        worker = threading.current_thread().name
-        on_state("flushing", worker)
+        on_state("flushing", state)
         try:
             return perform_job(self._client(job.tracking_uri), job, on_retry)
         except BaseException as exc:  # a bad URI, a broken store: fail this job alone
             return failed_result(job, exc)
-
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the workers after the jobs already submitted; wait up to ``timeout`` s."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            threads = list(self._threads)
-            for _ in threads:
-                self._queue.put(None)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in threads:
-            if thread is threading.current_thread():
-                continue
-            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))

@@ -1,7 +1,7 @@
 """``ProcessExecutor``: the tracking calls in worker processes, past the GIL.
 
-Up to ``max_workers`` driver threads in this process each own one worker process (a fresh
-interpreter running :mod:`actors._worker`, started on first use and reused). A driver takes
+Up to ``max_workers`` pool threads in this process each own one worker process (a fresh
+interpreter running :mod:`actors._worker`, started on first use and reused). A pool thread takes
 a job, sends it cloudpickled, relays the worker's progress to the run's record, and returns
 the result. If the worker dies mid-job, the driver starts a fresh one and resumes the job
 after the last call that completed; only the run of that job is affected. A ``create_run``
@@ -11,25 +11,19 @@ make a second run); it is reported as failed instead.
 
 from __future__ import annotations
 
-import logging
 import os
-import queue
 import site
 import socket
 import subprocess
 import sys
-import threading
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import cloudpickle
 
-from actors._executor import DoneHook, StateHook, default_max_workers
+from actors._executor import JobPool, StateHook
 from actors._perform import Job, JobResult, compress_errors, record_outcome
 from actors._plan import CreateRunCall
-
-_logger = logging.getLogger(__name__)
 
 # The folder that holds the ``actors`` package, so that workers import the same code.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -71,35 +65,20 @@ class _Worker:
             self.process.wait()
 
 
-class _Driver(threading.Thread):
-    def __init__(self, executor: ProcessExecutor, index: int) -> None:
-        super().__init__(name=f"{executor.name}-driver-{index}", daemon=True)
-        self._executor = executor
-        self._label = f"{executor.name}-worker-{index}"
+class _Slot:
+    """A pool thread's worker process, replaced when it dies."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.worker: _Worker | None = None
 
-    def run(self) -> None:
-        while True:
-            item = self._executor._queue.get()
-            if item is None:
-                break
-            job, on_state, on_done = item
-            result = self._run_job(job, on_state)
-            try:
-                on_done(result)
-            except Exception:  # never lose the driver to a callback's fault
-                _logger.exception("runactors: delivering a job's result failed")
-        if self.worker is not None:
-            self.worker.stop(self._executor._stop_timeout)
-            self.worker = None
-
-    def _run_job(self, job: Job, on_state: StateHook) -> JobResult:
+    def run_job(self, job: Job, on_state: StateHook) -> JobResult:
         prior: JobResult | None = None  # outcomes of calls made by workers that died
         remaining = list(job.calls)
         deaths = 0
         while True:
             if self.worker is None or self.worker.process.poll() is not None:
-                self.worker = _Worker(self._label)
+                self.worker = _Worker(self.label)
             worker = self.worker
             run_id = job.run_id if prior is None else prior.run_id
             progress = JobResult(run_id=run_id)
@@ -151,50 +130,36 @@ def _merge(done: JobResult, rest: JobResult) -> JobResult:
     return merged
 
 
-class ProcessExecutor:
+class ProcessExecutor(JobPool[_Slot]):
     """Performs jobs in up to ``max_workers`` worker processes, started on demand."""
 
     def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
-        self.max_workers = max_workers or default_max_workers()
-        self.name = name
-        self._queue: queue.SimpleQueue[tuple[Job, StateHook, DoneHook] | None] = queue.SimpleQueue()
-        self._drivers: list[_Driver] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._stop_timeout: float | None = 10.0
+        super().__init__(max_workers, name)
+        self._slots: list[_Slot] = []
 
-    def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("executor is shut down")
-            self._queue.put((job, on_state, on_done))
-            if len(self._drivers) < self.max_workers:
-                driver = _Driver(self, len(self._drivers))
-                self._drivers.append(driver)
-                driver.start()
+    def _open(self, index: int) -> _Slot:
+        slot = _Slot(f"{self.name}-worker-{index}")
+        self._slots.append(slot)
+        return slot
+
+    def _perform(self, state: _Slot, job: Job, on_state: StateHook) -> JobResult:
+        return state.run_job(job, on_state)
+
+    def _close(self, state: _Slot) -> None:
+        if state.worker is not None:
+            state.worker.stop(self._stop_timeout)
+            state.worker = None
+
+    def _after_shutdown(self) -> None:
+        for slot in list(self._slots):  # past the deadline: leave no process behind
+            worker = slot.worker
+            if worker is not None and worker.process.poll() is None:
+                worker.process.kill()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the live worker processes."""
         return [
-            d.worker.process.pid
-            for d in list(self._drivers)
-            if d.worker is not None and d.worker.process.poll() is None
+            slot.worker.process.pid
+            for slot in list(self._slots)
+            if slot.worker is not None and slot.worker.process.poll() is None
         ]
-
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Finish the jobs already submitted, then stop every worker; wait up to ``timeout``."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._stop_timeout = timeout
-            drivers = list(self._drivers)
-            for _ in drivers:
-                self._queue.put(None)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for driver in drivers:
-            driver.join(None if deadline is None else max(deadline - time.monotonic(), 0))
-        for driver in drivers:  # past the deadline: do not leave processes behind
-            worker = driver.worker
-            if worker is not None and worker.process.poll() is None:
-                worker.process.kill()
