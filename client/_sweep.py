@@ -3,11 +3,12 @@
 Each trial trains a scikit-learn ``SGDClassifier`` epoch by epoch (``partial_fit``) on the
 digits dataset that scikit-learn bundles, in a worker process started with the *spawn*
 context. The parent process creates the sweep's parent run and sends every worker a
-cloudpickled copy of its client (configuration only); each worker logs its trial as a child
-run through its own actors and closes its copy at the end of the trial. Workers report
-progress to the parent over a ``SimpleQueue`` (its ``put`` writes to the pipe at once, so a
-trial's last progress event always arrives before its result). Ctrl-C is handled by the
-parent alone: it asks the workers to stop, and their runs end as KILLED.
+cloudpickled copy of its client (configuration only); each worker logs its trials as child
+runs through its own actors (one client per worker process, reused across its trials, with
+one executor worker: a trial logs one run at a time). Workers report progress to the parent
+over a ``SimpleQueue`` (its ``put`` writes to the pipe at once, so a trial's last progress
+event always arrives before its result). Ctrl-C is handled by the parent alone: it asks the
+workers to stop, and their runs end as KILLED.
 """
 
 from __future__ import annotations
@@ -346,14 +347,13 @@ def _check_stop(spec: TrialSpec) -> None:
         raise TrialStopped(f"trial {spec.number} stopped: the sweep was interrupted")
 
 
-def _metric_counts(client: QueueingClient) -> tuple[dict[str, int], int, int]:
-    """The client's run states, and metric points logged and still queued."""
-    runs = client.status().runs
-    states: dict[str, int] = {}
-    for run in runs:
-        states[run.state] = states.get(run.state, 0) + 1
-    logged = sum(run.logged["metrics"] for run in runs)
-    return states, logged, sum(run.queued["metrics"] for run in runs)
+def _metric_counts(client: QueueingClient, run: PendingRunId) -> tuple[dict[str, int], int, int]:
+    """The client's run states, and the trial run's metric points logged and still queued."""
+    status = client.status()
+    states = status.counts()
+    runs = [r for r in status.runs if r.pending_id is run]
+    logged = sum(r.logged["metrics"] for r in runs)
+    return states, logged, sum(r.queued["metrics"] for r in runs)
 
 
 def train(
@@ -378,7 +378,7 @@ def train(
         metrics = evaluate(model, data)
         client.log_metrics(run, metrics, step=epoch)
         client.flush(synchronous=False)
-        states, logged, queued = _metric_counts(client)
+        states, logged, queued = _metric_counts(client, run)
         _report(Progress(spec.number, run_id, epoch, metrics, states, logged, queued))
     return metrics
 
@@ -391,12 +391,10 @@ def run_trial(payload: bytes, spec: TrialSpec) -> TrialResult:
     stopped by the parent ends as KILLED.
     """
     started = time.monotonic()
-    client: QueueingClient = cloudpickle.loads(payload)
+    client = _client_for(payload)
     try:
         run, run_id = _start_run(client, spec)
     except MlflowException as exc:
-        with contextlib.suppress(MlflowException):
-            client.close()
         reason = f"creating its run failed: {_one_line(exc)}"
         return TrialResult(spec.number, None, "FAILED", spec.params, {}, 0, 0.0, reason)
     _report(Progress(spec.number, run_id))
@@ -418,19 +416,28 @@ def run_trial(payload: bytes, spec: TrialSpec) -> TrialResult:
 def _end_run(
     client: QueueingClient, run: PendingRunId, status: str, error: str | None
 ) -> tuple[str, str | None, int]:
-    """Terminate the trial's run, flush, and close the client; return the trial's status,
-    error and metric points logged (a failed flush makes the trial FAILED)."""
+    """Terminate the trial's run and flush; return the trial's status, error and metric
+    points logged (a failed flush makes the trial FAILED)."""
     points = 0
     try:
         client.set_terminated(run, status)
         client.flush()
-        points = _metric_counts(client)[1]
+        points = _metric_counts(client, run)[1]
     except MlflowException as exc:
         status, error = "FAILED", error or f"logging failed: {_one_line(exc)}"
-    finally:
-        with contextlib.suppress(MlflowException):
-            client.close()
     return status, error, points
+
+
+# One client per worker process, reused by every trial it runs: its executor (threads or
+# worker processes) starts once, not per trial. It is closed when the process exits.
+_clients: dict[bytes, QueueingClient] = {}
+
+
+def _client_for(payload: bytes) -> QueueingClient:
+    client = _clients.get(payload)
+    if client is None:
+        client = _clients[payload] = cloudpickle.loads(payload)
+    return client
 
 
 def _start_run(client: QueueingClient, spec: TrialSpec) -> tuple[PendingRunId, str]:
@@ -484,7 +491,8 @@ def run_sweep(options: SweepOptions, echo: Echo) -> SweepSummary:
     """
     uri = resolve_tracking_uri(options.tracking_uri)
     try:
-        client = QueueingClient(uri, executor=options.executor)
+        # One executor worker per client: each trial process logs one run at a time.
+        client = QueueingClient(uri, executor=options.executor, max_workers=1)
     except MlflowException as exc:
         raise click.ClickException(_one_line(exc)) from None
     experiment_id = prepare_experiment(uri, options.experiment)
