@@ -102,8 +102,11 @@ class ActorSystem:
         self.pid = os.getpid()
         self.supervisor = Supervisor.start()
 
-    def _ask(self, message: Any) -> Any:
-        return self.supervisor.ask(message)
+    def _ask(self, message: Any, deadline: _Deadline | None = None) -> Any:
+        # The supervisor answers at once; a deadline only guards the exit path against a
+        # supervisor that cannot answer at all.
+        timeout = None if deadline is None else max(deadline.remaining() or 0.0, 0.1)
+        return self.supervisor.ask(message, timeout=timeout)
 
     def open_session(self, config: SessionConfig) -> Session:
         session: Session = self._ask(OpenSession(config))
@@ -115,12 +118,12 @@ class ActorSystem:
         handle: RunHandle = self._ask(RegisterRun(session, key, create))
         return handle
 
-    def flush(self, session: Session) -> list[Ticket]:
-        tickets: list[Ticket] = self._ask(FlushSession(session))
+    def flush(self, session: Session, deadline: _Deadline | None = None) -> list[Ticket]:
+        tickets: list[Ticket] = self._ask(FlushSession(session), deadline)
         return tickets
 
-    def sessions(self) -> list[Session]:
-        sessions: list[Session] = self._ask(ListSessions())
+    def sessions(self, deadline: _Deadline | None = None) -> list[Session]:
+        sessions: list[Session] = self._ask(ListSessions(), deadline)
         return sessions
 
     def close_session(self, session: Session, timeout: float | None = None) -> list[str]:
@@ -131,12 +134,12 @@ class ActorSystem:
         deadline = _Deadline(timeout)
         failures: list[str] = []
         try:
-            failures = wait_tickets(self.flush(session), deadline.remaining())
-        except TimeoutError as exc:
+            failures = wait_tickets(self.flush(session, deadline), deadline.remaining())
+        except (TimeoutError, pykka.Timeout) as exc:
             failures = [f"closing before the last flush completed: {exc}"]
         finally:
-            stops = self._ask(CloseSession(session))
             try:
+                stops = self._ask(CloseSession(session), deadline)
                 pykka.get_all(stops, timeout=deadline.remaining())
             except pykka.Timeout:
                 _logger.warning("runactors: some run actors did not stop within %s s", timeout)
@@ -146,7 +149,12 @@ class ActorSystem:
     def stop(self, timeout: float | None = None) -> None:
         """Close every session and stop the supervisor (used at interpreter exit)."""
         deadline = _Deadline(timeout)
-        for session in self.sessions():
+        try:
+            sessions = self.sessions(deadline)
+        except Exception:  # no answer: the daemon threads end with the process anyway
+            _logger.warning("runactors: the actor system did not answer at exit")
+            return
+        for session in sessions:
             try:
                 failures = self.close_session(session, deadline.remaining())
             except Exception:
