@@ -105,7 +105,8 @@ class ActorSystem:
     def _ask(self, message: Any, deadline: _Deadline | None = None) -> Any:
         # The supervisor answers at once; a deadline only guards the exit path against a
         # supervisor that cannot answer at all.
-        timeout = None if deadline is None else max(deadline.remaining() or 0.0, 0.1)
+        remaining = None if deadline is None else deadline.remaining()
+        timeout = None if remaining is None else max(remaining, 0.1)
         return self.supervisor.ask(message, timeout=timeout)
 
     def open_session(self, config: SessionConfig) -> Session:
