@@ -92,13 +92,10 @@ class QueueingClient:
     ) -> None:
         if executor not in EXECUTORS:
             raise _invalid(f"Invalid executor {executor!r}: expected one of {list(EXECUTORS)}.")
-        for name, value in (
-            ("max_workers", max_workers),
-            ("flush_interval", flush_interval),
-            ("max_queued", max_queued),
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
         ):
-            if value is not None and not value > 0:
-                raise _invalid(f"Invalid {name} {value!r}: expected a positive number or None.")
+            raise _invalid(f"Invalid max_workers {max_workers!r}: expected an integer >= 1.")
         for name, option in (
             ("flush_interval", flush_interval),
             ("max_queued", max_queued),
@@ -109,7 +106,7 @@ class QueueingClient:
                     f"{name} is not supported yet by this version of runactors.",
                     INVALID_PARAMETER_VALUE,
                 )
-        if not retry_timeout >= 0:
+        if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
             raise _invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
         if tracking_uri is not None and not isinstance(tracking_uri, str):
             raise _invalid(f"Invalid tracking_uri {tracking_uri!r}: expected a string.")

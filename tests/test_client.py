@@ -285,9 +285,18 @@ def test_close_reports_what_it_could_not_send(tracking_uri):
 
 
 def test_invalid_constructor_arguments(tracking_uri):
-    for kwargs in ({"executor": "gpu"}, {"max_workers": 0}, {"retry_timeout": -1}):
+    for kwargs in (
+        {"executor": "gpu"},
+        {"max_workers": 0},
+        {"max_workers": "2"},
+        {"max_workers": 1.5},
+        {"retry_timeout": -1},
+        {"retry_timeout": "1"},
+    ):
         with pytest.raises(MlflowException, match="Invalid"):
             QueueingClient(tracking_uri, **kwargs)
+    with pytest.raises(MlflowException, match="tracking_uri"):
+        QueueingClient(42)
 
 
 def test_terminal_status_defaults_like_mlflow(client, store, experiment_id):
