@@ -178,14 +178,15 @@ def test_ray_tune_sweep_logs_every_trial(
 # -- (c) the REST path, without Ray -------------------------------------------------------
 
 
+@pytest.mark.parametrize("executor", ["thread", "process"])
 def test_rest_client_from_test_process_and_two_threads(
-    mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch, executor: str
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     steps = 50
-    experiment_id = new_experiment(mlflow_server, "rest")
-    client = QueueingClient(mlflow_server, retry_timeout=RETRY_TIMEOUT)
+    experiment_id = new_experiment(mlflow_server, f"rest-{executor}")
+    client = QueueingClient(mlflow_server, executor=executor, retry_timeout=RETRY_TIMEOUT)
 
     first = client.create_run(experiment_id, run_name="single")
     client.log_params(run_id=first, params={"mode": "single"})
