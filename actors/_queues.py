@@ -55,12 +55,23 @@ class Snapshot(NamedTuple):
         )
 
     def counts(self) -> dict[str, int]:
-        return {
-            "metrics": len(self.metrics),
-            "params": len(self.params),
-            "tags": len(self.tags) + (len(self.create.tags) if self.create else 0),
-            "datasets": len(self.datasets),
-        }
+        return entity_counts(self.create, self.params, self.tags, self.metrics, self.datasets)
+
+
+def entity_counts(
+    create: CreateRun | None,
+    params: list[Pair],
+    tags: list[Pair],
+    metrics: list[MetricRow],
+    datasets: list[Any],
+) -> dict[str, int]:
+    """Entities per kind; tags riding on ``create_run`` count as tags."""
+    return {
+        "metrics": len(metrics),
+        "params": len(params),
+        "tags": len(tags) + (len(create.tags) if create else 0),
+        "datasets": len(datasets),
+    }
 
 
 class RunQueues:
@@ -132,13 +143,7 @@ class RunQueues:
 
     def counts(self) -> dict[str, int]:
         """Queued entities per kind; a lock-free estimate, exact when producers are idle."""
-        create = self.create
-        return {
-            "metrics": len(self.metrics),
-            "params": len(self.params),
-            "tags": len(self.tags) + (len(create.tags) if create else 0),
-            "datasets": len(self.datasets),
-        }
+        return entity_counts(self.create, self.params, self.tags, self.metrics, self.datasets)
 
     def has_work(self) -> bool:
         return bool(
