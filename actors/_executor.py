@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors._perform import Job, JobResult, call_counts, perform_job
+from actors._perform import Job, JobResult, perform_job
 
 _logger = logging.getLogger(__name__)
 
@@ -45,9 +45,6 @@ def failed_result(job: Job, exc: BaseException) -> JobResult:
     result.errors.append(f"could not perform the run's calls: {exc!r}")
     if job.run_id is None:
         result.create_error = repr(exc)
-    for call in job.calls:
-        for kind, n in call_counts(call).items():
-            result.unsent[kind] += n
     return result
 
 

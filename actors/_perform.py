@@ -45,7 +45,6 @@ class JobResult:
     created: bool = False
     create_error: str | None = None
     logged: dict[str, int] = field(default_factory=empty_counts)
-    unsent: dict[str, int] = field(default_factory=empty_counts)
     errors: list[str] = field(default_factory=list)
     terminated: bool = False
 
@@ -124,7 +123,7 @@ def perform_job(
 
 
 def record_outcome(result: JobResult, call: Call, error: str | None, run_id: str | None) -> None:
-    """Account one call's outcome in ``result`` (shared by workers and their drivers)."""
+    """Account one call's outcome in ``result`` (in workers and pool threads)."""
     counts = call_counts(call)
     if error is None:
         _add(result.logged, counts)
@@ -134,7 +133,6 @@ def record_outcome(result: JobResult, call: Call, error: str | None, run_id: str
             result.terminated = True
     else:
         result.errors.append(error)
-        _add(result.unsent, counts)
         if isinstance(call, CreateRunCall):
             result.create_error = error
 

@@ -3,7 +3,7 @@
 Up to ``max_workers`` pool threads in this process each own one worker process (a fresh
 interpreter running :mod:`actors._worker`, started on first use and reused). A pool thread takes
 a job, sends it cloudpickled, relays the worker's progress to the run's record, and returns
-the result. If the worker dies mid-job, the driver starts a fresh one and resumes the job
+the result. If the worker dies mid-job, the pool thread starts a fresh one and resumes the job
 after the last call that completed; only the run of that job is affected. A ``create_run``
 that was in flight when its worker died is not resent (it may have landed: resending could
 make a second run); it is reported as failed instead.
@@ -125,7 +125,6 @@ def _merge(done: JobResult, rest: JobResult) -> JobResult:
     merged.terminated = done.terminated or rest.terminated
     for kind in merged.logged:
         merged.logged[kind] = done.logged[kind] + rest.logged[kind]
-        merged.unsent[kind] = done.unsent[kind] + rest.unsent[kind]
     merged.errors = compress_errors(done.errors + rest.errors)
     return merged
 

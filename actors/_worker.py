@@ -3,8 +3,8 @@
 A fresh interpreter (never a fork, and not ``multiprocessing``'s spawn, which would re-import
 the user's ``__main__``) that reads cloudpickled :class:`~actors._perform.Job`\\ s from a
 socket, performs them with one ``MlflowClient`` per tracking URI, and reports each call's
-outcome as it goes, so that its driver can resume the job elsewhere if this process dies.
-It exits when the socket closes: a parent that dies takes its workers with it.
+outcome as it goes, so that the pool thread feeding it can resume the job elsewhere if this
+process dies. It exits when the socket closes: a parent that dies takes its workers with it.
 """
 
 from __future__ import annotations
