@@ -42,7 +42,8 @@ class PendingRunId:
         try:
             return str(self._future.get(timeout=timeout))
         except pykka.Timeout:
-            raise TimeoutError(f"{self!r} was not created within {timeout} s") from None
+            waited = format_seconds(0.0 if timeout is None else timeout)
+            raise TimeoutError(f"{self!r} was not created within {waited} s") from None
 
     def done(self) -> bool:
         """Whether creation has finished, successfully or not."""
@@ -76,6 +77,14 @@ class PendingRunId:
     def __reduce__(self) -> tuple[Any, ...]:
         # A copy in another process names the same run but belongs to no client there.
         return (_detached, (self._label,))
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for a message, without float noise: 2.0000001 -> "2", 29.987 -> "30",
+    12.34 -> "12.3", 0.05 -> "0.05". Deadlines give such values; users read the messages."""
+    if seconds < 1:
+        return f"{seconds:.2g}"
+    return f"{seconds:.1f}".removesuffix(".0")
 
 
 def _detached(label: str) -> PendingRunId:

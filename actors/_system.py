@@ -20,6 +20,7 @@ from typing import Any
 import pykka
 from mlflow.exceptions import MlflowException
 
+from actors._pending import format_seconds
 from actors._perform import failure_message
 from actors._queues import CreateRun
 from actors._run_actor import RunActor
@@ -87,7 +88,8 @@ def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[st
         try:
             reply.get(timeout=deadline.remaining()).get(timeout=deadline.remaining())
         except pykka.Timeout:
-            raise TimeoutError(f"the flush did not complete within {timeout} s") from None
+            waited = format_seconds(0.0 if timeout is None else timeout)
+            raise TimeoutError(f"the flush did not complete within {waited} s") from None
         except MlflowException as exc:
             failures.append(exc.message)
         except Exception as exc:  # the actor died before it could take the request
@@ -136,14 +138,17 @@ class ActorSystem:
         failures: list[str] = []
         try:
             failures = wait_tickets(self.flush(session, deadline), deadline.remaining())
-        except (TimeoutError, pykka.Timeout) as exc:
-            failures = [f"closing before the last flush completed: {exc}"]
+        except (TimeoutError, pykka.Timeout):
+            # Name the caller's bound, not what was left of it when the wait began.
+            waited = format_seconds(0.0 if timeout is None else timeout)
+            failures = [f"closing before the last flush completed: it took longer than {waited} s"]
         finally:
             try:
                 stops = self._ask(CloseSession(session), deadline)
                 pykka.get_all(stops, timeout=deadline.remaining())
             except pykka.Timeout:
-                _logger.warning("runactors: some run actors did not stop within %s s", timeout)
+                waited = format_seconds(0.0 if timeout is None else timeout)
+                _logger.warning("runactors: some run actors did not stop within %s s", waited)
             session.shutdown_executor(deadline.remaining())
         return failures
 
