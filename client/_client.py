@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-import mlflow
 from mlflow.entities.dataset_input import DatasetInput
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
@@ -33,6 +32,7 @@ from actors import (
     tag_pairs,
 )
 from client._operations import RunOperations
+from client._tracking_uri import resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
@@ -108,10 +108,9 @@ class QueueingClient:
                 )
         if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
             raise _invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
-        if tracking_uri is not None and not isinstance(tracking_uri, str):
-            raise _invalid(f"Invalid tracking_uri {tracking_uri!r}: expected a string.")
         self._config = SessionConfig(
-            tracking_uri=tracking_uri or mlflow.get_tracking_uri(),
+            # Checked and made absolute here: a pickled copy must reach the same store.
+            tracking_uri=resolve_tracking_uri(tracking_uri),
             executor=executor,
             max_workers=max_workers,
             flush_interval=flush_interval,
