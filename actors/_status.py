@@ -162,6 +162,7 @@ class ClientStatus:
     runs: list[RunStatus]
     tracking_uri: str | None = None
     executor: str | None = None
+    closed: bool = False  # the client is closed: ``runs`` hold their final state
 
     def counts(self) -> dict[str, int]:
         """Runs per state, e.g. ``{"idle": 3, "flushing": 1}``."""
@@ -174,5 +175,6 @@ class ClientStatus:
         return {
             "tracking_uri": self.tracking_uri,
             "executor": self.executor,
+            "closed": self.closed,
             "runs": [run.to_dict() for run in self.runs],
         }
