@@ -129,8 +129,7 @@ def _scheme(uri: str) -> str:
         registered = getattr(_tracking_store_registry, "_registry", {})
         supported = ", ".join(sorted(s for s in registered if s)) or "none"
         reason = (
-            f"MLflow has no tracking store for the scheme {scheme!r} "
-            f"(supported: {supported}, or a folder)"
+            f"MLflow has no store for the scheme {scheme!r} (supported: {supported}, or a folder)"
         )
     except Exception as exc:  # e.g. an unknown database dialect
         reason = " ".join(str(getattr(exc, "message", exc)).split())

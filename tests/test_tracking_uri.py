@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from client import QueueingClient
 
 BAD_URIS = [
-    ("foo://bar", "no tracking store for the scheme 'foo'"),
-    ("localhost:5000", "no tracking store for the scheme 'localhost'"),
+    ("foo://bar", "no store for the scheme 'foo'"),
+    ("localhost:5000", "no store for the scheme 'localhost'"),
     ("http://", "needs a host"),
     ("https:///x", "needs a host"),
     ("http://127.0.0.1:port", "Port"),
