@@ -22,13 +22,13 @@ from actors._plan import (
     SetTerminatedCall,
     plan_batches,
 )
-from actors._queues import CreateRun, RunQueues, Terminate
+from actors._queues import CreateRun, RunQueues, Terminate, closed_error
 from actors._retry import call_with_retry, is_transient
 from actors._run_actor import RunActor
 from actors._session import RunHandle, Session, SessionConfig
 from actors._status import STATES, ClientStatus, RunRecord, RunStatus
-from actors._supervisor import Supervisor, Ticket, closed_error
-from actors._system import ActorSystem, get_system, ticket_done, wait_tickets
+from actors._supervisor import Supervisor, Ticket
+from actors._system import ActorSystem, exit_timeout, get_system, ticket_done, wait_tickets
 
 __all__ = [
     "STATES",
@@ -61,6 +61,7 @@ __all__ = [
     "check_step",
     "closed_error",
     "default_max_workers",
+    "exit_timeout",
     "failure_message",
     "get_system",
     "is_transient",

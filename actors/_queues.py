@@ -11,11 +11,19 @@ from __future__ import annotations
 import threading
 from typing import Any, NamedTuple
 
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_STATE
+
 # key, value, timestamp (ms), step, model_id, dataset_name, dataset_digest.
 # Plain tuples: building mlflow.entities.Metric objects is deferred to the executor.
 MetricRow = tuple[str, Any, int, int, "str | None", "str | None", "str | None"]
 # key, value (already a str).
 Pair = tuple[str, str]
+
+
+def closed_error() -> MlflowException:
+    """What every call on a closed client raises."""
+    return MlflowException("This QueueingClient is closed.", INVALID_STATE)
 
 
 class CreateRun(NamedTuple):
@@ -78,9 +86,21 @@ class RunQueues:
     """The lock-guarded buffer of one run's not-yet-flushed operations.
 
     Producers (any thread) call the ``add_*`` methods; the run's actor calls :meth:`take`.
+    Closing the client seals the queues (:meth:`seal`) before its last flush: from then on every
+    ``add_*`` raises ``closed_error()``, checked under the lock the append takes anyway, so
+    an append either lands before the seal (and that flush sends it) or raises.
     """
 
-    __slots__ = ("_lock", "create", "datasets", "metrics", "params", "tags", "terminate")
+    __slots__ = (
+        "_lock",
+        "create",
+        "datasets",
+        "metrics",
+        "params",
+        "sealed",
+        "tags",
+        "terminate",
+    )
 
     def __init__(self, create: CreateRun | None = None) -> None:
         self._lock = threading.Lock()
@@ -90,26 +110,42 @@ class RunQueues:
         self.tags: list[Pair] = []
         self.metrics: list[MetricRow] = []
         self.datasets: list[Any] = []
+        self.sealed = False
+
+    def seal(self) -> None:
+        """Refuse every later append (the client is closing); what is queued stays."""
+        with self._lock:
+            self.sealed = True
 
     def add_metrics(self, rows: list[MetricRow]) -> None:
         with self._lock:
+            if self.sealed:
+                raise closed_error()
             self.metrics += rows
 
     def add_params(self, pairs: list[Pair]) -> None:
         with self._lock:
+            if self.sealed:
+                raise closed_error()
             self.params += pairs
 
     def add_tags(self, pairs: list[Pair]) -> None:
         with self._lock:
+            if self.sealed:
+                raise closed_error()
             self.tags += pairs
 
     def add_datasets(self, datasets: list[Any]) -> None:
         with self._lock:
+            if self.sealed:
+                raise closed_error()
             self.datasets += datasets
 
     def set_terminate(self, terminate: Terminate) -> bool:
         """Queue a termination; ``False`` if one is already queued (nothing changes)."""
         with self._lock:
+            if self.sealed:
+                raise closed_error()
             if self.terminate is not None:
                 return False
             self.terminate = terminate

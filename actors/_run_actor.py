@@ -148,7 +148,7 @@ class RunActor(pykka.ThreadingActor):
         for kind, n in result.logged.items():
             record.logged[kind] += n
         record.inflight = empty_counts()
-        record.errors.extend(result.errors)
+        record.errors.add(result.errors)
         record.terminated = record.terminated or result.terminated
         record.state, record.worker = "idle", None
         waiters, self._waiters = self._waiters, []
@@ -186,6 +186,6 @@ class RunActor(pykka.ThreadingActor):
     def on_failure(self, *exc_info: Any) -> None:
         record = self._handle.record
         error = f"run actor crashed: {exc_info[1]!r}"
-        record.errors.append(error)
+        record.errors.add([error])
         record.state = "crashed"
         self._fail_waiters(error)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors._executor import Executor, ThreadExecutor
 from actors._pending import PendingRunId
-from actors._queues import RunQueues
+from actors._queues import RunQueues, closed_error
 from actors._status import RunRecord
 
 if TYPE_CHECKING:
@@ -43,16 +43,41 @@ class RunHandle:
 
 
 class Session:
-    """The runtime side of one client; created and registered by the supervisor."""
+    """The runtime side of one client; created and registered by the supervisor.
+
+    Closing it takes two steps: :meth:`seal` (no new runs, no new operations; what is queued
+    stays, for the last flush), then the supervisor's close (``closed``: actors stopped).
+    """
 
     def __init__(self, session_id: int, config: SessionConfig) -> None:
         self.id = session_id
         self.config = config
-        self.handles: dict[Any, RunHandle] = {}  # written by the supervisor only
+        self.handles: dict[Any, RunHandle] = {}  # added to by the supervisor only
+        self.sealed = False
         self.closed = False
         self._seq = 0
         self._executor: Executor | None = None
         self._lock = threading.Lock()
+        self._handles_lock = threading.Lock()  # makes adding a run and sealing atomic
+
+    def add_handle(self, handle: RunHandle) -> RunHandle:
+        """Register a new run, unless the session is sealed (then ``closed_error()``)."""
+        with self._handles_lock:
+            if self.sealed:
+                raise closed_error()
+            return self.handles.setdefault(handle.key, handle)
+
+    def seal(self) -> None:
+        """Refuse new runs and new operations from now on; idempotent.
+
+        Every run's queues are sealed under the same lock that adds runs, so no run can be
+        added unsealed after this returns, and the next flush sends everything accepted.
+        """
+        with self._handles_lock:
+            self.sealed = True
+            handles = list(self.handles.values())
+        for handle in handles:
+            handle.queues.seal()
 
     def next_label(self) -> str:
         self._seq += 1

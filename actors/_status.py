@@ -13,12 +13,17 @@ States (``RunStatus.state``):
 ``retrying`` a call failed transiently and is being retried with backoff
 ``stopped``  terminated and fully flushed; the run's actor has stopped
 ``crashed``  the actor failed; the next flush starts a new one for the run
-``closed``   the client was closed
+``closed``   the client was closed (``status()`` still answers, with the final state)
 ==========  ==================================================================
+
+A run's ``errors`` stay bounded however long the service runs: see :class:`ErrorLog`.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +33,66 @@ from actors._queues import RunQueues
 
 STATES = ("idle", "waiting", "flushing", "retrying", "stopped", "crashed", "closed")
 BUSY_STATES = frozenset({"waiting", "flushing", "retrying"})
+
+ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good
+ERRORS_LATEST = 40  # and its latest ones
+ERROR_CHARS = 4000  # longer messages (an echoed request, say) are cut
+_REPEATED = re.compile(r"(.*) \(x(\d+)\)", re.DOTALL)  # as failure lists collapse repeats
+
+
+class ErrorLog:
+    """A run's error messages, repeats collapsed and the list capped.
+
+    A failure that recurs at every flush (an unknown run ID, a store that refuses a batch)
+    is one entry, ``message (xN)``, not one entry per flush. Past ``ERRORS_FIRST +
+    ERRORS_LATEST`` distinct messages, the first ones stay, the least recently seen of the
+    others are dropped, and a line in their place counts the errors dropped. Written by the
+    run's actor; read by any thread (``status()``), hence the lock.
+    """
+
+    __slots__ = ("_first", "_latest", "_lock", "dropped")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: dict[str, int] = {}  # message -> count, in order of first occurrence
+        self._latest: dict[str, int] = {}  # message -> count, least recently seen first
+        self.dropped = 0  # errors (repeats included) whose message is no longer kept
+
+    def add(self, messages: Iterable[str]) -> None:
+        with self._lock:
+            for message in messages:
+                text, count = _split_count(message)
+                if text in self._first:
+                    self._first[text] += count
+                elif len(self._first) < ERRORS_FIRST:
+                    self._first[text] = count
+                else:
+                    self._latest[text] = self._latest.pop(text, 0) + count
+                    if len(self._latest) > ERRORS_LATEST:
+                        self.dropped += self._latest.pop(next(iter(self._latest)))
+
+    def messages(self) -> list[str]:
+        """The kept messages, oldest first, with the dropped ones counted in their place."""
+        with self._lock:
+            first, latest = list(self._first.items()), list(self._latest.items())
+            dropped = self.dropped
+        out = [_with_count(text, n) for text, n in first]
+        if dropped:
+            out.append(f"... {dropped} more errors not kept (the first and the latest are) ...")
+        out.extend(_with_count(text, n) for text, n in latest)
+        return out
+
+
+def _split_count(message: str) -> tuple[str, int]:
+    match = _REPEATED.fullmatch(message)
+    text, count = (match.group(1), int(match.group(2))) if match else (message, 1)
+    if len(text) > ERROR_CHARS:
+        text = text[:ERROR_CHARS] + f"... ({len(text) - ERROR_CHARS} more characters)"
+    return text, count
+
+
+def _with_count(text: str, count: int) -> str:
+    return text if count == 1 else f"{text} (x{count})"
 
 
 @dataclass
@@ -39,7 +104,7 @@ class RunRecord:
     state: str = "idle"
     inflight: dict[str, int] = field(default_factory=empty_counts)
     logged: dict[str, int] = field(default_factory=empty_counts)
-    errors: list[str] = field(default_factory=list)
+    errors: ErrorLog = field(default_factory=ErrorLog)
     terminated: bool = False
     create_error: str | None = None
     worker: str | None = None
@@ -58,8 +123,9 @@ class RunRecord:
             state=self.state,
             queued={kind: queued[kind] + inflight[kind] for kind in KINDS},
             logged=dict(self.logged),
-            errors=list(self.errors),
+            errors=self.errors.messages(),
             worker=self.worker,
+            errors_dropped=self.errors.dropped,
         )
 
 
@@ -74,6 +140,7 @@ class RunStatus:
     logged: dict[str, int]
     errors: list[str]
     worker: str | None = None
+    errors_dropped: int = 0  # errors past the cap of ``errors``, counted in it as one line
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +151,7 @@ class RunStatus:
             "logged": dict(self.logged),
             "errors": list(self.errors),
             "worker": self.worker,
+            "errors_dropped": self.errors_dropped,
         }
 
 
@@ -94,6 +162,7 @@ class ClientStatus:
     runs: list[RunStatus]
     tracking_uri: str | None = None
     executor: str | None = None
+    closed: bool = False  # the client is closed: ``runs`` hold their final state
 
     def counts(self) -> dict[str, int]:
         """Runs per state, e.g. ``{"idle": 3, "flushing": 1}``."""
@@ -106,5 +175,6 @@ class ClientStatus:
         return {
             "tracking_uri": self.tracking_uri,
             "executor": self.executor,
+            "closed": self.closed,
             "runs": [run.to_dict() for run in self.runs],
         }

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pykka
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_STATE
 
 from actors._pending import PendingRunId
-from actors._queues import CreateRun, RunQueues
+from actors._queues import CreateRun, RunQueues, closed_error
 from actors._run_actor import FLUSH, RunActor, RunFinished
 from actors._session import RunHandle, Session, SessionConfig
 from actors._status import BUSY_STATES
@@ -52,10 +50,6 @@ class ListSessions:
     pass
 
 
-def closed_error() -> MlflowException:
-    return MlflowException("This QueueingClient is closed.", INVALID_STATE)
-
-
 class Supervisor(pykka.ThreadingActor):
     """Registry of sessions and runs; starts, feeds and stops the run actors."""
 
@@ -86,19 +80,16 @@ class Supervisor(pykka.ThreadingActor):
 
     def _register(self, message: RegisterRun) -> RunHandle:
         session = message.session
-        if session.closed:
+        if session.sealed or session.closed:  # closing: new runs are refused
             raise closed_error()
         if message.key is None:
             label = session.next_label()
             pending = PendingRunId._issue(session.id, label)
-            handle = RunHandle(pending, pending, RunQueues(message.create))
-            session.handles[pending] = handle
-            return handle
+            return session.add_handle(RunHandle(pending, pending, RunQueues(message.create)))
         existing = session.handles.get(message.key)
         if existing is not None:
             return existing
-        handle = session.handles[message.key] = RunHandle(message.key, None, RunQueues())
-        return handle
+        return session.add_handle(RunHandle(message.key, None, RunQueues()))
 
     def _actor_for(self, session: Session, handle: RunHandle) -> pykka.ActorRef[Any]:
         if handle.ref is None or not handle.ref.is_alive():
@@ -125,6 +116,7 @@ class Supervisor(pykka.ThreadingActor):
             message.ref.stop(block=False)
 
     def _close(self, session: Session) -> list[pykka.Future[Any]]:
+        session.seal()  # already sealed by the client; not when closed at exit
         session.closed = True
         self._sessions.pop(session.id, None)
         stops: list[pykka.Future[Any]] = []

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-import mlflow
 from mlflow.entities.dataset_input import DatasetInput
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
@@ -27,12 +26,14 @@ from actors import (
     check_status,
     check_step,
     closed_error,
+    exit_timeout,
     get_system,
     metric_rows,
     param_pairs,
     tag_pairs,
 )
 from client._operations import RunOperations
+from client._tracking_uri import resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
@@ -51,14 +52,17 @@ def _invalid(message: str) -> MlflowException:
 def _release(session: Session) -> None:
     """Finalizer of a client dropped without ``close()``: send what it queued, then stop.
 
-    Runs on its own short-lived thread, since garbage collection may happen anywhere.
+    Runs on its own short-lived thread, since garbage collection may happen anywhere, and
+    within ``RUNACTORS_EXIT_TIMEOUT`` seconds, as at exit: a hung store must not keep the
+    thread, the session's actors and its executor forever.
     """
     if session.closed:
         return
 
     def close() -> None:
         try:
-            get_system().close_session(session)
+            session.seal()
+            get_system().close_session(session, exit_timeout())
         except Exception:  # pragma: no cover - nothing to report to at this point
             pass
 
@@ -108,10 +112,9 @@ class QueueingClient:
                 )
         if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
             raise _invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
-        if tracking_uri is not None and not isinstance(tracking_uri, str):
-            raise _invalid(f"Invalid tracking_uri {tracking_uri!r}: expected a string.")
         self._config = SessionConfig(
-            tracking_uri=tracking_uri or mlflow.get_tracking_uri(),
+            # Checked and made absolute here: a pickled copy must reach the same store.
+            tracking_uri=resolve_tracking_uri(tracking_uri),
             executor=executor,
             max_workers=max_workers,
             flush_interval=flush_interval,
@@ -127,6 +130,7 @@ class QueueingClient:
         self._lock = threading.Lock()
         self._runs: dict[Any, RunHandle] = {}
         self._session: Session | None = None
+        self._closed_session: Session | None = None  # kept after close() for status()
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if not self._closed:
             _live.add(self)
@@ -275,22 +279,27 @@ class QueueingClient:
         return operations
 
     def status(self) -> ClientStatus:
-        """A snapshot of what every run's actor is doing; never waits on a flush."""
-        if self._closed:
-            raise closed_error()
-        session = self._session
+        """A snapshot of what every run's actor is doing; never waits on a flush.
+
+        After ``close()`` it keeps answering, with each run's final state (``stopped`` or
+        ``closed``), what was logged and what failed.
+        """
+        closed = self._closed
+        session = self._closed_session if closed else self._session
         handles = list(session.handles.values()) if session else []
         return ClientStatus(
             runs=[handle.record.snapshot(handle.queues) for handle in handles],
             tracking_uri=self._config.tracking_uri,
             executor=self._config.executor,
+            closed=closed,
         )
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, wait up to ``timeout`` s, and stop this client's actors.
 
         Raises ``MlflowException`` if that last flush failed. Calling it again does nothing;
-        any other method raises once the client is closed.
+        any other method but ``status()`` raises once the client is closed. A call racing
+        ``close()`` in another thread either returns and is in that last flush, or raises.
         """
         with self._lock:
             if self._closed:
@@ -298,11 +307,15 @@ class QueueingClient:
             self._closed = True
             self._runs = {}
             session, self._session = self._session, None
+            self._closed_session = session
             if self._finalizer is not None:
                 self._finalizer.detach()
         _live.discard(self)
         if session is None:
             return
+        # Sealed before the last flush: a log_* call that got past the closed check above
+        # either appended before this (and is flushed) or raises closed_error().
+        session.seal()
         failures = get_system().close_session(session, timeout)
         if failures:
             raise MlflowException(
