@@ -1,9 +1,10 @@
 """The queued operations of one run, and the buffer that holds them until a flush.
 
 Callers append to a run's :class:`RunQueues` directly (one short lock, no actor round
-trip per ``log_*`` call); only the run's actor takes from it, a whole snapshot at a time.
-That split keeps the hot path cheap while the actor stays the only consumer, so the order
-of a run's operations is the order in which they were appended.
+trip per ``log_*`` call); the run's actor takes from it, a whole snapshot at a time, and is
+the only taker that sends. (The one other taker is ``__exit__`` after an exception, which
+discards the queues under the same lock.) So the order in which a run's operations reach the
+store is the order in which they were appended.
 """
 
 from __future__ import annotations

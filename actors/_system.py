@@ -134,6 +134,7 @@ class ActorSystem:
         executor; return the failure messages of that last flush."""
         if session.closed:
             return []
+        session.seal()  # from here a racing call raises, or is in the flush below
         deadline = _Deadline(timeout)
         failures: list[str] = []
         try:

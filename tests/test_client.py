@@ -1,4 +1,4 @@
-"""The QueueingClient contract (../shared/spec/api.md), line by line, on a real SQLite store."""
+"""The QueueingClient's public behaviour (docs/api.md), line by line, on a real SQLite store."""
 
 from __future__ import annotations
 
