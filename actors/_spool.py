@@ -29,6 +29,7 @@ import numbers
 import os
 import socket
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -226,9 +227,17 @@ def spool_files(spool_dir: str | os.PathLike[str]) -> list[Path]:
     Anything else there (SQLite's ``-wal``/``-shm`` side files, a journal being created,
     foreign files) is not listed and never touched by the journal code.
     """
-    folder = Path(spool_dir)
-    found = [p for p in folder.iterdir() if _is_journal_name(p.name) and p.is_file()]
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+    found = []
+    for path in Path(spool_dir).iterdir():
+        if not _is_journal_name(path.name):
+            continue
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # delivered and removed by another process meanwhile
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append((info.st_mtime, path.name, path))
+    return [path for _, _, path in sorted(found)]
 
 
 def side_files(path: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from rich.table import Table
 
 from actors._perform import KINDS, empty_counts
 from actors._replay import deliver
+from actors._retry import call_with_retry
 from actors._spool import (
     NEW_SUFFIX,
     PREFIX,
+    SIDE_SUFFIXES,
     Spool,
     SpoolError,
     SpoolGone,
@@ -67,7 +70,7 @@ def _foreign_files(folder: Path, journals: list[Path]) -> list[Path]:
         if path.name not in ours
         and not (path.name.startswith(PREFIX) and path.name.endswith(NEW_SUFFIX))
         # side files of a journal delivered (and deleted) by another process meanwhile
-        and not (path.name.startswith(PREFIX) and path.name.endswith(("-wal", "-shm")))
+        and not (path.name.startswith(PREFIX) and path.name.endswith(SIDE_SUFFIXES))
     )
 
 
@@ -127,6 +130,14 @@ def _open_all(
     return opened, reports
 
 
+def _client(uri: str, retry_timeout: float, clients: dict[str, MlflowClient]) -> MlflowClient:
+    """One client per tracking URI. Making one already opens the store (a SQLite store
+    checks its tables), so that is retried like any call: the store may be locked or down."""
+    if uri not in clients:
+        clients[uri] = call_with_retry(partial(MlflowClient, uri), retry_timeout)
+    return clients[uri]
+
+
 def _deliver_one(
     spool: Spool,
     tracking_uri: str | None,
@@ -137,7 +148,13 @@ def _deliver_one(
     report = JournalReport(spool.path.name)
     try:
         uri = tracking_uri or spool.tracking_uri
-        client = clients.setdefault(uri, MlflowClient(uri))
+        try:
+            client = _client(uri, retry_timeout, clients)
+        except Exception as exc:
+            report.status = "store unavailable"
+            report.calls_left = spool.pending_calls()
+            report.errors = [f"tracking store {uri} unavailable: {exc!r}"]
+            return report
         summary = deliver(spool, client, retry_timeout, progress.advance, tracking_uri=uri)
         report.runs = len(summary.runs)
         report.calls = summary.calls
@@ -183,9 +200,13 @@ def replay_folder(
     def err(message: str) -> None:
         err_console.print(f"runactors replay: {message}", markup=False, soft_wrap=True)
 
-    remove_stale_new(folder)
-    journals = spool_files(folder)
-    for path in _foreign_files(folder, journals):
+    try:
+        remove_stale_new(folder)
+        journals = spool_files(folder)
+        foreign = _foreign_files(folder, journals)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read spool folder {folder}: {exc}") from None
+    for path in foreign:
         err(f"{path.name}: not a runactors journal; left alone")
     if not journals:
         out.print(f"Nothing to replay in {folder}.")

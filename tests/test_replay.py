@@ -437,3 +437,33 @@ def test_a_stored_batch_sent_again_stores_nothing_twice_on_a_server(
     for _ in range(2):
         remote.log_batch(run_id, metrics=points, params=[], tags=[])
     assert len(remote.get_metric_history(run_id, "loss")) == 51
+
+
+def test_an_unreachable_store_keeps_the_journal_with_a_clear_error(
+    tmp_path: Path, tracking_uri: str, store: MlflowClient, experiment_id: str
+) -> None:
+    folder = tmp_path / "spool"
+    path = write_journal(folder, tracking_uri, experiment_id)
+    before = path.read_bytes()
+    # The store stays locked past --retry-timeout: even opening it fails.
+    blocker = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=60)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        locked = replay(folder, "--retry-timeout", "2")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert locked.returncode == 1, locked.stderr + locked.stdout
+    assert "Traceback" not in locked.stderr
+    assert f"{path.name}: tracking store {tracking_uri} unavailable" in locked.stdout
+    assert "database is locked" in locked.stdout
+    assert path.read_bytes() == before and runs_of(store, experiment_id) == []
+
+    unknown = replay(folder, "--tracking-uri", "nosuchscheme://x")
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "tracking store nosuchscheme://x unavailable" in unknown.stdout
+
+    done = replay(folder)  # the store is back
+    assert done.returncode == 0, done.stderr + done.stdout
+    (run,) = runs_of(store, experiment_id)
+    assert_delivered_once(store, run.info.run_id, 30)
