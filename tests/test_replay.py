@@ -7,6 +7,7 @@ delivered by ``python -m client._cli replay`` into a real SQLite store or a real
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sqlite3
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from distributed.conftest import SERVER_START_TIMEOUT, _healthy, _stop_group, free_port
-from mlflow.entities import Metric, ViewType
+from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 from actors._create_key import CREATE_KEY_TAG, find_created_run
@@ -332,15 +333,33 @@ def test_bad_folders_and_files_are_clear_one_line_errors(
     assert_delivered_once(store, run.info.run_id, 30)
 
 
-def test_a_stored_batch_sent_again_stores_nothing_twice_in_sqlite(
+def send_everything_twice(client: MlflowClient, experiment_id: str) -> str:
+    """What a replay killed between a call and its row's removal does: the call again."""
+    run_id = client.create_run(experiment_id).info.run_id
+    points = [Metric("loss", 1 / (s + 1), START + s, s) for s in range(50)]
+    points += [Metric("loss", float("nan"), START, 99), Metric("loss", math.inf, START, 98)]
+    data = DatasetInput(Dataset("digits", "d1g3st", "local", "{}"), [])
+    for _ in range(2):
+        client.log_batch(
+            run_id, metrics=points, params=[Param("lr", "0.01")], tags=[RunTag("t", "v")]
+        )
+        client.log_inputs(run_id, [data])
+        client.set_terminated(run_id, "FINISHED", START + 7)
+    return run_id
+
+
+def assert_stored_once(client: MlflowClient, run_id: str) -> None:
+    assert len(client.get_metric_history(run_id, "loss")) == 52
+    run = client.get_run(run_id)
+    assert run.data.params == {"lr": "0.01"} and run.data.tags["t"] == "v"
+    assert len(run.inputs.dataset_inputs) == 1
+    assert (run.info.status, run.info.end_time) == ("FINISHED", START + 7)
+
+
+def test_calls_sent_again_store_nothing_twice_in_sqlite(
     store: MlflowClient, experiment_id: str
 ) -> None:
-    run_id = store.create_run(experiment_id).info.run_id
-    points = [Metric("loss", 1 / (s + 1), START + s, s) for s in range(50)]
-    points.append(Metric("loss", float("nan"), START, 99))
-    for _ in range(2):
-        store.log_batch(run_id, metrics=points)
-    assert len(store.get_metric_history(run_id, "loss")) == 51
+    assert_stored_once(store, send_everything_twice(store, experiment_id))
 
 
 # -- a real tracking server ---------------------------------------------------------------------
@@ -427,16 +446,11 @@ def test_a_server_creation_of_unknown_outcome_is_found_by_its_key(
 
 
 @pytest.mark.slow
-def test_a_stored_batch_sent_again_stores_nothing_twice_on_a_server(
+def test_calls_sent_again_store_nothing_twice_on_a_server(
     server: str, server_experiment: str
 ) -> None:
     remote = MlflowClient(server)
-    run_id = remote.create_run(server_experiment).info.run_id
-    points = [Metric("loss", 1 / (s + 1), START + s, s) for s in range(50)]
-    points.append(Metric("loss", float("nan"), START, 99))
-    for _ in range(2):
-        remote.log_batch(run_id, metrics=points, params=[], tags=[])
-    assert len(remote.get_metric_history(run_id, "loss")) == 51
+    assert_stored_once(remote, send_everything_twice(remote, server_experiment))
 
 
 def test_an_unreachable_store_keeps_the_journal_with_a_clear_error(
