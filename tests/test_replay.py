@@ -59,13 +59,16 @@ def start_replay(folder: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_for_progress(proc: subprocess.Popen[str]) -> str:
-    """Read the replay's stderr until its first progress line (it is delivering then)."""
+def wait_for_progress(proc: subprocess.Popen[str], lines: int = 1) -> str:
+    """Read the replay's stderr until its ``lines``-th progress line (one at the first call
+    delivered, then one every tenth of the journal)."""
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if "calls delivered" in line:
-            return line
+            lines -= 1
+            if lines == 0:
+                return line
     proc.wait(timeout=60)
     raise AssertionError(f"no progress before exit {proc.returncode}:\n{''.join(seen)}")
 
@@ -154,10 +157,10 @@ def test_replay_killed_midway_and_rerun_stores_everything_exactly_once(
 ) -> None:
     folder = tmp_path / "spool"
     write_journal(folder, tracking_uri, experiment_id, batches=300, per_batch=20)
-    for _ in range(2):  # SIGKILL twice, each right after the replay reported progress
+    for lines in (1, 3):  # SIGKILL at the first call, then about a fifth further on
         proc = start_replay(folder)
         try:
-            wait_for_progress(proc)
+            wait_for_progress(proc, lines)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
         finally:
