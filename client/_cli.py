@@ -114,6 +114,9 @@ def sweep(
 from client._bench import bench  # noqa: E402  (the group above must exist first)
 
 main.add_command(bench)
+from client._replay import replay  # noqa: E402
+
+main.add_command(replay)
 
 
 if __name__ == "__main__":
