@@ -171,11 +171,11 @@ class _Slot:
                 self.worker = None
 
     def stop(self, timeout: float | None) -> None:
-        """Stop the worker for the pool's orderly shutdown."""
-        with self._lock:
-            worker, self.worker = self.worker, None
+        """Stop the worker for the pool's orderly shutdown (it stays the slot's worker until
+        it has exited, so that :meth:`close` can still kill it past the pool's deadline)."""
+        worker = self.worker
         if worker is not None:
-            worker.stop(timeout)
+            self._discard(worker, timeout)
 
     def close(self) -> None:
         """Close for good: start no worker again, kill and reap the current one."""
