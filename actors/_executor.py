@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from actors._perform import Job, JobResult, perform_job
+from actors._plan import Call
 
 _logger = logging.getLogger(__name__)
 
@@ -48,17 +49,29 @@ def failed_result(job: Job, exc: BaseException) -> JobResult:
     return result
 
 
+class ExecutorShutDown(Exception):
+    """Raised inside a job that the pool gave up on: nothing more of it may be sent."""
+
+
 class JobPool(Generic[S]):
     """What both executors share: a job queue and up to ``max_workers`` daemon threads,
-    started on demand, each holding a per-thread state ``S`` (a worker process, say)."""
+    started on demand, each holding a per-thread state ``S`` (a worker process, say).
+
+    A pool thread never dies of a job: whatever performing a job raises becomes that job's
+    failed result, so the pool stays whole and every job gets an answer. Once
+    :meth:`shutdown` has passed its deadline the pool is *abandoned*: jobs still queued fail
+    without being performed, and ``_after_shutdown`` stops whatever is still running.
+    """
 
     def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
         self.name = name
         self._queue: queue.SimpleQueue[tuple[Job, StateHook, DoneHook] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._started = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._abandoned = False
         self._stop_timeout: float | None = None
 
     def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None:
@@ -66,8 +79,10 @@ class JobPool(Generic[S]):
             if self._closed:
                 raise RuntimeError("executor is shut down")
             self._queue.put((job, on_state, on_done))
+            # Only live threads count: a thread lost to a fault must not shrink the pool.
+            self._threads = [t for t in self._threads if t.is_alive()]
             if len(self._threads) < self.max_workers:
-                index = len(self._threads)
+                index, self._started = self._started, self._started + 1
                 thread = threading.Thread(
                     target=self._serve, args=(index,), name=f"{self.name}-{index}", daemon=True
                 )
@@ -82,15 +97,26 @@ class JobPool(Generic[S]):
                 if item is None:
                     return
                 job, on_state, on_done = item
-                result = self._perform(state, job, on_state)
+                result = self._run(state, job, on_state)
                 try:
                     on_done(result)
-                except Exception:  # never lose the thread to a callback's fault
+                except BaseException:  # never lose the thread to a callback's fault
                     _logger.exception("runactors: delivering a job's result failed")
         finally:
             self._close(state)
 
+    def _run(self, state: S, job: Job, on_state: StateHook) -> JobResult:
+        """Perform one job; never raises."""
+        if self._abandoned:
+            return failed_result(job, ExecutorShutDown("the client was closed before it started"))
+        try:
+            return self._perform(state, job, on_state)
+        except BaseException as exc:  # a bug, a MemoryError: this job fails, the thread goes on
+            _logger.exception("runactors: performing a job failed")
+            return failed_result(job, exc)
+
     def _open(self, index: int) -> S:
+        """A new pool thread's state; must not raise (start anything costly lazily)."""
         raise NotImplementedError
 
     def _perform(self, state: S, job: Job, on_state: StateHook) -> JobResult:
@@ -100,7 +126,12 @@ class JobPool(Generic[S]):
         """Release a thread's state when the pool shuts down."""
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Finish the jobs already submitted, then stop; wait up to ``timeout`` seconds."""
+        """Finish the jobs already submitted, then stop; wait up to ``timeout`` seconds.
+
+        Past the deadline, jobs not started yet fail unperformed and ``_after_shutdown``
+        stops what is still running: nothing of this pool is sent after this returns
+        (except, on the thread executor, the one call each thread may be blocked in).
+        """
         with self._lock:
             if self._closed:
                 return
@@ -113,6 +144,7 @@ class JobPool(Generic[S]):
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        self._abandoned = True
         self._after_shutdown()
 
     def _after_shutdown(self) -> None:
@@ -140,12 +172,25 @@ class ThreadExecutor(JobPool[str]):
     def _open(self, index: int) -> str:
         return threading.current_thread().name
 
+    def _check_open(self) -> None:
+        # A thread cannot be stopped in the middle of a call; between calls and retries it
+        # stops once the pool is abandoned.
+        if self._abandoned:
+            raise ExecutorShutDown("the client was closed: the rest of the job was not sent")
+
     def _perform(self, state: str, job: Job, on_state: StateHook) -> JobResult:
         def on_retry(exc: BaseException, delay: float) -> None:
+            self._check_open()
             on_state("retrying", state)
+
+        def on_retry_end() -> None:
+            on_state("flushing", state)
+
+        def on_call(call: Call, error: str | None, run_id: str | None) -> None:
+            self._check_open()
 
         on_state("flushing", state)
         try:
-            return perform_job(self._client(job.tracking_uri), job, on_retry)
+            return perform_job(self._client(job.tracking_uri), job, on_retry, on_call, on_retry_end)
         except BaseException as exc:  # a bad URI, a broken store: fail this job alone
             return failed_result(job, exc)

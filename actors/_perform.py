@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 
@@ -19,7 +19,11 @@ from actors._retry import call_with_retry
 
 KINDS = ("metrics", "params", "tags", "datasets")
 
+T = TypeVar("T")
+
 RetryHook = Callable[[BaseException, float], None]
+# Called once a call that was retried has finished (either way): the run is no longer retrying.
+RetryEndHook = Callable[[], None]
 # (call, error text or None, run ID known after the call)
 CallHook = Callable[[Call, "str | None", "str | None"], None]
 
@@ -114,10 +118,15 @@ def perform_job(
     job: Job,
     on_retry: RetryHook | None = None,
     on_call: CallHook | None = None,
+    on_retry_end: RetryEndHook | None = None,
 ) -> JobResult:
     """Make the job's calls in order on ``client`` (an ``MlflowClient``), retrying transient
-    failures for up to ``job.retry_timeout`` seconds each; ``on_call`` hears each outcome."""
-    result = _perform(client, job, on_retry, on_call)
+    failures for up to ``job.retry_timeout`` seconds each; ``on_call`` hears each outcome.
+
+    ``on_retry`` hears each retry of a call, ``on_retry_end`` that the retried call is over,
+    so that a run's state goes from ``retrying`` back to ``flushing`` for its next calls.
+    """
+    result = _perform(client, job, _Retries(job.retry_timeout, on_retry, on_retry_end), on_call)
     result.errors = compress_errors(result.errors)
     return result
 
@@ -147,28 +156,47 @@ def _create(client: Any, call: CreateRunCall) -> str:
     return str(run.info.run_id)
 
 
-def _perform(
-    client: Any,
-    job: Job,
-    on_retry: RetryHook | None,
-    on_call: CallHook | None,
-) -> JobResult:
+class _Retries:
+    """Runs one call with :func:`call_with_retry` and tells the hooks when retrying starts
+    and when it is over."""
+
+    def __init__(
+        self, timeout: float, on_retry: RetryHook | None, on_retry_end: RetryEndHook | None
+    ) -> None:
+        self.timeout = timeout
+        self.on_retry = on_retry
+        self.on_retry_end = on_retry_end
+        self._retried = False
+
+    def _note(self, exc: BaseException, delay: float) -> None:
+        self._retried = True
+        if self.on_retry is not None:
+            self.on_retry(exc, delay)
+
+    def __call__(self, fn: Callable[[], T]) -> T:
+        self._retried = False
+        try:
+            return call_with_retry(fn, self.timeout, self._note)
+        finally:
+            if self._retried and self.on_retry_end is not None:
+                self.on_retry_end()
+
+
+def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None) -> JobResult:
     result = JobResult(run_id=job.run_id)
     for call in job.calls:
         error: str | None = None
         run_id = result.run_id
         if isinstance(call, CreateRunCall):
             try:
-                run_id = call_with_retry(
-                    partial(_create, client, call), job.retry_timeout, on_retry
-                )
+                run_id = retries(partial(_create, client, call))
             except Exception as exc:
                 error = f"create_run failed: {exc!r}"
         elif run_id is None:
             error = f"run {job.label} has no ID: its creation failed, so this call was not sent"
         else:
             try:
-                call_with_retry(partial(_invoke, client, run_id, call), job.retry_timeout, on_retry)
+                retries(partial(_invoke, client, run_id, call))
             except Exception as exc:
                 error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
         record_outcome(result, call, error, run_id)

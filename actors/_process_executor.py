@@ -7,6 +7,11 @@ the result. If the worker dies mid-job, the pool thread starts a fresh one and r
 after the last call that completed; only the run of that job is affected. A ``create_run``
 that was in flight when its worker died is not resent (it may have landed: resending could
 make a second run); it is reported as failed instead.
+
+Every other fault fails the job's unsent calls and leaves the pool whole: a call that cannot be
+pickled fails alone, a worker that cannot start or a protocol fault fails the rest of the job.
+Once the pool has shut down, no worker is started and nothing is sent. A forked child closes
+its copies of the parent's worker sockets, so that workers exit when their parent closes them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import site
 import socket
 import subprocess
 import sys
+import threading
+import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -23,7 +30,7 @@ import cloudpickle
 
 from actors._executor import JobPool, StateHook
 from actors._perform import Job, JobResult, compress_errors, record_outcome
-from actors._plan import CreateRunCall
+from actors._plan import Call, CreateRunCall
 
 # The folder that holds the ``actors`` package, so that workers import the same code.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -36,58 +43,187 @@ def _site_dirs() -> set[str]:
     return {str(Path(d).resolve()) for d in dirs}
 
 
+# Every worker of this process, so that a forked child can close its copies of their sockets.
+# Held while a worker's sockets are made and registered, and across os.fork(), so that a
+# child never inherits a socket that is not registered yet.
+_workers_lock = threading.Lock()
+_workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
 class _Worker:
     """One worker process and the parent's end of its socket."""
 
     def __init__(self, name: str) -> None:
-        parent, child = socket.socketpair()
         env = dict(os.environ)
         if _PACKAGE_ROOT not in _site_dirs():  # running from a source tree: point at it
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p
             )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "actors._worker", str(child.fileno())],
-            pass_fds=(child.fileno(),),
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        child.close()
-        self.conn = Connection(parent.detach())
+        self.owner = os.getpid()
+        with _workers_lock:
+            parent, child = socket.socketpair()
+            try:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "actors._worker", str(child.fileno())],
+                    pass_fds=(child.fileno(),),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
+            except BaseException:
+                parent.close()
+                child.close()
+                raise
+            child.close()
+            self.conn = Connection(parent.detach())
+            _workers.add(self)
         self.name = f"{name}[pid {self.process.pid}]"
 
     def stop(self, timeout: float | None) -> None:
-        self.conn.close()  # the worker exits when its socket closes
+        """Close the socket (the worker exits when it sees EOF); kill it after ``timeout``."""
+        self.conn.close()
+        if os.getpid() != self.owner:  # a fork child's copy: the process is not ours
+            return
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill and reap the worker; close the socket too (only its pool thread may do that
+        while a job is in flight: closing it under a blocked read could let the descriptor's
+        number be reused under that read)."""
+        self.kill_process()
+        self.conn.close()
+
+    def kill_process(self) -> None:
+        """Kill and reap the worker: its pool thread's read on the socket ends with EOF."""
+        if os.getpid() != self.owner:
+            return
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        self.process.wait()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop this process's copy of the parent's socket."""
+        self.conn.close()
+
+
+def _before_fork() -> None:
+    _workers_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _workers_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # The child's copies of the parent's worker sockets would keep those workers from ever
+    # seeing their socket close, and so hold the parent's close() for the child's lifetime.
+    for worker in list(_workers):
+        try:
+            worker.forget_in_child()
+        except OSError:  # pragma: no cover - already closed
+            pass
+    _workers.clear()
+    _workers_lock.release()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+class _SlotClosed(Exception):
+    """The pool has shut down: this slot starts no worker and sends nothing."""
 
 
 class _Slot:
-    """A pool thread's worker process, replaced when it dies."""
+    """A pool thread's worker process, replaced when it dies, until the slot is closed."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, closed: bool = False) -> None:
         self.label = label
         self.worker: _Worker | None = None
+        self._lock = threading.Lock()
+        self._closed = closed
+        self._busy = False  # a job is in flight: its pool thread owns the worker's socket
+
+    def _live_worker(self) -> _Worker:
+        """The slot's worker, a fresh one if it has none or it died."""
+        with self._lock:
+            if self._closed:
+                raise _SlotClosed
+            self._busy = True
+            worker = self.worker
+            if worker is not None and worker.process.poll() is not None:
+                worker.stop(0)  # died between jobs: close our end
+                worker = None
+            if worker is None:
+                worker = self.worker = _Worker(self.label)
+            return worker
+
+    def _discard(self, worker: _Worker, timeout: float | None) -> None:
+        """Stop a worker that died or can no longer be trusted."""
+        worker.stop(timeout)
+        with self._lock:
+            if self.worker is worker:
+                self.worker = None
+
+    def stop(self, timeout: float | None) -> None:
+        """Stop the worker for the pool's orderly shutdown (it stays the slot's worker until
+        it has exited, so that :meth:`close` can still kill it past the pool's deadline)."""
+        worker = self.worker
+        if worker is not None:
+            self._discard(worker, timeout)
+
+    def close(self) -> None:
+        """Close for good: start no worker again, kill and reap the current one."""
+        with self._lock:
+            self._closed = True
+            worker, busy = self.worker, self._busy
+            if not busy:
+                self.worker = None
+        if worker is None:
+            return
+        if busy:
+            worker.kill_process()  # its pool thread sees EOF and discards it
+        else:
+            worker.kill()
 
     def run_job(self, job: Job, on_state: StateHook) -> JobResult:
+        try:
+            return self._run_job(job, on_state)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _run_job(self, job: Job, on_state: StateHook) -> JobResult:
         prior: JobResult | None = None  # outcomes of calls made by workers that died
         remaining = list(job.calls)
         deaths = 0
         while True:
-            if self.worker is None or self.worker.process.poll() is not None:
-                self.worker = _Worker(self.label)
-            worker = self.worker
             run_id = job.run_id if prior is None else prior.run_id
+            refused = JobResult(run_id=run_id)
+            try:
+                payload = _dumps(job, run_id, remaining, refused)
+            except Exception as exc:  # the job as a whole cannot be pickled (its size, say)
+                return _fail_rest(prior, refused, remaining, f"could not pickle the job: {exc!r}")
+            if refused.errors:  # calls that cannot be pickled failed here; the rest go on
+                prior = refused if prior is None else _merge(prior, refused)
+                run_id = prior.run_id
+            if payload is None:  # nothing sendable is left
+                return _fail_rest(prior, None, [], "")
             progress = JobResult(run_id=run_id)
             try:
-                worker.conn.send_bytes(
-                    cloudpickle.dumps(
-                        Job(job.tracking_uri, run_id, remaining, job.retry_timeout, job.label)
-                    )
-                )
+                worker = self._live_worker()
+            except _SlotClosed:
+                return _fail_rest(prior, progress, remaining, "the client was closed")
+            except Exception as exc:
+                why = f"could not start a worker process: {exc!r}"
+                return _fail_rest(prior, progress, remaining, why)
+            try:
+                worker.conn.send_bytes(payload)
                 while True:
                     message = cloudpickle.loads(worker.conn.recv_bytes())
                     if isinstance(message, JobResult):
@@ -95,26 +231,74 @@ class _Slot:
                     kind, *rest = message
                     if kind == "state":
                         on_state(rest[0], worker.name)
-                    else:  # "call": the next call's outcome
+                    elif kind == "call":  # the next call's outcome
                         record_outcome(progress, remaining.pop(0), rest[0], rest[1])
+                    else:  # "refused": the worker could not read the job
+                        why = f"the worker process could not read the job: {rest[0]}"
+                        return _fail_rest(prior, progress, remaining, why)
             except (EOFError, OSError):
-                worker.stop(1.0)
-                self.worker = None
+                self._discard(worker, 1.0)
                 deaths += 1
+            except BaseException as exc:  # the exchange is out of step: trust no more of it
+                self._discard(worker, 0)
+                why = f"its worker process was stopped: {exc!r}"
+                return _fail_rest(prior, progress, remaining, why)
             prior = progress if prior is None else _merge(prior, progress)
             if not remaining:
                 return prior
+            if self._closed:
+                return _fail_rest(prior, None, remaining, "the client was closed")
             if deaths > 1 or isinstance(remaining[0], CreateRunCall):
                 why = (
                     "its worker process died during create_run (not resent: it may have landed)"
                     if isinstance(remaining[0], CreateRunCall)
                     else "its worker process died twice"
                 )
-                for call in remaining:
-                    record_outcome(prior, call, f"{type(call).__name__} not sent: {why}", None)
-                prior.errors = compress_errors(prior.errors)
-                return prior
+                return _fail_rest(prior, None, remaining, why)
             on_state("waiting", None)
+
+
+def _dumps(job: Job, run_id: str | None, calls: list[Call], refused: JobResult) -> bytes | None:
+    """The pickled job of ``calls``; a call that cannot be pickled is failed in ``refused``
+    and removed from ``calls`` (the others go on, as after any failed call); ``None`` if no
+    call is left to send."""
+
+    def dumps() -> bytes:
+        return bytes(
+            cloudpickle.dumps(Job(job.tracking_uri, run_id, calls, job.retry_timeout, job.label))
+        )
+
+    try:
+        return dumps()
+    except Exception:
+        pass
+    sendable: list[Call] = []
+    for call in calls:
+        try:
+            cloudpickle.dumps(call)
+        except Exception as exc:
+            why = f"it cannot be pickled for a worker process: {exc!r}"
+            record_outcome(refused, call, f"{_kind(call)} not sent: {why}", None)
+        else:
+            sendable.append(call)
+    calls[:] = sendable
+    return dumps() if calls else None
+
+
+def _kind(call: Call) -> str:
+    return type(call).__name__.removesuffix("Call")
+
+
+def _fail_rest(
+    prior: JobResult | None, progress: JobResult | None, calls: list[Call], why: str
+) -> JobResult:
+    """The job's outcome when ``calls`` are left unsent because of ``why``."""
+    done = prior if progress is None else progress if prior is None else _merge(prior, progress)
+    assert done is not None
+    for call in calls:
+        record_outcome(done, call, f"{_kind(call)} not sent: {why}", None)
+    done.errors = compress_errors(done.errors)
+    return done
 
 
 def _merge(done: JobResult, rest: JobResult) -> JobResult:
@@ -135,30 +319,35 @@ class ProcessExecutor(JobPool[_Slot]):
     def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
         super().__init__(max_workers, name)
         self._slots: list[_Slot] = []
+        self._slots_lock = threading.Lock()
+        self._killed = False
 
     def _open(self, index: int) -> _Slot:
-        slot = _Slot(f"{self.name}-worker-{index}")
-        self._slots.append(slot)
+        with self._slots_lock:
+            slot = _Slot(f"{self.name}-worker-{index}", closed=self._killed)
+            self._slots.append(slot)
         return slot
 
     def _perform(self, state: _Slot, job: Job, on_state: StateHook) -> JobResult:
         return state.run_job(job, on_state)
 
     def _close(self, state: _Slot) -> None:
-        if state.worker is not None:
-            state.worker.stop(self._stop_timeout)
-            state.worker = None
+        state.stop(self._stop_timeout)
 
     def _after_shutdown(self) -> None:
-        for slot in list(self._slots):  # past the deadline: leave no process behind
-            worker = slot.worker
-            if worker is not None and worker.process.poll() is None:
-                worker.process.kill()
+        # Past the deadline: kill and reap every worker, and let no slot start another, so
+        # that no process of this pool outlives close() and nothing is sent after it.
+        with self._slots_lock:
+            self._killed = True
+            slots = list(self._slots)
+        for slot in slots:
+            slot.close()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the live worker processes."""
-        return [
-            slot.worker.process.pid
-            for slot in list(self._slots)
-            if slot.worker is not None and slot.worker.process.poll() is None
-        ]
+        pids = []
+        for slot in list(self._slots):
+            worker = slot.worker
+            if worker is not None and worker.process.poll() is None:
+                pids.append(worker.process.pid)
+        return pids

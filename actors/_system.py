@@ -199,7 +199,12 @@ def _stop_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """Forget the parent's actors (their threads do not exist here) and its DB connections."""
+    """Forget the parent's actors (their threads do not exist here) and its DB connections.
+
+    The process executor registers its own fork handlers: the child closes its copies of the
+    parent's worker sockets, which would otherwise keep those workers (and the parent's
+    ``close()``) waiting for as long as the child lives.
+    """
     global _system, _system_lock
     _system_lock = threading.Lock()
     if _system is None:

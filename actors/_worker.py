@@ -4,7 +4,9 @@ A fresh interpreter (never a fork, and not ``multiprocessing``'s spawn, which wo
 the user's ``__main__``) that reads cloudpickled :class:`~actors._perform.Job`\\ s from a
 socket, performs them with one ``MlflowClient`` per tracking URI, and reports each call's
 outcome as it goes, so that the pool thread feeding it can resume the job elsewhere if this
-process dies. It exits when the socket closes: a parent that dies takes its workers with it.
+process dies. It exits when the socket closes: a parent that dies takes its workers with it
+(a child the parent forks closes its copies of the sockets, see ``actors._process_executor``).
+A job it cannot unpickle is refused (the parent fails its calls); this process goes on.
 """
 
 from __future__ import annotations
@@ -28,10 +30,17 @@ def serve(conn: Connection) -> None:
             payload = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        job: Job = cloudpickle.loads(payload)
+        try:
+            job: Job = cloudpickle.loads(payload)
+        except Exception as exc:  # a class the parent has and this interpreter cannot import
+            conn.send(("refused", repr(exc)))
+            continue
 
         def on_retry(exc: BaseException, delay: float) -> None:
             conn.send(("state", "retrying"))
+
+        def on_retry_end() -> None:
+            conn.send(("state", "flushing"))
 
         def on_call(call: Call, error: str | None, run_id: str | None) -> None:
             conn.send(("call", error, run_id))
@@ -43,7 +52,7 @@ def serve(conn: Connection) -> None:
                 from mlflow.tracking import MlflowClient
 
                 client = clients[job.tracking_uri] = MlflowClient(tracking_uri=job.tracking_uri)
-            result = perform_job(client, job, on_retry, on_call)
+            result = perform_job(client, job, on_retry, on_call, on_retry_end)
         except BaseException as exc:  # a bad URI, a broken store: this job fails, we go on
             result = failed_result(job, exc)
         conn.send_bytes(cloudpickle.dumps(result))

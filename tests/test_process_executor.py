@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 import re
 import signal
+import socket
+import sqlite3
+import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import mlflow
 import numpy as np
 import pytest
+from conftest import run_data
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 
 from client import QueueingClient
 
@@ -146,3 +155,428 @@ def test_status_shows_which_worker_runs_which_run(tracking_uri, experiment_id):
     assert workers and all("worker-0[pid " in w for w in workers)
     assert client.status().runs[0].worker is None  # idle again
     client.close()
+
+
+# -- faults of the process executor, real ones: SIGKILL, a locked store, a hung store --------
+
+TIMEOUT = 60.0  # bounds every wait, so that a regression fails instead of hanging
+
+
+class Unpicklable(float):
+    """A metric value that passes validation but cannot be sent to a worker process."""
+
+    def __reduce__(self):
+        raise TypeError("this value refuses to be pickled")
+
+
+class StoreLock:
+    """SQLite's exclusive lock on the test's store, held by a second connection: every call
+    to the store blocks meanwhile (MLflow waits up to 20 s, then fails "database is locked")."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self._conn = sqlite3.connect(
+            tracking_uri.removeprefix("sqlite:///"), isolation_level=None, timeout=30
+        )
+        self._conn.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self._conn.close()
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+@pytest.fixture
+def hung_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A tracking server on loopback that accepts connections and never answers.
+
+    One HTTP attempt per call, with a timeout longer than any test waits, so that a call
+    to it stays in flight (worker processes inherit these variables)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "90")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, name="hung-store", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def run_status(client: QueueingClient, run):
+    return next(r for r in client.status().runs if r.pending_id == run or r.run_id == run)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def worker_children() -> set[int]:
+    """PIDs of this process's children that run the executor's worker module."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"actors._worker" in cmdline:
+            found.add(int(entry))
+    return found
+
+
+def executor_of(client: QueueingClient):
+    return client._session._executor
+
+
+def close_quietly(client: QueueingClient, timeout: float = 30) -> None:
+    try:
+        client.close(timeout=timeout)
+    except MlflowException:
+        pass
+
+
+def test_a_job_that_cannot_be_sent_fails_alone_and_the_pool_stays_whole(
+    tracking_uri, store, experiment_id
+):
+    # One pool thread: if a job that cannot be pickled killed it, nothing would flush again.
+    client = QueueingClient(tracking_uri, executor="process", max_workers=1)
+    try:
+        bad = client.create_run(experiment_id, run_name="bad")
+        client.log_params(bad, {"p": 1})
+        client.log_metrics(bad, {"m": Unpicklable(1.0)})
+        client.set_terminated(bad)
+        with pytest.raises(MlflowException, match="cannot be pickled") as failure:
+            client.flush(synchronous=False).await_completion(TIMEOUT)
+        assert "this value refuses to be pickled" in str(failure.value)
+        # Only the batch that could not be sent failed: the run was created and terminated.
+        assert store.get_run(bad.resolve()).info.status == "FINISHED"
+
+        good = client.create_run(experiment_id, run_name="good")
+        client.log_metrics(good, {"m": 2.0})
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        assert store.get_run(good.resolve()).data.metrics == {"m": 2.0}
+        assert [t.is_alive() for t in executor_of(client)._threads] == [True]
+    finally:
+        close_quietly(client)
+
+
+def test_a_worker_that_cannot_start_fails_its_job_and_leaks_nothing(
+    tracking_uri, store, experiment_id, monkeypatch
+):
+    client = QueueingClient(tracking_uri, executor="process", max_workers=1)
+    try:
+        run = client.create_run(experiment_id)
+        client.log_metrics(run, {"m": 1.0})
+        fds = set(os.listdir("/proc/self/fd"))
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "executable", "/nonexistent/python")
+            with pytest.raises(MlflowException, match="could not start a worker process"):
+                client.flush(synchronous=False).await_completion(TIMEOUT)
+        assert set(os.listdir("/proc/self/fd")) <= fds  # both ends of its socketpair closed
+        # The pool is whole: the next flush starts a worker and delivers.
+        other = client.create_run(experiment_id)
+        client.log_metrics(other, {"m": 2.0})
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        assert store.get_run(other.resolve()).data.metrics == {"m": 2.0}
+    finally:
+        close_quietly(client)
+
+
+def test_a_pool_thread_survives_any_fault_of_a_job(tracking_uri):
+    from actors._executor import JobPool
+    from actors._perform import Job, JobResult
+
+    class Faulty(JobPool[str]):
+        def _open(self, index: int) -> str:
+            return "state"
+
+        def _perform(self, state: str, job: Job, on_state) -> JobResult:
+            if job.label == "boom":
+                raise MemoryError("out of memory while encoding the job")
+            return JobResult(run_id=job.run_id)
+
+    pool = Faulty(1, "faulty")
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        pool.submit(Job(tracking_uri, "r1", [], 1.0, "boom"), lambda *a: None, results.put)
+        pool.submit(Job(tracking_uri, "r2", [], 1.0, "fine"), lambda *a: None, results.put)
+        first, second = results.get(timeout=30), results.get(timeout=30)
+    finally:
+        pool.shutdown(30)
+    assert first.run_id == "r1" and "MemoryError" in first.errors[0]
+    assert second.run_id == "r2" and second.errors == []
+
+
+def test_a_fork_child_does_not_hold_close(tracking_uri, experiment_id):
+    lifetime = 30.0
+    client = QueueingClient(tracking_uri, executor="process", max_workers=2)
+    run = client.create_run(experiment_id)
+    client.log_metrics(run, {"m": 1.0})
+    client.flush(synchronous=False).await_completion(TIMEOUT)
+    pids = executor_of(client).worker_pids()
+    assert pids
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(lifetime,))
+    child.start()
+    try:
+        started = time.monotonic()
+        client.close()
+        elapsed = time.monotonic() - started
+        assert child.is_alive()
+        # Without the fix close() waited for the child to exit: the workers never saw EOF.
+        assert elapsed < lifetime / 2, f"close() took {elapsed:.1f} s"
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        child.kill()
+        child.join(30)
+
+
+def test_close_with_a_hung_store_leaves_no_worker_behind(hung_store):
+    before = worker_children()
+    client = QueueingClient(hung_store, executor="process", max_workers=1)
+    run = client.create_run("0")
+    client.log_metrics(run, {"m": 1.0})
+    client.flush(synchronous=False)
+    wait_until(lambda: run_status(client, run).worker is not None, what="a worker on the job")
+    pids = executor_of(client).worker_pids()
+    assert len(pids) == 1
+    started = time.monotonic()
+    with pytest.raises(MlflowException, match="closing before the last flush completed"):
+        client.close(timeout=2)
+    assert time.monotonic() - started < 30
+    assert [pid for pid in pids if alive(pid)] == []
+    # A pool thread that took the killed worker for a dead one would start another now.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert worker_children() - before == set()
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_retrying_returns_to_flushing_once_the_call_succeeds(
+    tracking_uri, store, experiment_id, executor
+):
+    client = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=120)
+    try:
+        run = client.create_run(experiment_id)
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        steps = 40_000  # 40 batches: the ones after the retried one take a while
+        for step in range(steps):
+            client.log_metrics(run, {"m": float(step)}, step=step)
+        with StoreLock(tracking_uri):
+            operations = client.flush(synchronous=False)
+            # MLflow waits 20 s for the lock, then the call fails and is retried.
+            wait_until(lambda: run_status(client, run).state == "retrying", what="retrying")
+        states = []  # the lock is gone: the retried batch lands, then the others follow
+        while not operations.done():
+            states.append(run_status(client, run).state)
+            time.sleep(0.002)
+        operations.await_completion(TIMEOUT)
+        assert "flushing" in states, sorted(set(states))
+        assert len(store.get_metric_history(run.resolve(), "m")) == steps
+        assert run_status(client, run).errors == []
+    finally:
+        close_quietly(client)
+
+
+def test_status_answers_within_50_ms_while_a_flush_is_blocked(
+    tracking_uri, experiment_id, executor
+):
+    client = QueueingClient(tracking_uri, executor=executor, max_workers=2)
+    try:
+        runs = [client.create_run(experiment_id) for _ in range(3)]
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        for run in runs:
+            client.log_metrics(run, {"m": 1.0})
+        with StoreLock(tracking_uri):
+            operations = client.flush(synchronous=False)
+            wait_until(
+                lambda: any(r.state == "flushing" and r.worker for r in client.status().runs),
+                what="a blocked flush",
+            )
+            durations = []
+            for _ in range(21):
+                started = time.perf_counter()
+                status = client.status()
+                durations.append(time.perf_counter() - started)
+                assert len(status.runs) == 3
+            assert not operations.done()
+        operations.await_completion(TIMEOUT)
+        # The median, so that one scheduler hiccup on a loaded machine does not decide.
+        assert sorted(durations)[10] < 0.05, durations
+        assert max(durations) < 1.0, durations
+    finally:
+        close_quietly(client)
+
+
+def test_overlapping_flushes_keep_call_order_in_worker_processes(
+    tracking_uri, store, experiment_id
+):
+    client = QueueingClient(tracking_uri, executor="process", max_workers=4)
+    try:
+        run = client.create_run(experiment_id)
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        with StoreLock(tracking_uri):  # the first round blocks in a worker
+            client.set_tags(run, {"last": "first"})
+            client.log_metrics(run, {"m": 0.0}, step=0)
+            first = client.flush(synchronous=False)
+            wait_until(lambda: run_status(client, run).state == "flushing", what="round 1")
+            client.set_tags(run, {"last": "second"})
+            client.log_metrics(run, {"m": 1.0}, step=1)
+            second = client.flush(synchronous=False)
+            client.set_tags(run, {"last": "third"})
+            third = client.flush(synchronous=False)
+            time.sleep(0.5)  # the later rounds would overtake now if they could
+        for operations in (first, second, third):
+            operations.await_completion(TIMEOUT)
+        assert run_data(store, run.resolve())[2]["last"] == "third"
+        history = store.get_metric_history(run.resolve(), "m")
+        assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0)]
+    finally:
+        close_quietly(client)
+
+
+def test_a_slow_or_failing_run_never_delays_a_healthy_one(tracking_uri, store, experiment_id):
+    client = QueueingClient(tracking_uri, executor="process", max_workers=2)
+    try:
+        big, healthy = client.create_run(experiment_id), client.create_run(experiment_id)
+        for _ in range(5):  # both workers up, so that no spawn is measured below
+            client.flush(synchronous=False).await_completion(TIMEOUT)
+            if len(executor_of(client).worker_pids()) == 2:
+                break
+            client.log_metrics(big, {"w": 0.0})
+            client.log_metrics(healthy, {"w": 0.0})
+        for step in range(60_000):
+            client.log_metrics(big, {"m": float(step)}, step=step)
+        missing = "0" * 32  # a run ID string of no run: its calls fail at flush
+        client.log_metrics(missing, {"m": 1.0})
+        logged = run_status(client, healthy).logged["metrics"]
+        client.log_metrics(healthy, {"m": 1.0})
+        operations = client.flush(synchronous=False)
+
+        def healthy_done() -> bool:
+            status = run_status(client, healthy)
+            return status.state == "idle" and status.logged["metrics"] == logged + 1
+
+        wait_until(healthy_done, what="the healthy run's flush")
+        assert run_status(client, big).state in ("waiting", "flushing", "retrying")
+        assert store.get_run(healthy.resolve()).data.metrics["m"] == 1.0
+        with pytest.raises(MlflowException) as failure:
+            operations.await_completion(TIMEOUT)
+        assert missing in str(failure.value)
+        assert str(healthy.resolve()) not in str(failure.value)
+        assert str(big.resolve()) not in str(failure.value)
+        assert len(store.get_metric_history(big.resolve(), "m")) == 60_000
+    finally:
+        close_quietly(client)
+
+
+def test_a_worker_killed_during_create_run_fails_that_creation_only(
+    tracking_uri, store, experiment_id
+):
+    client = QueueingClient(tracking_uri, executor="process", max_workers=1)
+    try:
+        run = client.create_run(experiment_id, run_name="doomed")
+        client.log_metrics(run, {"m": 1.0})
+        with StoreLock(tracking_uri):  # create_run blocks in the worker
+            operations = client.flush(synchronous=False)
+            wait_until(lambda: run_status(client, run).worker is not None, what="create_run")
+            os.kill(worker_pid(run_status(client, run).worker), signal.SIGKILL)
+            wait_until(operations.done, what="the failed flush")
+        with pytest.raises(MlflowException, match="died during create_run"):
+            operations.await_completion(TIMEOUT)
+        with pytest.raises(MlflowException):
+            run.resolve(TIMEOUT)
+        assert store.search_runs([experiment_id]) == []  # not resent
+        after = client.create_run(experiment_id, run_name="after")
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        assert store.get_run(after.resolve()).info.run_name == "after"
+    finally:
+        close_quietly(client)
+
+
+def test_a_job_whose_worker_dies_twice_fails_and_the_pool_recovers(
+    tracking_uri, store, experiment_id
+):
+    client = QueueingClient(tracking_uri, executor="process", max_workers=1)
+    try:
+        run = client.create_run(experiment_id)
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        client.log_metrics(run, {"m": 1.0})
+        victims: list[int] = []
+        with StoreLock(tracking_uri):  # the job's first call blocks in whichever worker
+            operations = client.flush(synchronous=False)
+            for _ in range(2):
+                wait_until(
+                    lambda: (
+                        (w := run_status(client, run).worker) is not None
+                        and worker_pid(w) not in victims
+                    ),
+                    what="a (fresh) worker on the job",
+                )
+                victims.append(worker_pid(run_status(client, run).worker))
+                os.kill(victims[-1], signal.SIGKILL)
+            wait_until(operations.done, what="the failed flush")
+        with pytest.raises(MlflowException, match="died twice"):
+            operations.await_completion(TIMEOUT)
+        assert store.get_run(run.resolve()).data.metrics == {}
+        client.log_metrics(run, {"m": 2.0})
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        assert store.get_run(run.resolve()).data.metrics == {"m": 2.0}
+        assert not set(victims) & set(executor_of(client).worker_pids())
+    finally:
+        close_quietly(client)
+
+
+def test_a_worker_killed_between_jobs_is_replaced(tracking_uri, store, experiment_id):
+    client = QueueingClient(tracking_uri, executor="process", max_workers=1)
+    try:
+        run = client.create_run(experiment_id)
+        client.log_metrics(run, {"m": 1.0}, step=0)
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        (victim,) = executor_of(client).worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        client.log_metrics(run, {"m": 2.0}, step=1)
+        client.flush(synchronous=False).await_completion(TIMEOUT)
+        history = store.get_metric_history(run.resolve(), "m")
+        assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 2.0)]
+        pids = executor_of(client).worker_pids()
+        assert len(pids) == 1 and victim not in pids
+        assert run_status(client, run).errors == []
+    finally:
+        close_quietly(client)

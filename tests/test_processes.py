@@ -8,11 +8,16 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 
 import cloudpickle
 import pytest
 from conftest import run_data
 from mlflow.exceptions import MlflowException
+
+# A tracking server on loopback that accepts and never answers.
+from test_process_executor import hung_store  # noqa: F401
 
 from client import QueueingClient
 
@@ -81,9 +86,9 @@ def _forked_child(client: QueueingClient, parent_pending, experiment_id: str, ou
 
 
 def test_forked_child_uses_its_own_actors_and_parent_is_unaffected(
-    tracking_uri, store, experiment_id
+    tracking_uri, store, experiment_id, executor
 ):
-    client = QueueingClient(tracking_uri)
+    client = QueueingClient(tracking_uri, executor=executor)
     warm = client.create_run(experiment_id, run_name="warm")
     client.flush()  # the parent's actors, executor and DB connections are all live
     pending = client.create_run(experiment_id, run_name="parent")
@@ -107,6 +112,51 @@ def test_forked_child_uses_its_own_actors_and_parent_is_unaffected(
     assert runs["parent"].data.metrics == {"parent": 1.0, "after": 2.0}
     assert len(store.get_metric_history(pending.resolve(), "parent")) == 1  # sent once
     assert warm.done()
+
+
+def processes_with_env(marker: str) -> set[int]:
+    """PIDs of the processes (any parent) whose environment holds ``marker``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_exit_with_a_hung_store_leaves_no_worker_process(hung_store):  # noqa: F811
+    mark = uuid.uuid4().hex
+    result = run_script(
+        f"""
+        import time
+        from client import QueueingClient
+
+        client = QueueingClient({hung_store!r}, executor="process", max_workers=1)
+        run = client.create_run("0")
+        client.log_metrics(run, {{"m": 1.0}})
+        client.flush(synchronous=False)
+        deadline = time.monotonic() + 60
+        while client.status().runs[0].worker is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("workers", *client._session._executor.worker_pids(), flush=True)
+        """,
+        hung_store,
+        timeout=90,
+        RUNACTORS_EXIT_TIMEOUT="2",
+        RUNACTORS_TEST_MARK=mark,
+    )
+    assert result.returncode == 0, result.stderr
+    pids = [int(pid) for pid in result.stdout.split("workers", 1)[1].split()]
+    assert len(pids) == 1
+    # The worker was killed at exit, and no fresh one was started for the job it had.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert processes_with_env(f"RUNACTORS_TEST_MARK={mark}") == set()
+        time.sleep(0.05)
 
 
 def run_script(code: str, tracking_uri: str, timeout: float = 120, **env: str):
