@@ -157,13 +157,16 @@ class ThreadExecutor(JobPool[str]):
     def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
         super().__init__(max_workers, name)
         self._clients: dict[str, Any] = {}
+        # Not the pool's lock: making a client opens the store, which can block on a locked
+        # database, and shutdown() must never wait behind that.
+        self._clients_lock = threading.Lock()
 
     def _client(self, uri: str) -> Any:
         client = self._clients.get(uri)
         if client is None:
             from mlflow.tracking import MlflowClient
 
-            with self._lock:
+            with self._clients_lock:
                 client = self._clients.get(uri)
                 if client is None:
                     client = self._clients[uri] = MlflowClient(tracking_uri=uri)
