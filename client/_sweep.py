@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import multiprocessing
@@ -235,6 +236,7 @@ class TrialSpec:
     experiment_id: str
     parent_run_id: str
     fail: bool = False
+    run_id: str | None = None  # created by the parent as it hands the trial out
 
 
 @dataclass(frozen=True)
@@ -397,18 +399,16 @@ def _check_stop(spec: TrialSpec) -> None:
         raise TrialStopped(f"trial {spec.number} stopped: the sweep was interrupted")
 
 
-def _metric_counts(client: QueueingClient, run: PendingRunId) -> tuple[dict[str, int], int, int]:
+def _metric_counts(client: QueueingClient, run_id: str) -> tuple[dict[str, int], int, int]:
     """The client's run states, and the trial run's metric points logged and still queued."""
     status = client.status()
     states = status.counts()
-    runs = [r for r in status.runs if r.pending_id is run]
+    runs = [r for r in status.runs if r.run_id == run_id]
     logged = sum(r.logged["metrics"] for r in runs)
     return states, logged, sum(r.queued["metrics"] for r in runs)
 
 
-def train(
-    client: QueueingClient, run: PendingRunId, run_id: str, spec: TrialSpec, data: Digits
-) -> dict[str, float]:
+def train(client: QueueingClient, run_id: str, spec: TrialSpec, data: Digits) -> dict[str, float]:
     """Train one model epoch by epoch, logging each epoch's metrics; return the last ones.
 
     Each epoch's metrics are flushed asynchronously, so the store fills while training goes on.
@@ -426,55 +426,54 @@ def train(
         shuffled = order.permutation(len(data.y_train))
         model.partial_fit(data.x_train[shuffled], data.y_train[shuffled], classes=data.classes)
         metrics = evaluate(model, data)
-        client.log_metrics(run, metrics, step=epoch)
+        client.log_metrics(run_id, metrics, step=epoch)
         client.flush(synchronous=False)
-        states, logged, queued = _metric_counts(client, run)
+        states, logged, queued = _metric_counts(client, run_id)
         _report(Progress(spec.number, run_id, epoch, metrics, states, logged, queued))
     return metrics
 
 
 def run_trial(payload: bytes, spec: TrialSpec) -> TrialResult:
-    """One trial, in a worker process: a child run of the sweep, trained and terminated.
+    """One trial, in a worker process: its child run (created by the parent) trained and
+    terminated.
 
     ``payload`` is the parent's client, cloudpickled: its copy here binds to this process's
     actor system. A trial that raises ends as a FAILED run (the exception stays here); one
     stopped by the parent ends as KILLED.
     """
-    if _stopping():  # sent just before the parent's stop: it never starts
-        return TrialResult(spec.number, None, "KILLED", spec.params, {}, 0, 0.0, "not started")
     started = time.monotonic()
+    if spec.run_id is None:
+        raise ValueError(f"trial {spec.number} was sent without its run")
+    run_id = spec.run_id
     client = _client_for(payload)
-    try:
-        run, run_id = _start_run(client, spec)
-    except MlflowException as exc:
-        reason = f"creating its run failed: {_one_line(exc)}"
-        return TrialResult(spec.number, None, "FAILED", spec.params, {}, 0, 0.0, reason)
     _report(Progress(spec.number, run_id, pid=os.getpid()))
     metrics: dict[str, float] = {}
     error: str | None = None
     try:
-        metrics = train(client, run, run_id, spec, load_digits())
+        _check_stop(spec)  # handed out just before the parent's stop
+        _describe_run(client, spec, run_id)
+        metrics = train(client, run_id, spec, load_digits())
     except TrialStopped as exc:
         status, error = "KILLED", str(exc)
     except Exception as exc:
         status, error = "FAILED", f"{type(exc).__name__}: {_one_line(exc)}"
     else:
         status = "FINISHED"
-    status, error, points = _end_run(client, run, status, error)
+    status, error, points = _end_run(client, run_id, status, error)
     seconds = time.monotonic() - started
     return TrialResult(spec.number, run_id, status, spec.params, metrics, points, seconds, error)
 
 
 def _end_run(
-    client: QueueingClient, run: PendingRunId, status: str, error: str | None
+    client: QueueingClient, run_id: str, status: str, error: str | None
 ) -> tuple[str, str | None, int]:
     """Terminate the trial's run and flush; return the trial's status, error and metric
     points logged (a failed flush makes the trial FAILED)."""
     points = 0
     try:
-        client.set_terminated(run, status)
+        client.set_terminated(run_id, status)
         client.flush()
-        points = _metric_counts(client, run)[1]
+        points = _metric_counts(client, run_id)[1]
     except MlflowException as exc:
         status, error = "FAILED", error or f"logging failed: {_one_line(exc)}"
     return status, error, points
@@ -492,15 +491,21 @@ def _client_for(payload: bytes) -> QueueingClient:
     return client
 
 
-def _start_run(client: QueueingClient, spec: TrialSpec) -> tuple[PendingRunId, str]:
-    """Create the trial's child run with its params, tags and inputs; wait for its ID."""
+def _describe_run(client: QueueingClient, spec: TrialSpec, run_id: str) -> None:
+    """Queue the trial run's params, tags and inputs (sent with its first metrics)."""
+    client.log_params(run_id, {**spec.params, "epochs": spec.epochs, "seed": spec.seed})
+    client.set_tags(run_id, {"model": "SGDClassifier", "dataset": "digits"})
+    client.log_inputs(run_id, load_digits().inputs)
+    client.flush(synchronous=False)
+
+
+def create_trial_run(client: QueueingClient, spec: TrialSpec) -> PendingRunId:
+    """Queue the creation of a trial's child run, in the parent: so the parent knows every
+    trial run that exists, and can terminate it whatever becomes of the trial's worker."""
     tags = {MLFLOW_PARENT_RUN_ID: spec.parent_run_id, TRIAL_TAG: str(spec.number)}
     run = client.create_run(spec.experiment_id, tags=tags, run_name=f"trial-{spec.number}")
-    client.log_params(run, {**spec.params, "epochs": spec.epochs, "seed": spec.seed})
-    client.set_tags(run, {"model": "SGDClassifier", "dataset": "digits"})
-    client.log_inputs(run, load_digits().inputs)
     client.flush(synchronous=False)
-    return run, run.resolve()
+    return run
 
 
 # -- the sweep, in the parent process ---------------------------------------------------
@@ -724,15 +729,23 @@ class _Trials:
         self.run_ids[event.trial] = event.run_id
         self._echo(_progress_line(event, len(self.specs), self._started))
 
-    def result(self, result: TrialResult) -> None:
+    def result(self, result: TrialResult, echo: bool = True) -> None:
         self.results[result.number] = result
-        self._echo(_result_line(result, len(self.specs), self._started))
+        if echo:
+            self._echo(_result_line(result, len(self.specs), self._started))
 
-    def end(self, spec: TrialSpec, status: str, error: str) -> None:
-        """End a trial that its worker did not end: terminate its run, if it was created."""
+    def create_run(self, spec: TrialSpec) -> PendingRunId:
+        return create_trial_run(self._client, spec)
+
+    def end(
+        self, spec: TrialSpec, status: str, error: str, creating: PendingRunId | None = None
+    ) -> None:
+        """End a trial that its worker did not end: terminate its run, if there is one (or
+        will be: ``creating``, queued after its creation)."""
         run_id = self.run_ids.get(spec.number)
-        if run_id is not None:
-            self._client.set_terminated(run_id, status)
+        run = creating if creating is not None else run_id
+        if run is not None:
+            self._client.set_terminated(run, status)
         self.result(TrialResult(spec.number, run_id, status, spec.params, {}, 0, 0.0, error))
 
     def sorted_results(self) -> list[TrialResult]:
@@ -751,15 +764,16 @@ class _Worker:
         child_conn.close()  # the worker's end lives in the worker: its death reads as EOF here
         self.conn = conn
         self.ready = False
-        self.trial: TrialSpec | None = None
+        self.creating: tuple[TrialSpec, PendingRunId] | None = None  # its next trial's run
+        self.trial: TrialSpec | None = None  # the trial it holds
 
     def give(self, spec: TrialSpec | None) -> bool:
-        """Send a trial (None: exit); False if the worker is gone."""
+        """Send a trial (None: exit); False if the worker is gone (its death is seen next)."""
+        self.trial = spec
         try:
             self.conn.send(spec)
         except OSError:
             return False
-        self.trial = spec
         return True
 
     def receive(self) -> tuple[list[Message], bool]:
@@ -830,11 +844,24 @@ class _Pool:
                     self._serve(worker, worker.process.sentinel in ready)
 
     def _hand_out(self) -> None:
+        """Give each idle worker a trial: first create its run here, then send the trial."""
         for worker in self._workers:
-            if worker.ready and worker.trial is None and self._waiting:
+            if worker.creating is not None:
+                spec, run = worker.creating
+                if not run.done():
+                    continue
+                worker.creating = None
+                try:
+                    run_id = run.resolve()
+                except MlflowException as exc:
+                    error = f"creating its run failed: {_one_line(exc)}"
+                    self._trials.end(spec, "FAILED", error)
+                    continue
+                self._trials.run_ids[spec.number] = run_id
+                worker.give(dataclasses.replace(spec, run_id=run_id))
+            elif worker.ready and worker.trial is None and self._waiting:
                 spec = self._waiting.popleft()
-                if not worker.give(spec):
-                    self._waiting.appendleft(spec)  # its death is seen next round
+                worker.creating = (spec, self._trials.create_run(spec))
         if self._waiting and not self._workers:
             while self._waiting:
                 spec = self._waiting.popleft()
@@ -855,20 +882,35 @@ class _Pool:
         if exited or closed:
             self._workers.remove(worker)
             worker.stop(EXIT_SECONDS)
-            if worker.trial is not None and worker.trial.number not in self._trials.results:
-                why = f"its worker process died (exit code {worker.process.exitcode})"
-                self._trials.end(worker.trial, "FAILED", why)
+            why = f"its worker process died (exit code {worker.process.exitcode})"
+            self._abandon(worker, "FAILED", why)
+
+    def _abandon(self, worker: _Worker, status: str, error: str) -> None:
+        """End the trial a worker holds, or whose run is being created for it, from here."""
+        if worker.creating is not None:
+            spec, run = worker.creating
+            worker.creating = None
+            self._trials.end(spec, status, "not started" if status == "KILLED" else error, run)
+        if worker.trial is not None and worker.trial.number not in self._trials.results:
+            self._trials.end(worker.trial, status, error)
+        worker.trial = None
 
     def _interrupt(self) -> None:
         """The first Ctrl-C: no new trial; the running ones stop at their next epoch."""
         self._stop.set()
-        while self._waiting:
+        unstarted = len(self._waiting)
+        while self._waiting:  # one line for them all, below: a sweep may have thousands
             spec = self._waiting.popleft()
             self._trials.result(
-                TrialResult(spec.number, None, "KILLED", spec.params, {}, 0, 0.0, "not started")
+                TrialResult(spec.number, None, "KILLED", spec.params, {}, 0, 0.0, "not started"),
+                echo=False,
             )
         running = []
+        creating = []  # runs created for trials not yet sent: they exist, or will
         for worker in list(self._workers):
+            if worker.creating is not None:
+                creating.append(worker.creating)
+                worker.creating = None
             if worker.trial is not None:
                 running.append(worker.trial.number)
             elif worker.ready:
@@ -881,29 +923,41 @@ class _Pool:
             if running
             else "no trial is running"
         )
-        self._echo(f"interrupted: no new trial starts; {what} (Ctrl-C again to kill them)")
+        self._echo(
+            f"interrupted: no new trial starts ({unstarted} not started); {what} "
+            "(Ctrl-C again to kill them)"
+        )
+        for spec, run in creating:
+            self._trials.end(spec, "KILLED", "not started", run)
         self._deadline = time.monotonic() + STOP_GRACE_SECONDS
 
     def close(self) -> None:
-        """Stop every worker: told to exit once all trials ended, else terminated at once; then
-        end, as KILLED, the trials that did not end (their runs terminated from here)."""
-        finished = self._trials.done
+        """Stop every worker, then end as KILLED the trials that did not end (their runs
+        terminated from here).
+
+        Once every trial ended, workers are told to exit (their clients close and flush);
+        after a Ctrl-C they are terminated at once, since a worker that returned its result has
+        already terminated and flushed its run, and a clean exit costs seconds of interpreter
+        shutdown.
+        """
+        graceful = self._trials.done and not self._ctrl_c.pressed
         for worker in self._workers:
-            if finished and worker.trial is None:
+            if graceful:
                 worker.give(None)
         for worker in self._workers:
-            worker.stop(EXIT_SECONDS if finished else 0)
-            messages, _ = worker.receive()  # the last words: the IDs of runs just created
+            worker.stop(EXIT_SECONDS if graceful else 0)
+            messages, _ = worker.receive()  # its last words: a result that just came
             for message in messages:
                 if isinstance(message, Progress):
                     self._trials.progress(message)
                 elif isinstance(message, TrialResult):
                     worker.trial = None
                     self._trials.result(message)
+            self._abandon(worker, "KILLED", "killed: the sweep was interrupted")
         self._workers.clear()
-        for spec in self._trials.specs:
+        for spec in self._trials.specs:  # never handed out
             if spec.number not in self._trials.results:
-                self._trials.end(spec, "KILLED", "killed: the sweep was interrupted")
+                self._trials.end(spec, "KILLED", "not started")
 
 
 def _run_trials(

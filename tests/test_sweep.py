@@ -7,6 +7,7 @@ import re
 import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -278,8 +279,9 @@ def wait_until(condition: Callable[[], object], timeout: float) -> bool:
 # Ctrl-C must end the sweep within a few seconds; the bound is generous for a loaded machine.
 EXIT_BOUND_SECONDS = 45
 STARTED = re.compile(r"trial (\d+)/\d+ started: run (\w+)")
+NOT_STARTED = re.compile(r"trial (\d+)/\d+ KILLED .*: not started$")
 INTERRUPTED = re.compile(
-    r"interrupted: no new trial starts; "
+    r"interrupted: no new trial starts \(\d+ not started\); "
     r"(?:stopping the running trial\(s\): ([\d, ]+)|no trial is running)"
 )
 
@@ -334,9 +336,9 @@ def test_ctrl_c_at_any_moment_ends_the_sweep_killed(
         return
     assert parent.info.status == "KILLED"
     assert {run.info.status for run in children} <= {"KILLED"}
-    # No trial starts after the interrupted line, but the ones it names as running (a trial
-    # handed out just before may still be creating its run); every run the store has was
-    # reported.
+    # No trial starts after the interrupted line but the ones it names as running (handed
+    # out just before, a worker may report one a moment later); the only other runs are those
+    # of trials whose run was being created, which end without starting.
     lines = sweep.stdout
     (stop_at,) = [i for i, line in enumerate(lines) if "interrupted:" in line]
     assert stop_at >= read_before
@@ -346,9 +348,43 @@ def test_ctrl_c_at_any_moment_ends_the_sweep_killed(
     started = {int(m.group(1)): m.group(2) for m in map(STARTED.search, lines) if m}
     started_before = {int(m.group(1)) for m in map(STARTED.search, lines[:stop_at]) if m}
     assert set(started) <= started_before | running, output
-    assert {run.info.run_id for run in children} == set(started.values()), output
+    not_started = {int(m.group(1)) for m in map(NOT_STARTED.search, lines[stop_at:]) if m}
+    trials = {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in children}
+    assert set(trials) <= set(started) | not_started, output
+    assert all(trials[n] == run_id for n, run_id in started.items()), output
     if moment == "mid-trial":
         assert children and running
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_kills_trials_that_cannot_stop(
+    tmp_path: Path, template_db: Path, terminal: Callable[..., Terminal]
+) -> None:
+    uri = store_copy(tmp_path, template_db)
+    sweep = terminal(uri, "--trials", "4", "--epochs", "1000000")
+    sweep.read_until(lambda line: " epoch " in line)
+    lock = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the trials' final flush now waits on the store
+    try:
+        sweep.interrupt()
+        sweep.read_until(lambda line: "interrupted:" in line)
+        time.sleep(1)
+        sweep.interrupt()  # the second Ctrl-C: kill them
+        assert wait_until(lambda: not sweep.spawned_workers(), timeout=EXIT_BOUND_SECONDS)
+    finally:
+        lock.rollback()
+        lock.close()
+    status = sweep.finish(timeout=EXIT_BOUND_SECONDS)
+
+    output = "".join(sweep.stdout)
+    assert status == 130, output + sweep.stderr
+    assert "Traceback" not in sweep.stderr, sweep.stderr
+    assert "killed: the sweep was interrupted" in output
+    assert wait_until(lambda: not sweep.group(), timeout=30), sweep.group()
+    parent, children = sweep_runs(uri)
+    assert children
+    statuses = {run.info.run_name: run.info.status for run in [parent, *children]}
+    assert set(statuses.values()) == {"KILLED"}, (statuses, output)  # by the parent
 
 
 @pytest.mark.slow
