@@ -83,7 +83,8 @@ def sweep(
     Each trial trains a scikit-learn SGDClassifier epoch by epoch on the bundled digits
     dataset in a spawned worker process, and logs its params, dataset inputs, per-epoch
     metrics and final status through its copy of a QueueingClient. Exits with status 1
-    if no trial finished.
+    if no trial finished. Ctrl-C stops the running trials at their next epoch (again: at
+    once), ends their runs and the parent run as KILLED and exits with status 130.
     """
     # Imported here so that `runactors --help` does not pay for MLflow and scikit-learn.
     from client import _sweep
@@ -104,9 +105,14 @@ def sweep(
         seed=seed,
         fail_trial=fail_trial,
     )
-    summary = _sweep.run_sweep(options, click.echo)
-    for line in _sweep.summary_lines(summary):
-        click.echo(line)
+    try:
+        summary = _sweep.run_sweep(options, click.echo)
+        for line in _sweep.summary_lines(summary):
+            click.echo(line)
+    except KeyboardInterrupt:
+        # As click reports it, but with the conventional status of a SIGINT (128 + 2).
+        click.echo("Aborted!", err=True)
+        raise click.exceptions.Exit(130) from None
     if not summary.finished:
         raise click.ClickException("no trial finished; see the failures above.")
 

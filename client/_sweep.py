@@ -5,30 +5,40 @@ digits dataset that scikit-learn bundles, in a worker process started with the *
 context. The parent process creates the sweep's parent run and sends every worker a
 cloudpickled copy of its client (configuration only); each worker logs its trials as child
 runs through its own actors (one client per worker process, reused across its trials, with
-one executor worker: a trial logs one run at a time). Workers report progress to the parent
-over a ``SimpleQueue`` (its ``put`` writes to the pipe at once, so a trial's last progress
-event always arrives before its result). Ctrl-C is handled by the parent alone: it asks the
-workers to stop, and their runs end as KILLED.
+one executor worker: a trial logs one run at a time). The parent hands out the trials one at
+a time over each worker's pipe, on which the worker reports its progress and results.
+
+Ctrl-C is handled by the parent alone. Workers are spawned with SIGINT blocked and then ignore
+it, so a Ctrl-C (which a terminal sends to every process of the group) never breaks one, even
+mid-import. The first Ctrl-C stops handing out trials and asks the running ones to stop at
+their next epoch, so their runs end as KILLED; a second one, or a trial that does not stop
+within :data:`STOP_GRACE_SECONDS`, gets its worker killed and its run terminated by the
+parent. The parent run ends KILLED and the command exits with status 130.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import shlex
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing.queues import SimpleQueue
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
@@ -63,6 +73,12 @@ SCORE = "val_accuracy"  # what "best trial" means
 
 # How long the up-front check waits for a tracking server before calling it unreachable.
 CHECK_TIMEOUT_SECONDS = "5"
+
+# After a Ctrl-C, how long the running trials get to stop at an epoch boundary (terminating
+# their runs themselves, with their last metrics flushed) before their workers are killed.
+STOP_GRACE_SECONDS = 10.0
+# How long a worker process gets to exit once told to (its client flushes) before it is killed.
+EXIT_SECONDS = 10.0
 
 Echo = Callable[[str], None]
 
@@ -220,6 +236,7 @@ class TrialSpec:
     experiment_id: str
     parent_run_id: str
     fail: bool = False
+    run_id: str | None = None  # created by the parent as it hands the trial out
 
 
 @dataclass(frozen=True)
@@ -233,6 +250,7 @@ class Progress:
     states: dict[str, int] = field(default_factory=dict)  # the worker client's run states
     logged: int = 0  # metric points the store acknowledged so far
     queued: int = 0  # metric points queued or in flight
+    pid: int | None = None  # the worker process (on the "started" event)
 
 
 @dataclass(frozen=True)
@@ -323,42 +341,74 @@ class TrialStopped(Exception):
     """Raised in a trial when the parent asked the workers to stop (the user pressed Ctrl-C)."""
 
 
-# Set in each worker by the pool's initializer (a queue or event reaches a process only when
-# the process starts): where progress goes, and the parent's request to stop.
-_progress: SimpleQueue[Progress] | None = None
+@dataclass(frozen=True)
+class WorkerReady:
+    """What a worker tells the parent once it runs our code: it can take a trial."""
+
+    pid: int
+
+
+# What a worker sends the parent over its pipe, in order: ready, then per trial its progress
+# events and its result (a trial's last event therefore always arrives before its result).
+Message = WorkerReady | Progress | TrialResult
+
+# Set in each worker by serve_trials: the parent's end of the pipe, and its request to stop.
+_parent: Connection | None = None
 _stop: EventType | None = None
 
 
-def _init_worker(progress: SimpleQueue[Progress], stop: EventType) -> None:
-    """Prepare a worker: Ctrl-C is the parent's to handle, which then sets ``stop``, so a
-    trial always ends at an epoch boundary with its run terminated."""
-    global _progress, _stop
+def serve_trials(conn: Connection, stop: EventType, payload: bytes) -> None:
+    """A worker process: run the trials the parent sends, one at a time, until it sends None.
+
+    The worker starts with SIGINT blocked (inherited from the parent, which blocks it around
+    the spawn), so a Ctrl-C cannot break its seconds of imports; here it ignores SIGINT for
+    good, which the processes it starts inherit. Ctrl-C is the parent's to handle: it sets
+    ``stop``, so a trial ends at an epoch boundary with its run terminated.
+    """
+    global _parent, _stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _progress, _stop = progress, stop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _parent, _stop = conn, stop
+    conn.send(WorkerReady(os.getpid()))
+    while True:
+        try:
+            spec: TrialSpec | None = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if spec is None:
+            return
+        try:
+            result = run_trial(payload, spec)
+        except Exception as exc:  # the client could not be unpickled, say: this trial fails
+            error = f"{type(exc).__name__}: {_one_line(exc)}"
+            result = TrialResult(spec.number, None, "FAILED", spec.params, {}, 0, 0.0, error)
+        conn.send(result)
 
 
 def _report(event: Progress) -> None:
-    if _progress is not None:
-        _progress.put(event)
+    if _parent is not None:
+        _parent.send(event)
+
+
+def _stopping() -> bool:
+    return _stop is not None and _stop.is_set()
 
 
 def _check_stop(spec: TrialSpec) -> None:
-    if _stop is not None and _stop.is_set():
+    if _stopping():
         raise TrialStopped(f"trial {spec.number} stopped: the sweep was interrupted")
 
 
-def _metric_counts(client: QueueingClient, run: PendingRunId) -> tuple[dict[str, int], int, int]:
+def _metric_counts(client: QueueingClient, run_id: str) -> tuple[dict[str, int], int, int]:
     """The client's run states, and the trial run's metric points logged and still queued."""
     status = client.status()
     states = status.counts()
-    runs = [r for r in status.runs if r.pending_id is run]
+    runs = [r for r in status.runs if r.run_id == run_id]
     logged = sum(r.logged["metrics"] for r in runs)
     return states, logged, sum(r.queued["metrics"] for r in runs)
 
 
-def train(
-    client: QueueingClient, run: PendingRunId, run_id: str, spec: TrialSpec, data: Digits
-) -> dict[str, float]:
+def train(client: QueueingClient, run_id: str, spec: TrialSpec, data: Digits) -> dict[str, float]:
     """Train one model epoch by epoch, logging each epoch's metrics; return the last ones.
 
     Each epoch's metrics are flushed asynchronously, so the store fills while training goes on.
@@ -376,53 +426,54 @@ def train(
         shuffled = order.permutation(len(data.y_train))
         model.partial_fit(data.x_train[shuffled], data.y_train[shuffled], classes=data.classes)
         metrics = evaluate(model, data)
-        client.log_metrics(run, metrics, step=epoch)
+        client.log_metrics(run_id, metrics, step=epoch)
         client.flush(synchronous=False)
-        states, logged, queued = _metric_counts(client, run)
+        states, logged, queued = _metric_counts(client, run_id)
         _report(Progress(spec.number, run_id, epoch, metrics, states, logged, queued))
     return metrics
 
 
 def run_trial(payload: bytes, spec: TrialSpec) -> TrialResult:
-    """One trial, in a worker process: a child run of the sweep, trained and terminated.
+    """One trial, in a worker process: its child run (created by the parent) trained and
+    terminated.
 
     ``payload`` is the parent's client, cloudpickled: its copy here binds to this process's
     actor system. A trial that raises ends as a FAILED run (the exception stays here); one
     stopped by the parent ends as KILLED.
     """
     started = time.monotonic()
+    if spec.run_id is None:
+        raise ValueError(f"trial {spec.number} was sent without its run")
+    run_id = spec.run_id
     client = _client_for(payload)
-    try:
-        run, run_id = _start_run(client, spec)
-    except MlflowException as exc:
-        reason = f"creating its run failed: {_one_line(exc)}"
-        return TrialResult(spec.number, None, "FAILED", spec.params, {}, 0, 0.0, reason)
-    _report(Progress(spec.number, run_id))
+    _report(Progress(spec.number, run_id, pid=os.getpid()))
     metrics: dict[str, float] = {}
     error: str | None = None
     try:
-        metrics = train(client, run, run_id, spec, load_digits())
+        _check_stop(spec)  # handed out just before the parent's stop
+        _describe_run(client, spec, run_id)
+        metrics = train(client, run_id, spec, load_digits())
     except TrialStopped as exc:
         status, error = "KILLED", str(exc)
     except Exception as exc:
         status, error = "FAILED", f"{type(exc).__name__}: {_one_line(exc)}"
     else:
         status = "FINISHED"
-    status, error, points = _end_run(client, run, status, error)
+    status, error, points = _end_run(client, run_id, status, error)
     seconds = time.monotonic() - started
     return TrialResult(spec.number, run_id, status, spec.params, metrics, points, seconds, error)
 
 
 def _end_run(
-    client: QueueingClient, run: PendingRunId, status: str, error: str | None
+    client: QueueingClient, run_id: str, status: str, error: str | None
 ) -> tuple[str, str | None, int]:
     """Terminate the trial's run and flush; return the trial's status, error and metric
     points logged (a failed flush makes the trial FAILED)."""
     points = 0
     try:
-        client.set_terminated(run, status)
+        client.set_terminated(run_id, status)
         client.flush()
-        points = _metric_counts(client, run)[1]
+        points = _metric_counts(client, run_id)[1]
     except MlflowException as exc:
         status, error = "FAILED", error or f"logging failed: {_one_line(exc)}"
     return status, error, points
@@ -440,15 +491,21 @@ def _client_for(payload: bytes) -> QueueingClient:
     return client
 
 
-def _start_run(client: QueueingClient, spec: TrialSpec) -> tuple[PendingRunId, str]:
-    """Create the trial's child run with its params, tags and inputs; wait for its ID."""
+def _describe_run(client: QueueingClient, spec: TrialSpec, run_id: str) -> None:
+    """Queue the trial run's params, tags and inputs (sent with its first metrics)."""
+    client.log_params(run_id, {**spec.params, "epochs": spec.epochs, "seed": spec.seed})
+    client.set_tags(run_id, {"model": "SGDClassifier", "dataset": "digits"})
+    client.log_inputs(run_id, load_digits().inputs)
+    client.flush(synchronous=False)
+
+
+def create_trial_run(client: QueueingClient, spec: TrialSpec) -> PendingRunId:
+    """Queue the creation of a trial's child run, in the parent: so the parent knows every
+    trial run that exists, and can terminate it whatever becomes of the trial's worker."""
     tags = {MLFLOW_PARENT_RUN_ID: spec.parent_run_id, TRIAL_TAG: str(spec.number)}
     run = client.create_run(spec.experiment_id, tags=tags, run_name=f"trial-{spec.number}")
-    client.log_params(run, {**spec.params, "epochs": spec.epochs, "seed": spec.seed})
-    client.set_tags(run, {"model": "SGDClassifier", "dataset": "digits"})
-    client.log_inputs(run, load_digits().inputs)
     client.flush(synchronous=False)
-    return run, run.resolve()
+    return run
 
 
 # -- the sweep, in the parent process ---------------------------------------------------
@@ -487,7 +544,9 @@ def run_sweep(options: SweepOptions, echo: Echo) -> SweepSummary:
     """Run the sweep described by ``options``, printing progress lines through ``echo``.
 
     Raises ``click.ClickException`` for a store that cannot be used or a client that cannot
-    be made; a failing trial does not raise.
+    be made; a failing trial does not raise. A Ctrl-C raises ``KeyboardInterrupt`` once the
+    sweep has stopped: its trials ended (KILLED unless they had finished) and its parent run
+    terminated (KILLED, unless every trial had already ended).
     """
     uri = resolve_tracking_uri(options.tracking_uri)
     try:
@@ -497,21 +556,31 @@ def run_sweep(options: SweepOptions, echo: Echo) -> SweepSummary:
         raise click.ClickException(_one_line(exc)) from None
     experiment_id = prepare_experiment(uri, options.experiment)
     started = time.monotonic()
-    parent, parent_id = _start_parent(client, options, experiment_id)
-    workers = min(options.workers, options.trials)
-    echo(
-        f"sweep: {options.trials} trials x {options.epochs} epochs on {workers} spawned "
-        f"worker(s), {options.executor} executor; parent run {parent_id} in experiment "
-        f"{options.experiment!r} (ID {experiment_id}) at {uri}"
-    )
-    specs = trial_specs(options, experiment_id, parent_id)
-    try:
-        results = _run_trials(client, specs, workers, echo)
-    except BaseException:
-        _end_parent(client, parent, None, "KILLED")
-        raise
-    summary = SweepSummary(uri, experiment_id, parent_id, results, time.monotonic() - started)
-    _end_parent(client, parent, summary, "FINISHED" if summary.finished else "FAILED")
+    ctrl_c = CtrlC()
+    with ctrl_c.installed():
+        with sigint_held():  # the client's threads and worker processes inherit the block
+            parent, parent_id = _start_parent(client, options, experiment_id)
+        workers = min(options.workers, options.trials)
+        try:
+            if ctrl_c.pressed:
+                raise KeyboardInterrupt
+            echo(
+                f"sweep: {options.trials} trials x {options.epochs} epochs on {workers} "
+                f"spawned worker(s), {options.executor} executor; parent run {parent_id} in "
+                f"experiment {options.experiment!r} (ID {experiment_id}) at {uri}"
+            )
+            specs = trial_specs(options, experiment_id, parent_id)
+            results = _run_trials(client, specs, workers, echo, ctrl_c)
+        except BaseException:
+            _end_parent(client, parent, None, "KILLED")
+            raise
+        summary = SweepSummary(uri, experiment_id, parent_id, results, time.monotonic() - started)
+        if ctrl_c.pressed and len(summary.finished) < len(results):
+            _end_parent(client, parent, summary, "KILLED")
+        else:  # a Ctrl-C after the last trial ended still exits as interrupted, below
+            _end_parent(client, parent, summary, "FINISHED" if summary.finished else "FAILED")
+    if ctrl_c.pressed:
+        raise KeyboardInterrupt
     return summary
 
 
@@ -588,112 +657,327 @@ def _end_parent(
             ) from None
 
 
+class CtrlC:
+    """The parent's SIGINT handler while the sweep runs: the first Ctrl-C is noted (the sweep
+    then starts no new trial and stops the running ones at their next epoch), the second
+    raises ``KeyboardInterrupt`` (the workers are then killed at once).
+
+    Noting rather than raising lets the parent react at points of its choosing: an exception
+    raised in the middle of a pipe read or of the client's flush would leave either broken.
+    """
+
+    def __init__(self) -> None:
+        self.presses = 0
+
+    @property
+    def pressed(self) -> bool:
+        return self.presses > 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.presses += 1
+        if self.presses > 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Within the block, SIGINT goes to this handler (in the main thread only: Python runs
+        signal handlers there; elsewhere nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Within the block, SIGINT is blocked in this thread, and so in every thread and process
+    started from it, which inherit the mask: a spawned interpreter imports for seconds before
+    any of our code can ignore the signal, and a Ctrl-C meanwhile would kill it. The parent
+    itself still sees the signal (the kernel hands it to a thread that does not block it, or
+    to this one when the block ends)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _Trials:
-    """The parent's view of the running trials: it echoes their progress, collects their
-    results, and terminates the runs of trials whose worker died."""
+    """The parent's view of the trials: it echoes their progress, collects their results, and
+    terminates from the parent the runs of trials whose worker could not."""
 
     def __init__(self, client: QueueingClient, specs: list[TrialSpec], echo: Echo) -> None:
         self._client = client
-        self._specs = specs
+        self.specs = specs
         self._echo = echo
         self._started = time.monotonic()
         self.run_ids: dict[int, str] = {}
         self.results: dict[int, TrialResult] = {}
 
-    def collect(
-        self, futures: dict[Future[TrialResult], TrialSpec], events: SimpleQueue[Progress]
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.specs)
+
+    def progress(self, event: Progress) -> None:
+        self.run_ids[event.trial] = event.run_id
+        self._echo(_progress_line(event, len(self.specs), self._started))
+
+    def result(self, result: TrialResult, echo: bool = True) -> None:
+        self.results[result.number] = result
+        if echo:
+            self._echo(_result_line(result, len(self.specs), self._started))
+
+    def create_run(self, spec: TrialSpec) -> PendingRunId:
+        return create_trial_run(self._client, spec)
+
+    def end(
+        self, spec: TrialSpec, status: str, error: str, creating: PendingRunId | None = None
     ) -> None:
-        """Echo progress and collect results until every future is done."""
-        pending = {future for future, spec in futures.items() if spec.number not in self.results}
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            self.drain(events)  # a trial's events are in the pipe before its result
-            for future in done:
-                result = self._result_of(future, futures[future])
-                self.results[result.number] = result
-                self._echo(_result_line(result, len(self._specs), self._started))
-
-    def drain(self, events: SimpleQueue[Progress]) -> None:
-        """Echo the progress events that have arrived, without waiting for more."""
-        while not events.empty():
-            event = events.get()
-            self.run_ids[event.trial] = event.run_id
-            self._echo(_progress_line(event, len(self._specs), self._started))
-
-    def _result_of(self, future: Future[TrialResult], spec: TrialSpec) -> TrialResult:
-        """The trial's result; KILLED if it never started, FAILED if its worker died."""
-        if future.cancelled():
-            return TrialResult(spec.number, None, "KILLED", spec.params, {}, 0, 0.0, "not started")
-        try:
-            return future.result()
-        except Exception as exc:
-            run_id = self.terminate(spec.number, "FAILED")
-            error = f"its worker failed: {type(exc).__name__}: {_one_line(exc)}"
-            return TrialResult(spec.number, run_id, "FAILED", spec.params, {}, 0, 0.0, error)
-
-    def terminate(self, number: int, status: str) -> str | None:
-        """Terminate a trial's run from the parent (its worker could not), if it was created."""
-        run_id = self.run_ids.get(number)
-        if run_id is not None:
-            self._client.set_terminated(run_id, status)
-        return run_id
-
-    def terminate_unfinished(self) -> None:
-        for spec in self._specs:
-            if spec.number not in self.results:
-                self.terminate(spec.number, "KILLED")
+        """End a trial that its worker did not end: terminate its run, if there is one (or
+        will be: ``creating``, queued after its creation)."""
+        run_id = self.run_ids.get(spec.number)
+        run = creating if creating is not None else run_id
+        if run is not None:
+            self._client.set_terminated(run, status)
+        self.result(TrialResult(spec.number, run_id, status, spec.params, {}, 0, 0.0, error))
 
     def sorted_results(self) -> list[TrialResult]:
         return [self.results[number] for number in sorted(self.results)]
 
 
-def _run_trials(
-    client: QueueingClient, specs: list[TrialSpec], workers: int, echo: Echo
-) -> list[TrialResult]:
-    """Run every trial in a pool of spawned processes, echoing their progress as it comes.
+class _Worker:
+    """A spawned worker process, the parent's end of its pipe, and the trial it was given."""
 
-    On Ctrl-C the workers are asked to stop: running trials end as KILLED at their next epoch
-    and the rest never start; a second Ctrl-C terminates the workers at once.
+    def __init__(self, context: SpawnContext, stop: EventType, payload: bytes) -> None:
+        conn, child_conn = context.Pipe()
+        self.process = context.Process(
+            target=serve_trials, args=(child_conn, stop, payload), name="runactors-sweep-worker"
+        )
+        self.process.start()
+        child_conn.close()  # the worker's end lives in the worker: its death reads as EOF here
+        self.conn = conn
+        self.ready = False
+        self.creating: tuple[TrialSpec, PendingRunId] | None = None  # its next trial's run
+        self.trial: TrialSpec | None = None  # the trial it holds
+
+    def give(self, spec: TrialSpec | None) -> bool:
+        """Send a trial (None: exit); False if the worker is gone (its death is seen next)."""
+        self.trial = spec
+        try:
+            self.conn.send(spec)
+        except OSError:
+            return False
+        return True
+
+    def receive(self) -> tuple[list[Message], bool]:
+        """The messages that arrived, without waiting for more, and whether the pipe closed."""
+        messages: list[Message] = []
+        try:
+            while self.conn.poll():
+                messages.append(self.conn.recv())
+        except (EOFError, OSError):
+            return messages, True
+        except Exception:  # a message cut short by the worker's death
+            return messages, True
+        return messages, False
+
+    def stop(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the process to exit, then terminate and kill it."""
+        self.process.join(grace)
+        if self.process.exitcode is None:
+            self.process.terminate()
+            self.process.join(EXIT_SECONDS)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class _Pool:
+    """The sweep's worker processes, fed one trial at a time by the parent.
+
+    The parent, not a pool thread, hands out the trials, so it knows at every moment which
+    trial each worker holds: after a Ctrl-C no trial is handed out, and the parent knows which
+    ones to wait for. It waits on the workers' pipes and their process sentinels together, so
+    a worker that dies (killed, crashed, out of memory) is seen at once and fails only its own
+    trial; nothing waits on a result that cannot come.
+    """
+
+    def __init__(self, trials: _Trials, stop: EventType, ctrl_c: CtrlC, echo: Echo) -> None:
+        self._trials = trials
+        self._stop = stop
+        self._ctrl_c = ctrl_c
+        self._echo = echo
+        self._waiting = collections.deque(trials.specs)
+        self._workers: list[_Worker] = []
+        self._deadline: float | None = None  # set by a Ctrl-C: when running trials get killed
+
+    def start(self, count: int, payload: bytes) -> None:
+        context = multiprocessing.get_context("spawn")
+        with sigint_held():
+            for _ in range(count):
+                if self._ctrl_c.pressed:
+                    return
+                self._workers.append(_Worker(context, self._stop, payload))
+
+    def run(self) -> None:
+        """Hand out the trials and collect their outcome until every trial has ended, or until
+        the running ones had their time to stop after a Ctrl-C."""
+        while not self._trials.done:
+            if self._ctrl_c.pressed and self._deadline is None:
+                self._interrupt()
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                return
+            self._hand_out()
+            objects: list[Any] = [w.conn for w in self._workers]
+            objects += [w.process.sentinel for w in self._workers]
+            ready = set(multiprocessing.connection.wait(objects, timeout=0.2))
+            for worker in list(self._workers):
+                if worker.conn in ready or worker.process.sentinel in ready:
+                    self._serve(worker, worker.process.sentinel in ready)
+
+    def _hand_out(self) -> None:
+        """Give each idle worker a trial: first create its run here, then send the trial."""
+        for worker in self._workers:
+            if worker.creating is not None:
+                spec, run = worker.creating
+                if not run.done():
+                    continue
+                worker.creating = None
+                try:
+                    run_id = run.resolve()
+                except MlflowException as exc:
+                    error = f"creating its run failed: {_one_line(exc)}"
+                    self._trials.end(spec, "FAILED", error)
+                    continue
+                self._trials.run_ids[spec.number] = run_id
+                worker.give(dataclasses.replace(spec, run_id=run_id))
+            elif worker.ready and worker.trial is None and self._waiting:
+                spec = self._waiting.popleft()
+                worker.creating = (spec, self._trials.create_run(spec))
+        if self._waiting and not self._workers:
+            while self._waiting:
+                spec = self._waiting.popleft()
+                self._trials.end(spec, "FAILED", "not run: every worker process died")
+
+    def _serve(self, worker: _Worker, exited: bool) -> None:
+        messages, closed = worker.receive()
+        for message in messages:
+            if isinstance(message, WorkerReady):
+                worker.ready = True
+                if self._stop.is_set():
+                    worker.give(None)
+            elif isinstance(message, Progress):
+                self._trials.progress(message)
+            else:
+                worker.trial = None
+                self._trials.result(message)
+        if exited or closed:
+            self._workers.remove(worker)
+            worker.stop(EXIT_SECONDS)
+            why = f"its worker process died (exit code {worker.process.exitcode})"
+            self._abandon(worker, "FAILED", why)
+
+    def _abandon(self, worker: _Worker, status: str, error: str) -> None:
+        """End the trial a worker holds, or whose run is being created for it, from here."""
+        if worker.creating is not None:
+            spec, run = worker.creating
+            worker.creating = None
+            self._trials.end(spec, status, "not started" if status == "KILLED" else error, run)
+        if worker.trial is not None and worker.trial.number not in self._trials.results:
+            self._trials.end(worker.trial, status, error)
+        worker.trial = None
+
+    def _interrupt(self) -> None:
+        """The first Ctrl-C: no new trial; the running ones stop at their next epoch."""
+        self._stop.set()
+        unstarted = len(self._waiting)
+        while self._waiting:  # one line for them all, below: a sweep may have thousands
+            spec = self._waiting.popleft()
+            self._trials.result(
+                TrialResult(spec.number, None, "KILLED", spec.params, {}, 0, 0.0, "not started"),
+                echo=False,
+            )
+        running = []
+        creating = []  # runs created for trials not yet sent: they exist, or will
+        for worker in list(self._workers):
+            if worker.creating is not None:
+                creating.append(worker.creating)
+                worker.creating = None
+            if worker.trial is not None:
+                running.append(worker.trial.number)
+            elif worker.ready:
+                worker.give(None)
+            else:  # still starting up: it holds nothing, and need not finish its imports
+                self._workers.remove(worker)
+                worker.stop(0)
+        what = (
+            f"stopping the running trial(s): {', '.join(map(str, sorted(running)))}"
+            if running
+            else "no trial is running"
+        )
+        self._echo(
+            f"interrupted: no new trial starts ({unstarted} not started); {what} "
+            "(Ctrl-C again to kill them)"
+        )
+        for spec, run in creating:
+            self._trials.end(spec, "KILLED", "not started", run)
+        self._deadline = time.monotonic() + STOP_GRACE_SECONDS
+
+    def close(self) -> None:
+        """Stop every worker, then end as KILLED the trials that did not end (their runs
+        terminated from here).
+
+        Once every trial ended, workers are told to exit (their clients close and flush);
+        after a Ctrl-C they are terminated at once, since a worker that returned its result has
+        already terminated and flushed its run, and a clean exit costs seconds of interpreter
+        shutdown.
+        """
+        graceful = self._trials.done and not self._ctrl_c.pressed
+        for worker in self._workers:
+            if graceful:
+                worker.give(None)
+        for worker in self._workers:
+            worker.stop(EXIT_SECONDS if graceful else 0)
+            messages, _ = worker.receive()  # its last words: a result that just came
+            for message in messages:
+                if isinstance(message, Progress):
+                    self._trials.progress(message)
+                elif isinstance(message, TrialResult):
+                    worker.trial = None
+                    self._trials.result(message)
+            self._abandon(worker, "KILLED", "killed: the sweep was interrupted")
+        self._workers.clear()
+        for spec in self._trials.specs:  # never handed out
+            if spec.number not in self._trials.results:
+                self._trials.end(spec, "KILLED", "not started")
+
+
+def _run_trials(
+    client: QueueingClient, specs: list[TrialSpec], workers: int, echo: Echo, ctrl_c: CtrlC
+) -> list[TrialResult]:
+    """Run every trial in spawned worker processes, echoing their progress as it comes.
+
+    On Ctrl-C no new trial starts and the running ones end as KILLED at their next epoch
+    (killed after :data:`STOP_GRACE_SECONDS`); a second Ctrl-C kills the workers at once. No
+    worker process outlives this call.
     """
     context = multiprocessing.get_context("spawn")
-    events: SimpleQueue[Progress] = context.SimpleQueue()
-    stop = context.Event()
-    payload = cloudpickle.dumps(client)
     trials = _Trials(client, specs, echo)
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(events, stop)
-    )
-    completed = False
+    pool = _Pool(trials, context.Event(), ctrl_c, echo)
     try:
-        futures = {pool.submit(run_trial, payload, spec): spec for spec in specs}
-        try:
-            trials.collect(futures, events)
-        except KeyboardInterrupt:
-            stop.set()
-            for future in futures:
-                future.cancel()
-            echo("interrupted: stopping the running trials (Ctrl-C again to kill them)")
-            trials.collect(futures, events)
-            raise
-        completed = True
+        pool.start(workers, cloudpickle.dumps(client))
+        pool.run()
     finally:
-        if not completed:
-            _kill_workers()
-            trials.drain(events)  # the IDs of runs created just before
-            trials.terminate_unfinished()
-        pool.shutdown(wait=True, cancel_futures=True)
-        events.close()
+        pool.close()
     return trials.sorted_results()
-
-
-def _kill_workers() -> None:
-    """Terminate the sweep's worker processes, the only child processes this command starts.
-
-    Used when the parent stops collecting (an error, a second Ctrl-C): a worker must not be
-    left blocked writing progress that nobody reads.
-    """
-    for child in multiprocessing.active_children():
-        child.terminate()
 
 
 # -- output -----------------------------------------------------------------------------
@@ -710,7 +994,7 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 def _progress_line(event: Progress, trials: int, started: float) -> str:
     where = f"{_clock(started)} trial {event.trial}/{trials}"
     if event.epoch is None:
-        return f"{where} started: run {event.run_id}"
+        return f"{where} started: run {event.run_id} (worker pid {event.pid})"
     states = ", ".join(f"{state} {n}" for state, n in sorted(event.states.items()))
     return (
         f"{where} epoch {event.epoch + 1}  {_metrics_text(event.metrics)}  "

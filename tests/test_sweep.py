@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,34 +138,280 @@ def test_the_command_creates_mlflow_db_in_the_current_folder(tmp_path: Path) -> 
     assert f"mlflow ui --backend-store-uri {uri}" in completed.stdout
 
 
-@pytest.mark.slow
-def test_ctrl_c_ends_every_run_killed_and_exits(tmp_path: Path, template_db: Path) -> None:
-    uri = store_copy(tmp_path, template_db)
-    command = [sys.executable, "-m", "client._cli", "sweep", "--trials", "4", "--epochs"]
-    process = subprocess.Popen(
-        [*command, "1000000", "--tracking-uri", uri],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # Ctrl-C reaches the whole process group, workers included
-    )
-    try:
-        assert process.stdout is not None
-        while " epoch " not in process.stdout.readline():  # a trial is training
-            assert process.poll() is None
-        os.killpg(process.pid, signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+class Terminal:
+    """``runactors sweep`` run as from a terminal: the leader of its own process group, so that
+    a Ctrl-C (SIGINT to the group, as a terminal sends it) reaches every process it started,
+    workers included; its output read line by line as it comes."""
 
-    assert process.returncode != 0
-    assert "Aborted!" in stderr
-    assert "Traceback" not in stderr
-    assert "interrupted: stopping the running trials" in stdout
+    def __init__(self, uri: str, *args: str) -> None:
+        out_read, self._out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "client._cli", "sweep", "--tracking-uri", uri, *args],
+            stdout=self._out_write,
+            stderr=err_write,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.close(err_write)
+        self._out = os.fdopen(out_read, "r")  # read here, in the test's thread, on demand
+        self._err: list[str] = []
+        self._err_reader = threading.Thread(target=self._read_err, args=(err_read,))
+        self._err_reader.start()
+        self.stdout: list[str] = []
+        self._filler: threading.Thread | None = None
+
+    def _read_err(self, fd: int) -> None:
+        with os.fdopen(fd, "r") as err:
+            self._err.extend(err)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._err)
+
+    def read_until(self, predicate: Callable[[str], bool], timeout: float = 180) -> str:
+        """Read output lines until one satisfies ``predicate``; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([self._out], [], [], 0.5)[0]:
+                assert self.process.poll() is None, self.stderr
+                continue
+            line = self._out.readline()
+            assert line, f"the sweep ended first:\n{''.join(self.stdout)}{self.stderr}"
+            self.stdout.append(line)
+            if predicate(line):
+                return line
+        raise AssertionError(f"no such line in time:\n{''.join(self.stdout)}")
+
+    def pause_output(self) -> None:
+        """Stop reading and fill the pipe, as Ctrl-S pauses a terminal: the sweep's next line
+        then blocks until the output is read again."""
+        fd = os.dup(self._out_write)  # the filler's own: closed when it is done
+
+        def fill() -> None:  # whole lines of PIPE_BUF bytes: atomic, never mixed with its own
+            try:
+                for _ in range(64):
+                    os.write(fd, b"\n".join([b"x" * 63] * 64) + b"\n")
+            finally:
+                os.close(fd)
+
+        self._filler = threading.Thread(target=fill)
+        self._filler.start()
+
+    def interrupt(self) -> int:
+        """Press Ctrl-C; return how many output lines had been read by then."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        return len(self.stdout)
+
+    def finish(self, timeout: float) -> int:
+        """Read the rest of the output; the exit status, within ``timeout`` seconds."""
+        os.close(self._out_write)
+        self._out_write = -1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self._out], [], [], 0.5)[0]:
+                line = self._out.readline()
+                if not line:
+                    break
+                if line.strip("x\n"):  # not the filler
+                    self.stdout.append(line)
+        try:
+            return self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"still running {timeout} s later:\n{''.join(self.stdout)}{self.stderr}"
+            ) from None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self._out_write >= 0:
+            os.close(self._out_write)
+        if self._filler is not None:
+            while self._filler.is_alive() and select.select([self._out], [], [], 1)[0]:
+                if not self._out.read(65536):
+                    break
+            self._filler.join(5)
+        self._out.close()
+        self._err_reader.join(10)
+
+    def group(self) -> list[str]:
+        """The live (not zombie) processes still in the sweep's process group."""
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            state, _, group = text.rpartition(")")[2].split()[:3]
+            if int(group) == self.process.pid and state != "Z":
+                members.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        return members
+
+    def spawned_workers(self) -> list[str]:
+        return [cmd for cmd in self.group() if "multiprocessing.spawn" in cmd]
+
+
+@pytest.fixture
+def terminal() -> Iterator[Callable[..., Terminal]]:
+    started: list[Terminal] = []
+
+    def start(uri: str, *args: str) -> Terminal:
+        started.append(Terminal(uri, *args))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.close()
+
+
+def wait_until(condition: Callable[[], object], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# Ctrl-C must end the sweep within a few seconds; the bound is generous for a loaded machine.
+EXIT_BOUND_SECONDS = 45
+STARTED = re.compile(r"trial (\d+)/\d+ started: run (\w+)")
+NOT_STARTED = re.compile(r"trial (\d+)/\d+ KILLED .*: not started$")
+INTERRUPTED = re.compile(
+    r"interrupted: no new trial starts \(\d+ not started\); "
+    r"(?:stopping the running trial\(s\): ([\d, ]+)|no trial is running)"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("moment", "executor"),
+    [
+        ("worker start-up", "thread"),
+        ("worker start-up", "process"),
+        ("mid-trial", "thread"),
+        ("mid-trial", "process"),
+        ("summary", "thread"),
+    ],
+)
+def test_ctrl_c_at_any_moment_ends_the_sweep_killed(
+    moment: str,
+    executor: str,
+    tmp_path: Path,
+    template_db: Path,
+    terminal: Callable[..., Terminal],
+) -> None:
+    uri = store_copy(tmp_path, template_db)
+    if moment == "summary":  # a short sweep, paused (Ctrl-S) as its last trial ends
+        sweep = terminal(uri, "--trials", "2", "--epochs", "2", "--executor", executor)
+        ended = re.compile(r"trial \d+/2 (FINISHED|FAILED|KILLED)")
+        sweep.read_until(ended.search)
+        sweep.read_until(ended.search)
+        sweep.pause_output()
+        time.sleep(1)  # the parent ends its run and blocks writing the summary
+    else:
+        sweep = terminal(uri, "--trials", "4", "--epochs", "1000000", "--executor", executor)
+        sweep.read_until(lambda line: line.startswith("sweep: "))
+        if moment == "worker start-up":  # its interpreter is importing for seconds
+            assert wait_until(sweep.spawned_workers, timeout=60), sweep.group()
+        else:
+            sweep.read_until(lambda line: " epoch " in line)
+    read_before = sweep.interrupt()
+    signalled = time.monotonic()
+    status = sweep.finish(timeout=EXIT_BOUND_SECONDS)
+    took = time.monotonic() - signalled
+
+    output = "".join(sweep.stdout)
+    assert status == 130, output + sweep.stderr
+    assert took < EXIT_BOUND_SECONDS
+    assert "Aborted!" in sweep.stderr
+    assert "Traceback" not in sweep.stderr, sweep.stderr
+    assert wait_until(lambda: not sweep.group(), timeout=30), sweep.group()  # no leftovers
+    parent, children = sweep_runs(uri)
+    if moment == "summary":  # every trial had ended before the Ctrl-C
+        assert [run.info.status for run in [parent, *children]] == ["FINISHED"] * 3
+        return
+    assert parent.info.status == "KILLED"
+    assert {run.info.status for run in children} <= {"KILLED"}
+    # No trial starts after the interrupted line but the ones it names as running (handed
+    # out just before, a worker may report one a moment later); the only other runs are those
+    # of trials whose run was being created, which end without starting.
+    lines = sweep.stdout
+    (stop_at,) = [i for i, line in enumerate(lines) if "interrupted:" in line]
+    assert stop_at >= read_before
+    match = INTERRUPTED.search(lines[stop_at])
+    assert match, lines[stop_at]
+    running = {int(n) for n in (match.group(1) or "").replace(",", " ").split()}
+    started = {int(m.group(1)): m.group(2) for m in map(STARTED.search, lines) if m}
+    started_before = {int(m.group(1)) for m in map(STARTED.search, lines[:stop_at]) if m}
+    assert set(started) <= started_before | running, output
+    not_started = {int(m.group(1)) for m in map(NOT_STARTED.search, lines[stop_at:]) if m}
+    trials = {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in children}
+    assert set(trials) <= set(started) | not_started, output
+    assert all(trials[n] == run_id for n, run_id in started.items()), output
+    if moment == "mid-trial":
+        assert children and running
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_kills_trials_that_cannot_stop(
+    tmp_path: Path, template_db: Path, terminal: Callable[..., Terminal]
+) -> None:
+    uri = store_copy(tmp_path, template_db)
+    sweep = terminal(uri, "--trials", "4", "--epochs", "1000000")
+    sweep.read_until(lambda line: " epoch " in line)
+    lock = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the trials' final flush now waits on the store
+    try:
+        sweep.interrupt()
+        sweep.read_until(lambda line: "interrupted:" in line)
+        time.sleep(1)
+        sweep.interrupt()  # the second Ctrl-C: kill them
+        assert wait_until(lambda: not sweep.spawned_workers(), timeout=EXIT_BOUND_SECONDS)
+    finally:
+        lock.rollback()
+        lock.close()
+    status = sweep.finish(timeout=EXIT_BOUND_SECONDS)
+
+    output = "".join(sweep.stdout)
+    assert status == 130, output + sweep.stderr
+    assert "Traceback" not in sweep.stderr, sweep.stderr
+    assert "killed: the sweep was interrupted" in output
+    assert wait_until(lambda: not sweep.group(), timeout=30), sweep.group()
     parent, children = sweep_runs(uri)
     assert children
-    assert {run.info.status for run in [parent, *children]} == {"KILLED"}
+    statuses = {run.info.run_name: run.info.status for run in [parent, *children]}
+    assert set(statuses.values()) == {"KILLED"}, (statuses, output)  # by the parent
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_its_trial_alone(
+    tmp_path: Path, template_db: Path, terminal: Callable[..., Terminal]
+) -> None:
+    uri = store_copy(tmp_path, template_db)
+    sweep = terminal(uri, "--trials", "3", "--epochs", "150", "--workers", "2")
+    line = sweep.read_until(STARTED.search)
+    victim = int(line.rpartition("worker pid ")[2].rstrip(")\n"))
+    trial = int(line.partition("trial ")[2].partition("/")[0])
+    sweep.read_until(lambda text: f"trial {trial}/3 epoch " in text)
+    os.kill(victim, signal.SIGKILL)  # as the OOM killer would
+    status = sweep.finish(timeout=300)
+
+    output = "".join(sweep.stdout)
+    assert status == 0, output + sweep.stderr
+    assert f"trial {trial}/3 FAILED" in output
+    assert "its worker process died (exit code -9)" in output
+    parent, children = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 3
+    for run in children:
+        if int(run.data.tags[TRIAL_TAG]) == trial:
+            assert run.info.status == "FAILED"  # terminated by the parent
+        else:
+            assert_complete_trial(uri, run, epochs=150)  # the others carried on
 
 
 def test_the_console_script_runs_the_same_command() -> None:
