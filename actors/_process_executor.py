@@ -68,6 +68,9 @@ class _Worker:
                     pass_fds=(child.fileno(),),
                     env=env,
                     stdin=subprocess.DEVNULL,
+                    # Its own session: a terminal's Ctrl-C goes to the user's program, which
+                    # decides; the worker ends when its socket closes, not mid-call.
+                    start_new_session=True,
                 )
             except BaseException:
                 parent.close()
