@@ -47,9 +47,9 @@ import numpy as np
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
+from client import _tracking_uri as tracking_uris
 from client._client import QueueingClient
 
 if TYPE_CHECKING:
@@ -102,34 +102,15 @@ class SweepOptions:
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The store every process logs to: ``sqlite:///mlflow.db`` in the current folder by
-    default, and any relative SQLite path made absolute, so that worker processes (and the
-    ``mlflow ui`` command in the summary) find the same file whatever their folder."""
+    default, else ``uri`` checked as a client checks it, with any relative SQLite path made
+    absolute, so that worker processes (and the ``mlflow ui`` command in the summary) find
+    the same file whatever their folder. Raises ``click.UsageError``."""
     if uri is None or not uri.strip():
         return f"sqlite:///{Path(os.getcwd(), DEFAULT_DB)}"
-    uri = uri.strip()
-    path = _sqlite_path(uri)
-    if path is None:
-        return uri
-    scheme, _, rest = uri.partition(":///")
-    _, query_sep, query = rest.partition("?")
-    return f"{scheme}:///{Path(os.getcwd(), path)}{query_sep}{query}"
-
-
-def _sqlite_path(uri: str) -> str | None:
-    """The file path of a SQLite URI (``None`` for other stores).
-
-    Raises ``click.UsageError`` for an in-memory database, which worker processes cannot share.
-    """
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme.split("+")[0].lower() != "sqlite":
-        return None
-    path = rest[1:].partition("?")[0] if rest.startswith("/") else ""
-    if path in ("", ":memory:"):
-        raise click.UsageError(
-            f"Invalid tracking URI {uri!r}: an in-memory SQLite store cannot be shared by "
-            "worker processes; give a file, e.g. sqlite:///mlflow.db."
-        )
-    return path
+    try:
+        return tracking_uris.resolve_tracking_uri(uri.strip())
+    except MlflowException as exc:
+        raise click.UsageError(exc.message) from None
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -141,7 +122,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 def _prepare_sqlite_folder(uri: str) -> None:
     """Create the SQLite file's folder (as MLflow would), failing with a clear message."""
-    path = _sqlite_path(uri)
+    path = tracking_uris.sqlite_path(uri)
     if path is None:
         return
     folder = Path(path).parent
@@ -193,13 +174,6 @@ def prepare_experiment(uri: str, name: str) -> str:
             return _get_or_create_experiment(store, name)
     except click.ClickException:
         raise
-    except UnsupportedModelRegistryStoreURIException:
-        # Raised by MLflow's tracking store registry too, with a model-registry message.
-        scheme = uri.partition(":")[0] if ":" in uri else uri
-        raise click.ClickException(
-            f"Cannot use the tracking store {uri}: MLflow has no store for the scheme "
-            f"{scheme!r}; use a server (http://HOST:PORT) or a database (sqlite:///mlflow.db)."
-        ) from None
     except Exception as exc:
         raise click.ClickException(
             f"Cannot use the tracking store {uri}: {_one_line(exc)}"
