@@ -108,7 +108,7 @@ def executor(request: pytest.FixtureRequest) -> str:
 
 # One HTTP attempt per call (the client retries transient failures itself) and a short wait
 # for an answer, so that a hung or broken server costs a test seconds, not MLflow's minutes.
-FAIL_FAST_HTTP_TIMEOUT = 3
+FAIL_FAST_HTTP_TIMEOUT = 10
 
 
 @pytest.fixture
