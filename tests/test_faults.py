@@ -44,11 +44,13 @@ def test_a_locked_database_is_retried_within_retry_timeout_and_fails_past_it(
     made meanwhile fails with a real "database is locked", in a worker process too."""
     patient_run = store.create_run(experiment_id).info.run_id
     hasty_run = store.create_run(experiment_id).info.run_id
-    patient = QueueingClient(tracking_uri, executor=executor, retry_timeout=120)
-    hasty = QueueingClient(tracking_uri, executor=executor, retry_timeout=1)
+    # One worker each, so that the warm one takes every job: a pool grows on demand, and a
+    # new worker would open the store under the lock (that case: the next test).
+    patient = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=120)
+    hasty = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=1)
     try:
         # Warm: each executor's worker has its store open, as in a service that has logged
-        # before (a cold worker opening the store under the lock: the next test).
+        # before.
         patient.set_tags(patient_run, {"warm": "1"})
         hasty.set_tags(hasty_run, {"warm": "1"})
         patient.flush()
@@ -71,7 +73,8 @@ def test_a_locked_database_is_retried_within_retry_timeout_and_fails_past_it(
             assert "database is locked" in message and patient_run not in message
             # Within its retry_timeout: the patient client retries, and shows it.
             seen = watch(patient, patient_ops, timeout=SQLITE_BUSY_TIMEOUT + 60)
-            assert lock.released.is_set()  # it could only finish once the lock was gone
+            # It could only finish once the lock was gone.
+            assert lock.released.is_set(), patient.status().runs[0]
         patient_ops.await_completion()
         assert seen["retrying"] > 0, seen
         (status,) = patient.status().runs
@@ -99,7 +102,7 @@ def test_a_locked_database_is_retried_within_retry_timeout_and_fails_past_it(
             marks=pytest.mark.xfail(
                 reason="needs the worker to retry opening its store: actors/_worker.py serve() "
                 "builds MlflowClient(tracking_uri) outside call_with_retry, so a locked "
-                "database there fails the whole job at once",
+                "database fails the whole job of any new worker at once",
                 strict=False,
             ),
         ),
