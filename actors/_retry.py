@@ -45,10 +45,16 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the same call later may succeed (and cannot duplicate data).
+    """Whether retrying the same call later may succeed.
 
-    Connection refused or reset, timeouts, HTTP 408/429/5xx and SQLite's "database is
-    locked" are transient; everything else (bad input, missing runs) is permanent.
+    Connection refused or reset, timeouts, HTTP 408/429/5xx answered by a server, MLflow's
+    HTTP retries giving up, SQLite's "database is locked" and the datasets race are
+    transient; everything else (bad input, missing runs, a local error) is permanent.
+
+    Transient does not mean the call had no effect: a request whose answer was lost (reset,
+    timeout, 5xx) may have landed. Resending is harmless for ``log_batch`` (MLflow's SQL
+    store ignores metrics that landed twice, params and tags are idempotent), but not for
+    ``create_run``: resending a creation that landed makes a second run.
     """
     for item in _chain(exc):
         if isinstance(item, ConnectionError | TimeoutError):
