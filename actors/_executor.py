@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from actors._perform import Job, JobResult, perform_job
@@ -194,6 +195,7 @@ class ThreadExecutor(JobPool[str]):
 
         on_state("flushing", state)
         try:
-            return perform_job(self._client(job.tracking_uri), job, on_retry, on_call, on_retry_end)
+            open_client = partial(self._client, job.tracking_uri)
+            return perform_job(open_client, job, on_retry, on_call, on_retry_end)
         except BaseException as exc:  # a bad URI, a broken store: fail this job alone
             return failed_result(job, exc)

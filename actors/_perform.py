@@ -114,19 +114,24 @@ def compress_errors(errors: list[str]) -> list[str]:
 
 
 def perform_job(
-    client: Any,
+    open_client: Callable[[], Any],
     job: Job,
     on_retry: RetryHook | None = None,
     on_call: CallHook | None = None,
     on_retry_end: RetryEndHook | None = None,
 ) -> JobResult:
-    """Make the job's calls in order on ``client`` (an ``MlflowClient``), retrying transient
-    failures for up to ``job.retry_timeout`` seconds each; ``on_call`` hears each outcome.
+    """Make the job's calls in order on the ``MlflowClient`` that ``open_client`` returns,
+    retrying transient failures for up to ``job.retry_timeout`` seconds each; ``on_call``
+    hears each outcome.
 
-    ``on_retry`` hears each retry of a call, ``on_retry_end`` that the retried call is over,
-    so that a run's state goes from ``retrying`` back to ``flushing`` for its next calls.
+    Opening the client is retried like a call: opening a SQLite store reads its schema, which
+    fails while another connection holds the database locked. If it still fails, every call
+    of the job fails with that error. ``on_retry`` hears each retry, ``on_retry_end`` that the
+    retried call is over, so that a run's state goes from ``retrying`` back to ``flushing``.
     """
-    result = _perform(client, job, _Retries(job.retry_timeout, on_retry, on_retry_end), on_call)
+    retries = _Retries(job.retry_timeout, on_retry, on_retry_end)
+    client = retries(open_client)
+    result = _perform(client, job, retries, on_call)
     result.errors = compress_errors(result.errors)
     return result
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -21,6 +22,16 @@ import cloudpickle
 from actors._executor import failed_result
 from actors._perform import Job, perform_job
 from actors._plan import Call
+
+
+def _client(clients: dict[str, Any], uri: str) -> Any:
+    """This worker's ``MlflowClient`` for ``uri``, made on first use."""
+    client = clients.get(uri)
+    if client is None:
+        from mlflow.tracking import MlflowClient
+
+        client = clients[uri] = MlflowClient(tracking_uri=uri)
+    return client
 
 
 def serve(conn: Connection) -> None:
@@ -47,12 +58,8 @@ def serve(conn: Connection) -> None:
 
         conn.send(("state", "flushing"))
         try:
-            client = clients.get(job.tracking_uri)
-            if client is None:
-                from mlflow.tracking import MlflowClient
-
-                client = clients[job.tracking_uri] = MlflowClient(tracking_uri=job.tracking_uri)
-            result = perform_job(client, job, on_retry, on_call, on_retry_end)
+            open_client = partial(_client, clients, job.tracking_uri)
+            result = perform_job(open_client, job, on_retry, on_call, on_retry_end)
         except BaseException as exc:  # a bad URI, a broken store: this job fails, we go on
             result = failed_result(job, exc)
         conn.send_bytes(cloudpickle.dumps(result))

@@ -93,21 +93,6 @@ def test_a_locked_database_is_retried_within_retry_timeout_and_fails_past_it(
         hasty.close()
 
 
-@pytest.mark.parametrize(
-    "executor",
-    [
-        "thread",
-        pytest.param(
-            "process",
-            marks=pytest.mark.xfail(
-                reason="needs the worker to retry opening its store: actors/_worker.py serve() "
-                "builds MlflowClient(tracking_uri) outside call_with_retry, so a locked "
-                "database fails the whole job of any new worker at once",
-                strict=False,
-            ),
-        ),
-    ],
-)
 def test_a_store_opened_while_the_database_is_locked_is_retried(
     tracking_uri, store, experiment_id, lock_store, executor
 ):
