@@ -8,7 +8,6 @@ delivered by ``python -m client._cli replay`` into a real SQLite store or a real
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sqlite3
 import subprocess
@@ -21,19 +20,14 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
+from scripts import script_env
 from stores import SqliteLock
 
 from actors._create_key import CREATE_KEY_TAG, find_created_run
 from actors._plan import CreateRunCall, LogBatchCall, SetTerminatedCall
 from actors._spool import Spool
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(ROOT),
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-}
+ENV = script_env(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 START = 1_700_000_000_000
 TAGS = [("team", "vision")]
 
