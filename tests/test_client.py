@@ -10,10 +10,11 @@ from unittest import mock
 import mlflow
 import numpy as np
 import pytest
-from conftest import run_data, wait_for_no_run_actors, wait_for_threads
+from liveness import wait_for_no_run_actors, wait_for_threads
 from mlflow.entities import RunStatus as MlflowRunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from stores import run_data
 
 import client as client_module
 from client import (

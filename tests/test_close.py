@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import wait_for_no_run_actors
+from liveness import wait_for_no_run_actors
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from servers import LONG_HTTP_TIMEOUT
 
 from client import QueueingClient
 
@@ -170,27 +170,18 @@ def test_status_of_a_client_closed_before_any_use(tracking_uri):
 # -- a client dropped without close() -------------------------------------------------
 
 
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """A loopback port that accepts connections (in its backlog) and never answers."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()  # the waiting requests are reset and fail at once
-
-
 def _release_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "runactors-release"]
 
 
+# The call stays in flight for the whole test; at teardown the server's close ends it at once.
+@pytest.mark.parametrize("hung_server_timeout", [LONG_HTTP_TIMEOUT])
 def test_a_dropped_client_on_a_hung_store_is_released_within_the_exit_timeout(
-    silent_server, executor, monkeypatch
+    hung_server, executor, monkeypatch
 ):
     """The finalizer's close is bounded by RUNACTORS_EXIT_TIMEOUT, not by the store."""
     monkeypatch.setenv("RUNACTORS_EXIT_TIMEOUT", "1")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # so teardown ends it at once
-    client = QueueingClient(silent_server, executor=executor, retry_timeout=0)
+    client = QueueingClient(hung_server, executor=executor, retry_timeout=0)
     client.log_metrics("0" * 32, {"a": 1.0})
     client.flush(synchronous=False)  # the store hangs this round for minutes
     session = client._session

@@ -7,9 +7,10 @@ import time
 from unittest import mock
 
 import pytest
-from conftest import run_data, wait_for_no_run_actors, wait_for_threads
+from liveness import wait_for_no_run_actors, wait_for_threads
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from stores import run_data
 
 from actors import RunActor, get_system
 from client import QueueingClient

@@ -17,16 +17,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
+from stores import SqliteLock
 
 from client import PendingRunId, QueueingClient
 
@@ -183,21 +183,15 @@ def test_resolve_timeout_message_rounds_the_duration() -> None:
 
 
 @pytest.fixture
-def locked_store(tracking_uri: str) -> Iterator[sqlite3.Connection]:
+def locked_store(lock_store: Callable[..., SqliteLock]) -> Iterator[SqliteLock]:
     """The test's SQLite store, locked by a second connection (``BEGIN EXCLUSIVE``) until
     the test ends: every write of every process waits, then fails as "database is locked"."""
-    path = tracking_uri.removeprefix("sqlite:///")
-    connection = sqlite3.connect(path, timeout=0, isolation_level=None)
-    connection.execute("BEGIN EXCLUSIVE")
-    try:
-        yield connection
-    finally:
-        connection.execute("ROLLBACK")
-        connection.close()
+    with lock_store() as lock:
+        yield lock
 
 
 def test_flush_and_close_timeout_messages_round_the_duration(
-    tracking_uri: str, experiment_id: str, executor: str, locked_store: sqlite3.Connection
+    tracking_uri: str, experiment_id: str, executor: str, locked_store: SqliteLock
 ) -> None:
     client = QueueingClient(tracking_uri, executor=executor, retry_timeout=1.0)
     run = client.create_run(experiment_id, run_name="locked-out")
@@ -227,7 +221,7 @@ client.log_metrics(run, {"loss": 1.0})
 
 @pytest.mark.slow
 def test_exit_messages_round_the_duration(
-    tracking_uri: str, experiment_id: str, locked_store: sqlite3.Connection, tmp_path: Path
+    tracking_uri: str, experiment_id: str, locked_store: SqliteLock, tmp_path: Path
 ) -> None:
     script = tmp_path / "exits.py"
     script.write_text(_EXIT_SCRIPT, encoding="utf-8")

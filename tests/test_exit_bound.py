@@ -3,15 +3,12 @@ exits within ``RUNACTORS_EXIT_TIMEOUT`` seconds of its last line, on both execut
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
-REPO = str(Path(__file__).resolve().parent.parent)
+from liveness import alive
+from scripts import run_script
+
 EXIT_TIMEOUT = 2.0
 # Interpreter shutdown and a loaded machine: generous, still far below the default of 30 s
 # and below the HTTP timeout, so only the exit bound can end the process in time.
@@ -34,29 +31,13 @@ print("last line", time.time(), flush=True)
 """
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_exit_is_bounded_with_a_hung_server(hung_server, executor):
-    env = {
-        **os.environ,
-        "PYTHONPATH": REPO,
-        "RUNACTORS_EXIT_TIMEOUT": str(EXIT_TIMEOUT),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "600",  # the hung request never times out by itself
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT.format(uri=hung_server, executor=executor))],
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        SCRIPT.format(uri=hung_server, executor=executor),
         timeout=180,
-        cwd=REPO,
+        RUNACTORS_EXIT_TIMEOUT=str(EXIT_TIMEOUT),
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="600",  # the hung request never times out by itself
     )
     exited = time.time()
     assert result.returncode == 0, result.stderr
@@ -70,6 +51,6 @@ def test_exit_is_bounded_with_a_hung_server(hung_server, executor):
     assert (pid is not None) == (executor == "process"), worker
     if pid is not None:  # the worker process went with its parent
         deadline = time.monotonic() + MARGIN
-        while _pid_alive(int(pid.group(1))) and time.monotonic() < deadline:
+        while alive(int(pid.group(1))) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _pid_alive(int(pid.group(1)))
+        assert not alive(int(pid.group(1)))

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import run_data
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
+from stores import run_data
 
 from actors import metric_rows
 from client import QueueingClient

@@ -7,19 +7,17 @@ import os
 import queue
 import re
 import signal
-import socket
-import sqlite3
 import sys
-import threading
 import time
-from collections.abc import Iterator
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import run_data
+from liveness import alive, worker_children
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
+from servers import LONG_HTTP_TIMEOUT
+from stores import run_data
 
 from client import QueueingClient
 
@@ -157,7 +155,7 @@ def test_status_shows_which_worker_runs_which_run(tracking_uri, experiment_id):
     client.close()
 
 
-# -- faults of the process executor, real ones: SIGKILL, a locked store, a hung store --------
+# -- faults of the process executor, real ones: SIGKILL, a locked store, a hung server -------
 
 TIMEOUT = 60.0  # bounds every wait, so that a regression fails instead of hanging
 
@@ -169,60 +167,6 @@ class Unpicklable(float):
         raise TypeError("this value refuses to be pickled")
 
 
-class StoreLock:
-    """SQLite's exclusive lock on the test's store, held by a second connection: every call
-    to the store blocks meanwhile (MLflow waits up to 20 s, then fails "database is locked")."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        self._conn = sqlite3.connect(
-            tracking_uri.removeprefix("sqlite:///"), isolation_level=None, timeout=30
-        )
-        self._conn.execute("BEGIN EXCLUSIVE")
-
-    def release(self) -> None:
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
-        self._conn.close()
-
-    def __enter__(self) -> StoreLock:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.release()
-
-
-@pytest.fixture
-def hung_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A tracking server on loopback that accepts connections and never answers.
-
-    One HTTP attempt per call, with a timeout longer than any test waits, so that a call
-    to it stays in flight (worker processes inherit these variables)."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "90")
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    thread = threading.Thread(target=accept, name="hung-store", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join(5)
-    listener.close()
-    for conn in held:
-        conn.close()
-
-
 def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -232,32 +176,6 @@ def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> 
 
 def run_status(client: QueueingClient, run):
     return next(r for r in client.status().runs if r.pending_id == run or r.run_id == run)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def worker_children() -> set[int]:
-    """PIDs of this process's children that run the executor's worker module."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and b"actors._worker" in cmdline:
-            found.add(int(entry))
-    return found
 
 
 def executor_of(client: QueueingClient):
@@ -366,9 +284,10 @@ def test_a_fork_child_does_not_hold_close(tracking_uri, experiment_id):
         child.join(30)
 
 
-def test_close_with_a_hung_store_leaves_no_worker_behind(hung_store):
+@pytest.mark.parametrize("hung_server_timeout", [LONG_HTTP_TIMEOUT])  # the call stays in flight
+def test_close_with_a_hung_store_leaves_no_worker_behind(hung_server):
     before = worker_children()
-    client = QueueingClient(hung_store, executor="process", max_workers=1)
+    client = QueueingClient(hung_server, executor="process", max_workers=1)
     run = client.create_run("0")
     client.log_metrics(run, {"m": 1.0})
     client.flush(synchronous=False)
@@ -389,7 +308,7 @@ def test_close_with_a_hung_store_leaves_no_worker_behind(hung_store):
 
 @pytest.mark.slow
 def test_retrying_returns_to_flushing_once_the_call_succeeds(
-    tracking_uri, store, experiment_id, executor
+    tracking_uri, store, experiment_id, executor, lock_store
 ):
     client = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=120)
     try:
@@ -398,7 +317,7 @@ def test_retrying_returns_to_flushing_once_the_call_succeeds(
         steps = 40_000  # 40 batches: the ones after the retried one take a while
         for step in range(steps):
             client.log_metrics(run, {"m": float(step)}, step=step)
-        with StoreLock(tracking_uri):
+        with lock_store():
             operations = client.flush(synchronous=False)
             # MLflow waits 20 s for the lock, then the call fails and is retried.
             wait_until(lambda: run_status(client, run).state == "retrying", what="retrying")
@@ -415,7 +334,7 @@ def test_retrying_returns_to_flushing_once_the_call_succeeds(
 
 
 def test_status_answers_within_50_ms_while_a_flush_is_blocked(
-    tracking_uri, experiment_id, executor
+    tracking_uri, experiment_id, executor, lock_store
 ):
     client = QueueingClient(tracking_uri, executor=executor, max_workers=2)
     try:
@@ -423,7 +342,7 @@ def test_status_answers_within_50_ms_while_a_flush_is_blocked(
         client.flush(synchronous=False).await_completion(TIMEOUT)
         for run in runs:
             client.log_metrics(run, {"m": 1.0})
-        with StoreLock(tracking_uri):
+        with lock_store():
             operations = client.flush(synchronous=False)
             wait_until(
                 lambda: any(r.state == "flushing" and r.worker for r in client.status().runs),
@@ -445,13 +364,13 @@ def test_status_answers_within_50_ms_while_a_flush_is_blocked(
 
 
 def test_overlapping_flushes_keep_call_order_in_worker_processes(
-    tracking_uri, store, experiment_id
+    tracking_uri, store, experiment_id, lock_store
 ):
     client = QueueingClient(tracking_uri, executor="process", max_workers=4)
     try:
         run = client.create_run(experiment_id)
         client.flush(synchronous=False).await_completion(TIMEOUT)
-        with StoreLock(tracking_uri):  # the first round blocks in a worker
+        with lock_store():  # the first round blocks in a worker
             client.set_tags(run, {"last": "first"})
             client.log_metrics(run, {"m": 0.0}, step=0)
             first = client.flush(synchronous=False)
@@ -507,13 +426,13 @@ def test_a_slow_or_failing_run_never_delays_a_healthy_one(tracking_uri, store, e
 
 
 def test_a_worker_killed_during_create_run_fails_that_creation_only(
-    tracking_uri, store, experiment_id
+    tracking_uri, store, experiment_id, lock_store
 ):
     client = QueueingClient(tracking_uri, executor="process", max_workers=1)
     try:
         run = client.create_run(experiment_id, run_name="doomed")
         client.log_metrics(run, {"m": 1.0})
-        with StoreLock(tracking_uri):  # create_run blocks in the worker
+        with lock_store():  # create_run blocks in the worker
             operations = client.flush(synchronous=False)
             wait_until(lambda: run_status(client, run).worker is not None, what="create_run")
             os.kill(worker_pid(run_status(client, run).worker), signal.SIGKILL)
@@ -531,7 +450,7 @@ def test_a_worker_killed_during_create_run_fails_that_creation_only(
 
 
 def test_a_job_whose_worker_dies_twice_fails_and_the_pool_recovers(
-    tracking_uri, store, experiment_id
+    tracking_uri, store, experiment_id, lock_store
 ):
     client = QueueingClient(tracking_uri, executor="process", max_workers=1)
     try:
@@ -539,7 +458,7 @@ def test_a_job_whose_worker_dies_twice_fails_and_the_pool_recovers(
         client.flush(synchronous=False).await_completion(TIMEOUT)
         client.log_metrics(run, {"m": 1.0})
         victims: list[int] = []
-        with StoreLock(tracking_uri):  # the job's first call blocks in whichever worker
+        with lock_store():  # the job's first call blocks in whichever worker
             operations = client.flush(synchronous=False)
             for _ in range(2):
                 wait_until(

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import pickle
-import subprocess
-import sys
-import textwrap
 import time
 import uuid
 
 import cloudpickle
 import pytest
-from conftest import run_data
+from liveness import processes_with_env
 from mlflow.exceptions import MlflowException
-
-# A tracking server on loopback that accepts and never answers.
-from test_process_executor import hung_store  # noqa: F401
+from scripts import run_script
+from servers import LONG_HTTP_TIMEOUT
+from stores import run_data
 
 from client import QueueingClient
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
@@ -114,28 +108,15 @@ def test_forked_child_uses_its_own_actors_and_parent_is_unaffected(
     assert warm.done()
 
 
-def processes_with_env(marker: str) -> set[int]:
-    """PIDs of the processes (any parent) whose environment holds ``marker``."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.add(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def test_exit_with_a_hung_store_leaves_no_worker_process(hung_store):  # noqa: F811
+@pytest.mark.parametrize("hung_server_timeout", [LONG_HTTP_TIMEOUT])  # the call stays in flight
+def test_exit_with_a_hung_store_leaves_no_worker_process(hung_server):
     mark = uuid.uuid4().hex
     result = run_script(
         f"""
         import time
         from client import QueueingClient
 
-        client = QueueingClient({hung_store!r}, executor="process", max_workers=1)
+        client = QueueingClient({hung_server!r}, executor="process", max_workers=1)
         run = client.create_run("0")
         client.log_metrics(run, {{"m": 1.0}})
         client.flush(synchronous=False)
@@ -144,7 +125,6 @@ def test_exit_with_a_hung_store_leaves_no_worker_process(hung_store):  # noqa: F
             time.sleep(0.01)
         print("workers", *client._session._executor.worker_pids(), flush=True)
         """,
-        hung_store,
         timeout=90,
         RUNACTORS_EXIT_TIMEOUT="2",
         RUNACTORS_TEST_MARK=mark,
@@ -159,18 +139,6 @@ def test_exit_with_a_hung_store_leaves_no_worker_process(hung_store):  # noqa: F
         time.sleep(0.05)
 
 
-def run_script(code: str, tracking_uri: str, timeout: float = 120, **env: str):
-    environment = {**os.environ, "PYTHONPATH": REPO, **env}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
 def test_process_that_never_flushed_delivers_at_exit(tracking_uri, store, experiment_id, executor):
     result = run_script(
         f"""
@@ -180,8 +148,7 @@ def test_process_that_never_flushed_delivers_at_exit(tracking_uri, store, experi
         for step in range(10):
             client.log_metrics(run, {{"m": float(step)}}, step=step)
         client.set_terminated(run)
-        """,
-        tracking_uri,
+        """
     )
     assert result.returncode == 0, result.stderr
     (run,) = store.search_runs([experiment_id])
@@ -208,8 +175,7 @@ def test_asynchronous_flush_in_flight_at_exit_completes(tracking_uri, store, exp
         client.log_params(run, {{"p": 1}})
         client.flush(synchronous=False)
         print("leaving", flush=True)
-        """,
-        tracking_uri,
+        """
     )
     assert result.returncode == 0, result.stderr
     assert "leaving" in result.stdout
@@ -230,7 +196,6 @@ def test_exit_is_bounded_even_when_the_store_hangs(tracking_uri, store, experime
         client.log_params({store.create_run(experiment_id).info.run_id!r}, {{"p": 1}})
         client.flush(synchronous=False)
         """,
-        tracking_uri,
         timeout=90,
         RUNACTORS_EXIT_TIMEOUT="2",
     )

@@ -8,33 +8,26 @@ delivered by ``python -m client._cli replay`` into a real SQLite store or a real
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from distributed.conftest import SERVER_START_TIMEOUT, _healthy, _stop_group, free_port
 from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
+from scripts import script_env
+from stores import SqliteLock
 
 from actors._create_key import CREATE_KEY_TAG, find_created_run
 from actors._plan import CreateRunCall, LogBatchCall, SetTerminatedCall
 from actors._spool import Spool
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(ROOT),
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-}
+ENV = script_env(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 START = 1_700_000_000_000
 TAGS = [("team", "vision")]
 
@@ -174,24 +167,23 @@ def test_replay_killed_midway_and_rerun_stores_everything_exactly_once(
 
 
 def test_two_replays_at_once_deliver_once(
-    tmp_path: Path, tracking_uri: str, store: MlflowClient, experiment_id: str
+    tmp_path: Path,
+    tracking_uri: str,
+    store: MlflowClient,
+    experiment_id: str,
+    lock_store: Callable[..., SqliteLock],
 ) -> None:
     folder = tmp_path / "spool"
     write_journal(folder, tracking_uri, experiment_id, batches=100, per_batch=10)
     first = start_replay(folder, "--retry-timeout", "600")
-    blocker = None
     try:
         wait_for_progress(first)
         # Hold the store so the first replay waits mid-journal (retrying "database is
         # locked") while the second one starts: the first keeps its journal locked.
-        blocker = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=60)
-        blocker.execute("BEGIN EXCLUSIVE")
-        second = replay(folder)
-        blocker.rollback()
+        with lock_store():
+            second = replay(folder)
         out, err = first.communicate(timeout=600)
     finally:
-        if blocker is not None:
-            blocker.close()
         stop(first)
     assert second.returncode == 1, second.stderr + second.stdout
     assert "in use by a live client or another replay; left for later" in second.stderr
@@ -368,56 +360,22 @@ def test_calls_sent_again_store_nothing_twice_in_sqlite(
 # -- a real tracking server ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on loopback (SQLite backend), as tests/distributed starts it."""
-    root = tmp_path_factory.mktemp("replay-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(root / "server.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "mlflow", "server", "--workers", "1"),
-                *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-                *("--default-artifact-root", str(root / "artifacts")),
-                *("--host", "127.0.0.1", "--port", str(port)),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=root,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _healthy(uri):
-            assert process.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.25)
-        yield uri
-    finally:
-        _stop_group(process)
-
-
 @pytest.fixture
-def server_experiment(server: str) -> str:
-    return MlflowClient(server).create_experiment(f"replay-{uuid.uuid4().hex}")
+def server_experiment(mlflow_server_uri: str) -> str:
+    return MlflowClient(mlflow_server_uri).create_experiment(f"replay-{uuid.uuid4().hex}")
 
 
 @pytest.mark.slow
 def test_replay_to_a_server_tags_the_creation_and_delivers_once(
-    tmp_path: Path, server: str, server_experiment: str
+    tmp_path: Path, mlflow_server_uri: str, server_experiment: str
 ) -> None:
     folder = tmp_path / "spool"
-    path = write_journal(folder, server, server_experiment)
+    path = write_journal(folder, mlflow_server_uri, server_experiment)
     with Spool.open(path) as spool:
         (entry,) = spool.runs()
     done = replay(folder)
     assert done.returncode == 0, done.stderr + done.stdout
-    remote = MlflowClient(server)
+    remote = MlflowClient(mlflow_server_uri)
     (run,) = runs_of(remote, server_experiment)
     assert run.data.tags[CREATE_KEY_TAG] == entry.create_key
     assert_delivered_once(remote, run.info.run_id, 30)
@@ -427,19 +385,22 @@ def test_replay_to_a_server_tags_the_creation_and_delivers_once(
 
 @pytest.mark.slow
 def test_a_server_creation_of_unknown_outcome_is_found_by_its_key(
-    tmp_path: Path, server: str, server_experiment: str
+    tmp_path: Path, mlflow_server_uri: str, server_experiment: str
 ) -> None:
-    remote = MlflowClient(server)
+    remote = MlflowClient(mlflow_server_uri)
     folder = tmp_path / "spool"
-    path = write_journal(folder, server, server_experiment, create_attempted=True)
+    path = write_journal(folder, mlflow_server_uri, server_experiment, create_attempted=True)
     with Spool.open(path) as spool:
         (entry,) = spool.runs()
-    assert find_created_run(remote, server, entry.create, entry.create_key) is None
+    assert find_created_run(remote, mlflow_server_uri, entry.create, entry.create_key) is None
     # The creation landed (through whatever path); only its key ties it to the journal.
     made = remote.create_run(
         server_experiment, start_time=START + 5, tags={CREATE_KEY_TAG: entry.create_key}
     )
-    assert find_created_run(remote, server, entry.create, entry.create_key) == made.info.run_id
+    assert (
+        find_created_run(remote, mlflow_server_uri, entry.create, entry.create_key)
+        == made.info.run_id
+    )
     done = replay(folder)
     assert done.returncode == 0, done.stderr + done.stdout
     (run,) = runs_of(remote, server_experiment)
@@ -450,26 +411,25 @@ def test_a_server_creation_of_unknown_outcome_is_found_by_its_key(
 
 @pytest.mark.slow
 def test_calls_sent_again_store_nothing_twice_on_a_server(
-    server: str, server_experiment: str
+    mlflow_server_uri: str, server_experiment: str
 ) -> None:
-    remote = MlflowClient(server)
+    remote = MlflowClient(mlflow_server_uri)
     assert_stored_once(remote, send_everything_twice(remote, server_experiment))
 
 
 def test_an_unreachable_store_keeps_the_journal_with_a_clear_error(
-    tmp_path: Path, tracking_uri: str, store: MlflowClient, experiment_id: str
+    tmp_path: Path,
+    tracking_uri: str,
+    store: MlflowClient,
+    experiment_id: str,
+    lock_store: Callable[..., SqliteLock],
 ) -> None:
     folder = tmp_path / "spool"
     path = write_journal(folder, tracking_uri, experiment_id)
     before = path.read_bytes()
     # The store stays locked past --retry-timeout: even opening it fails.
-    blocker = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=60)
-    try:
-        blocker.execute("BEGIN EXCLUSIVE")
+    with lock_store():
         locked = replay(folder, "--retry-timeout", "2")
-    finally:
-        blocker.rollback()
-        blocker.close()
     assert locked.returncode == 1, locked.stderr + locked.stdout
     assert "Traceback" not in locked.stderr
     assert f"{path.name}: tracking store {tracking_uri} unavailable" in locked.stdout

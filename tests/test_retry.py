@@ -14,10 +14,10 @@ import time
 
 import pytest
 import sqlalchemy.exc
-from conftest import LoopbackServer, free_port
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
+from servers import LoopbackServer, free_port
 
 from actors import _retry, call_with_retry, is_transient
 from client import QueueingClient

@@ -8,7 +8,6 @@ from unittest import mock
 
 import mlflow
 import pytest
-from conftest import run_data
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import _truncate_dict
@@ -19,6 +18,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
+from stores import run_data
 
 from client import MlflowAutologgingQueueingClient
 

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
+from scripts import script_env
 
 from actors._perform import call_counts
 from actors._plan import CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
@@ -32,7 +33,6 @@ from actors._spool import (
     spool_files,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 URI = "sqlite:///nowhere.db"
 CREATE = CreateRunCall("1", 1_700_000_000_000, [("team", "vision")], "trial-1")
 
@@ -61,10 +61,9 @@ def digest(path: Path) -> str:
 
 def child(code: str) -> subprocess.Popen[str]:
     """A Python process with this worktree's packages, running ``code``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
+        env=script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

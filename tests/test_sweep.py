@@ -7,7 +7,6 @@ import re
 import select
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from stores import SqliteLock
 
 from client._cli import main
 from client._sweep import DEFAULT_EXPERIMENT, SWEEP_TAG, TRIAL_TAG, resolve_tracking_uri
@@ -363,17 +363,12 @@ def test_a_second_ctrl_c_kills_trials_that_cannot_stop(
     uri = store_copy(tmp_path, template_db)
     sweep = terminal(uri, "--trials", "4", "--epochs", "1000000")
     sweep.read_until(lambda line: " epoch " in line)
-    lock = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")  # the trials' final flush now waits on the store
-    try:
+    with SqliteLock(tmp_path / "m.db"):  # the trials' final flush now waits on the store
         sweep.interrupt()
         sweep.read_until(lambda line: "interrupted:" in line)
         time.sleep(1)
         sweep.interrupt()  # the second Ctrl-C: kill them
         assert wait_until(lambda: not sweep.spawned_workers(), timeout=EXIT_BOUND_SECONDS)
-    finally:
-        lock.rollback()
-        lock.close()
     status = sweep.finish(timeout=EXIT_BOUND_SECONDS)
 
     output = "".join(sweep.stdout)

@@ -1,0 +1,71 @@
+"""What a test leaves running: threads and worker processes, and waiting for them to go.
+
+Plain helpers (not fixtures) for the tests that check that a client stops what it started.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+
+def wait_for_threads(baseline: int, timeout: float = 30.0) -> int:
+    """Wait until at most ``baseline`` threads remain (threads take a moment to exit)."""
+    deadline = time.monotonic() + timeout
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return threading.active_count()
+
+
+def run_actor_threads() -> list[str]:
+    """Names of the live threads of run actors (Pykka names them after the class)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("RunActor")]
+
+
+def wait_for_no_run_actors(timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while run_actor_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return run_actor_threads()
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a zombie counts: it is not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def worker_children() -> set[int]:
+    """PIDs of this process's children that run the executor's worker module."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"actors._worker" in cmdline:
+            found.add(int(entry))
+    return found
+
+
+def processes_with_env(marker: str) -> set[int]:
+    """PIDs of the processes (any parent) whose environment holds ``marker``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
