@@ -17,14 +17,21 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors._perform import Job, JobResult, perform_job
+from actors._perform import Job, JobResult, perform_job, retry_error_text
 from actors._plan import Call
 
 _logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
 
-StateHook = Callable[[str, "str | None"], None]  # state, worker
+
+class StateHook(Protocol):
+    """Hears what a job is doing: ``state`` (``flushing``, ``retrying``, ``waiting``), on
+    which ``worker``, and for ``retrying`` the transient error being retried (``detail``)."""
+
+    def __call__(self, state: str, worker: str | None, detail: str | None = None) -> None: ...
+
+
 DoneHook = Callable[[JobResult], None]
 
 
@@ -165,12 +172,14 @@ class ThreadExecutor(JobPool[str]):
     def _client(self, uri: str) -> Any:
         client = self._clients.get(uri)
         if client is None:
-            from mlflow.tracking import MlflowClient
+            from actors._store import make_client
 
             with self._clients_lock:
                 client = self._clients.get(uri)
                 if client is None:
-                    client = self._clients[uri] = MlflowClient(tracking_uri=uri)
+                    # MLflow's HTTP retries off for these calls only: the user's own clients
+                    # in this process keep MLflow's settings.
+                    client = self._clients[uri] = make_client(uri)
         return client
 
     def _open(self, index: int) -> str:
@@ -185,7 +194,7 @@ class ThreadExecutor(JobPool[str]):
     def _perform(self, state: str, job: Job, on_state: StateHook) -> JobResult:
         def on_retry(exc: BaseException, delay: float) -> None:
             self._check_open()
-            on_state("retrying", state)
+            on_state("retrying", state, retry_error_text(exc))
 
         def on_retry_end() -> None:
             on_state("flushing", state)

@@ -7,6 +7,8 @@ call by call, so that one failed batch does not stop the ones after it (as in th
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -14,8 +16,10 @@ from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 
+from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 from actors._retry import call_with_retry
+from actors._store import request_deadline
 
 KINDS = ("metrics", "params", "tags", "datasets")
 
@@ -26,6 +30,17 @@ RetryHook = Callable[[BaseException, float], None]
 RetryEndHook = Callable[[], None]
 # (call, error text or None, run ID known after the call)
 CallHook = Callable[[Call, "str | None", "str | None"], None]
+
+
+RETRY_ERROR_CHARS = 500  # how much of a transient error ``status()`` shows
+
+
+def retry_error_text(exc: BaseException) -> str:
+    """How ``RunStatus.last_retry_error`` shows a transient failure: its type and message, cut."""
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > RETRY_ERROR_CHARS:
+        text = text[:RETRY_ERROR_CHARS] + "..."
+    return text
 
 
 def empty_counts() -> dict[str, int]:
@@ -181,10 +196,37 @@ class _Retries:
     def __call__(self, fn: Callable[[], T]) -> T:
         self._retried = False
         try:
-            return call_with_retry(fn, self.timeout, self._note)
+            # Each HTTP request of the call waits at most what is left of its retry_timeout.
+            with request_deadline(time.monotonic() + self.timeout):
+                return call_with_retry(fn, self.timeout, self._note)
         finally:
             if self._retried and self.on_retry_end is not None:
                 self.on_retry_end()
+
+
+def _create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: _Retries) -> str:
+    """Create the run, retrying transient failures without ever making a second run.
+
+    On a tracking server the creation carries its create key (:mod:`actors._create_key`),
+    and an attempt after one whose outcome is unknown (any transient failure: the request
+    may have landed and only its answer been lost) first looks the run up by that key. In a
+    local database a failed creation is a rolled-back transaction: it is simply sent again.
+    """
+    key = call.create_key or str(uuid.uuid4())
+    to_send = creation_with_key(tracking_uri, call, key)
+    look_up = uses_create_key_tag(tracking_uri)
+    attempted = False
+
+    def attempt() -> str:
+        nonlocal attempted
+        if attempted and look_up:
+            found = find_created_run(client, tracking_uri, to_send, key)
+            if found is not None:
+                return found
+        attempted = True
+        return _create(client, to_send)
+
+    return retries(attempt)
 
 
 def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None) -> JobResult:
@@ -194,7 +236,7 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
         run_id = result.run_id
         if isinstance(call, CreateRunCall):
             try:
-                run_id = retries(partial(_create, client, call))
+                run_id = _create_once(client, job.tracking_uri, call, retries)
             except Exception as exc:
                 error = f"create_run failed: {exc!r}"
         elif run_id is None:

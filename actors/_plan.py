@@ -34,6 +34,9 @@ class CreateRunCall(NamedTuple):
     start_time: int | None
     tags: list[Pair]
     run_name: str | None
+    # Identifies the creation for the look-up after an unknown outcome (actors._create_key);
+    # sent as a tag only to a tracking server.
+    create_key: str | None = None
 
 
 class LogBatchCall(NamedTuple):
@@ -77,7 +80,11 @@ def plan_batches(
         room = max(MAX_ENTITIES_PER_BATCH - len(create.tags), 0)
         calls.append(
             CreateRunCall(
-                create.experiment_id, create.start_time, create.tags + tags[:room], create.run_name
+                create.experiment_id,
+                create.start_time,
+                create.tags + tags[:room],
+                create.run_name,
+                create.create_key,
             )
         )
         tags = tags[room:]

@@ -232,8 +232,8 @@ class _Slot:
                     if isinstance(message, JobResult):
                         return message if prior is None else _merge(prior, message)
                     kind, *rest = message
-                    if kind == "state":
-                        on_state(rest[0], worker.name)
+                    if kind == "state":  # (state,) or (state, detail)
+                        on_state(rest[0], worker.name, *rest[1:2])
                     elif kind == "call":  # the next call's outcome
                         record_outcome(progress, remaining.pop(0), rest[0], rest[1])
                     else:  # "refused": the worker could not read the job

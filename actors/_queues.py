@@ -34,6 +34,9 @@ class CreateRun(NamedTuple):
     start_time: int | None
     tags: list[Pair]
     run_name: str | None
+    # A uuid4 fixed when the creation is queued: how a creation of unknown outcome is found
+    # on a tracking server before it is sent again (actors._create_key).
+    create_key: str | None = None
 
 
 class Terminate(NamedTuple):

@@ -120,7 +120,11 @@ class RunActor(pykka.ThreadingActor):
         record.inflight = snapshot.counts()
         ref = self.actor_ref
 
-        def on_state(state: str, worker: str | None) -> None:
+        def on_state(state: str, worker: str | None, detail: str | None = None) -> None:
+            # Called on the executor's thread; only this run's job writes these fields.
+            if state == "retrying":
+                record.retries += 1
+                record.last_retry_error = detail
             record.state, record.worker = state, worker
 
         def on_done(result: JobResult) -> None:

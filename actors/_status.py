@@ -17,6 +17,13 @@ States (``RunStatus.state``):
 ==========  ==================================================================
 
 A run's ``errors`` stay bounded however long the service runs: see :class:`ErrorLog`.
+
+Transient failures are not errors (they are retried, within ``retry_timeout``): ``retries``
+counts them, per run, for the life of the client (every retried attempt of every call,
+creation look-ups included), and ``last_retry_error`` is the latest one's type and message
+(cut to 500 characters). It is *kept* after the run recovers, so that an operator can still
+see what the last outage looked like; whether the run is retrying *now* is its ``state``.
+A call that still fails when its ``retry_timeout`` is spent lands in ``errors``.
 """
 
 from __future__ import annotations
@@ -108,6 +115,8 @@ class RunRecord:
     terminated: bool = False
     create_error: str | None = None
     worker: str | None = None
+    retries: int = 0
+    last_retry_error: str | None = None
 
     @property
     def label(self) -> str:
@@ -126,6 +135,8 @@ class RunRecord:
             errors=self.errors.messages(),
             worker=self.worker,
             errors_dropped=self.errors.dropped,
+            retries=self.retries,
+            last_retry_error=self.last_retry_error,
         )
 
 
@@ -141,6 +152,8 @@ class RunStatus:
     errors: list[str]
     worker: str | None = None
     errors_dropped: int = 0  # errors past the cap of ``errors``, counted in it as one line
+    retries: int = 0  # transient failures retried so far (cumulative)
+    last_retry_error: str | None = None  # the latest of them, kept after recovery
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,6 +165,8 @@ class RunStatus:
             "errors": list(self.errors),
             "worker": self.worker,
             "errors_dropped": self.errors_dropped,
+            "retries": self.retries,
+            "last_retry_error": self.last_retry_error,
         }
 
 

@@ -2,7 +2,8 @@
 
 A fresh interpreter (never a fork, and not ``multiprocessing``'s spawn, which would re-import
 the user's ``__main__``) that reads cloudpickled :class:`~actors._perform.Job`\\ s from a
-socket, performs them with one ``MlflowClient`` per tracking URI, and reports each call's
+socket, performs them with one ``MlflowClient`` per tracking URI
+(:func:`actors._store.make_client`: MLflow's HTTP retries off), and reports each call's
 outcome as it goes, so that the pool thread feeding it can resume the job elsewhere if this
 process dies. It exits when the socket closes: a parent that dies takes its workers with it
 (a child the parent forks closes its copies of the sockets, see ``actors._process_executor``).
@@ -20,7 +21,7 @@ from typing import Any
 import cloudpickle
 
 from actors._executor import failed_result
-from actors._perform import Job, perform_job
+from actors._perform import Job, perform_job, retry_error_text
 from actors._plan import Call
 
 
@@ -28,9 +29,9 @@ def _client(clients: dict[str, Any], uri: str) -> Any:
     """This worker's ``MlflowClient`` for ``uri``, made on first use."""
     client = clients.get(uri)
     if client is None:
-        from mlflow.tracking import MlflowClient
+        from actors._store import make_client
 
-        client = clients[uri] = MlflowClient(tracking_uri=uri)
+        client = clients[uri] = make_client(uri)
     return client
 
 
@@ -48,7 +49,7 @@ def serve(conn: Connection) -> None:
             continue
 
         def on_retry(exc: BaseException, delay: float) -> None:
-            conn.send(("state", "retrying"))
+            conn.send(("state", "retrying", retry_error_text(exc)))
 
         def on_retry_end() -> None:
             conn.send(("state", "flushing"))

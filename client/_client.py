@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 import weakref
 from collections.abc import Mapping
 from types import TracebackType
@@ -196,7 +197,7 @@ class QueueingClient:
         if run_name is not None and not isinstance(run_name, str):
             raise _invalid(f"Invalid run_name {run_name!r}: expected a string.")
         pairs = tag_pairs(tags) if tags else []
-        create = CreateRun(str(experiment_id), start_time, pairs, run_name)
+        create = CreateRun(str(experiment_id), start_time, pairs, run_name, str(uuid.uuid4()))
         handle = get_system().register_run(self._get_session(), None, create)
         with self._lock:
             self._runs[handle.key] = handle
