@@ -37,6 +37,7 @@ from actors._spool import (
     side_files,
     spool_files,
 )
+from actors._store import make_client
 
 RETRY_TIMEOUT = 60.0
 
@@ -131,10 +132,11 @@ def _open_all(
 
 
 def _client(uri: str, retry_timeout: float, clients: dict[str, MlflowClient]) -> MlflowClient:
-    """One client per tracking URI. Making one already opens the store (a SQLite store
-    checks its tables), so that is retried like any call: the store may be locked or down."""
+    """One client per tracking URI, the kind the executors use (one HTTP attempt per call,
+    so this command's retries are the only ones). Making one already opens the store (a SQLite
+    store checks its tables), so that is retried like any call: it may be locked or down."""
     if uri not in clients:
-        clients[uri] = call_with_retry(partial(MlflowClient, uri), retry_timeout)
+        clients[uri] = call_with_retry(partial(make_client, uri), retry_timeout)
     return clients[uri]
 
 

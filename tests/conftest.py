@@ -18,7 +18,13 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import FAIL_FAST_HTTP_TIMEOUT, FlakyProxy, LoopbackServer, MlflowServer
+from servers import (
+    FAIL_FAST_HTTP_TIMEOUT,
+    DroppingProxy,
+    FlakyProxy,
+    LoopbackServer,
+    MlflowServer,
+)
 from stores import SqliteLock
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -203,90 +209,12 @@ def mlflow_http_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def mlflow_server_default_http(
-    _mlflow_server_process: MlflowServer, mlflow_http_defaults: None
+    session_mlflow_server: MlflowServer, mlflow_http_defaults: None
 ) -> MlflowServer:
     """The session's real ``mlflow server``, running, with MLflow's default HTTP settings in
     the environment (not ``fail_fast_http``)."""
-    _mlflow_server_process.start()
-    return _mlflow_server_process
-
-
-class DroppingProxy:
-    """A reverse proxy on 127.0.0.1 that forwards every request to ``upstream``, but for the
-    first ``drops`` requests whose path ends with ``path`` closes the connection instead of
-    answering, *after* the upstream handled it: a real lost response (the request landed).
-
-    ``hits`` counts the requests to ``path`` that reached the proxy.
-    """
-
-    def __init__(self, upstream: str, path: str, drops: int = 1) -> None:
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.path = path
-        self.drops = drops
-        self.hits = 0
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                pass
-
-            def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                drop = proxy._should_drop(self.path)
-                status, headers, data = proxy._forward(self, body)
-                if drop:  # the upstream did it; the client never hears so
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.send_response(status)
-                for key, value in headers:
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = _handle
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.uri = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dropping-proxy", daemon=True
-        )
-        self._thread.start()
-
-    def _should_drop(self, path: str) -> bool:
-        if not path.split("?")[0].endswith(self.path):
-            return False
-        with self._lock:
-            self.hits += 1
-            if self.drops > 0:
-                self.drops -= 1
-                return True
-            return False
-
-    def _forward(
-        self, handler: http.server.BaseHTTPRequestHandler, body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
-        try:
-            headers = {
-                k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")
-            }
-            conn.request(handler.command, handler.path, body=body or None, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.getheaders(), response.read()
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+    session_mlflow_server.start()
+    return session_mlflow_server
 
 
 @pytest.fixture

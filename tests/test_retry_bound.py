@@ -12,11 +12,11 @@ import time
 import uuid
 
 import pytest
-from conftest import LoopbackServer
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
+from servers import LoopbackServer
 
 from actors._store import (
     REQUEST_TIMEOUT_FLOOR,
