@@ -199,6 +199,10 @@ MILLION_CALLS = textwrap.dedent(
     client = QueueingClient(uri, max_queued=int(max_queued), retry_timeout=retry_timeout)
     run = "0" * 32
     client.log_metrics(run, {"warm-up": 1.0})
+    try:  # a first flush loads what sending needs (MLflow's REST client): not the queue's
+        client.flush()
+    except Exception:
+        pass
     before = rss_mb()
     longest, refused = 0.0, 0
     for step in range(int(calls)):
@@ -221,10 +225,12 @@ MILLION_CALLS = textwrap.dedent(
 def test_a_million_calls_against_a_dead_backend_stay_bounded_in_memory(dead_uri, tmp_path):
     script = tmp_path / "million.py"
     script.write_text(MILLION_CALLS)
-    retry_timeout = 1.0
+    # Each failing round retries each of its batches for retry_timeout seconds, so a dead
+    # backend passes 1,000 entities per retry_timeout: short, so the million calls end.
+    retry_timeout = 0.1
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(script), dead_uri, "1000000", "50000", str(retry_timeout)],
+        [sys.executable, str(script), dead_uri, "1000000", "20000", str(retry_timeout)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -235,7 +241,7 @@ def test_a_million_calls_against_a_dead_backend_stay_bounded_in_memory(dead_uri,
     print("million calls:", figures)
     assert figures["after_mb"] - figures["before_mb"] < 60, figures
     assert figures["longest_s"] < retry_timeout + 5, figures
-    assert sum(figures["status"].values()) <= 50000 + 1, figures
+    assert sum(figures["status"].values()) <= 20000, figures
 
 
 # -- bad inputs --------------------------------------------------------------------------
