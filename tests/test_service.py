@@ -267,3 +267,34 @@ def test_bad_service_options_are_refused_at_the_constructor(tracking_uri, kwargs
     with pytest.raises(MlflowException, match=message.replace("(", r"\(")) as info:
         QueueingClient(tracking_uri, **kwargs)
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def _forked_service(tracking_uri: str, run_id: str) -> None:
+    # In the child: the parent's ticker thread does not exist here; a new one must time this.
+    client = QueueingClient(tracking_uri, flush_interval=0.2)
+    client.log_metrics(run_id, {"child": 1.0}, step=0)
+    store = MlflowClient(tracking_uri)
+    deadline = time.monotonic() + 30 + MARGIN
+    while not store.get_run(run_id).data.metrics and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ok = bool(store.get_run(run_id).data.metrics)
+    client.close()
+    os._exit(0 if ok else 1)
+
+
+def test_a_forked_child_gets_its_own_ticker(tracking_uri, store, experiment_id):
+    import multiprocessing
+
+    parent = QueueingClient(tracking_uri, flush_interval=3600)
+    parent.log_metrics("0" * 32, {"x": 1.0})  # the parent's system and ticker are running
+    run_id = store.create_run(experiment_id).info.run_id
+    child = multiprocessing.get_context("fork").Process(
+        target=_forked_service, args=(tracking_uri, run_id)
+    )
+    child.start()
+    child.join(60 + MARGIN)
+    try:
+        assert child.exitcode == 0  # delivered by a background flush in the child
+    finally:
+        parent._drop_queued()
+        parent.close()
