@@ -9,11 +9,16 @@ store is the order in which they were appended.
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+from actors._budget import Budget
 
 # key, value, timestamp (ms), step, model_id, dataset_name, dataset_digest.
 # Plain tuples: building mlflow.entities.Metric objects is deferred to the executor.
@@ -68,6 +73,10 @@ class Snapshot(NamedTuple):
 
     def counts(self) -> dict[str, int]:
         return entity_counts(self.create, self.params, self.tags, self.metrics, self.datasets)
+
+    def held(self) -> int:
+        """The entities ``max_queued`` counted for this snapshot (not the creation's tags)."""
+        return len(self.params) + len(self.tags) + len(self.metrics) + len(self.datasets)
 
 
 def entity_counts(
@@ -158,16 +167,23 @@ class RunQueues:
     def take(self) -> Snapshot:
         """Remove and return everything queued, atomically with respect to producers."""
         with self._lock:
-            snap = Snapshot(
-                self.create, self.params, self.tags, self.metrics, self.datasets, self.terminate
-            )
-            self.create = None
-            self.terminate = None
-            self.params = []
-            self.tags = []
-            self.metrics = []
-            self.datasets = []
+            return self._take_locked()
+
+    def _take_locked(self) -> Snapshot:
+        snap = Snapshot(
+            self.create, self.params, self.tags, self.metrics, self.datasets, self.terminate
+        )
+        self.create = None
+        self.terminate = None
+        self.params = []
+        self.tags = []
+        self.metrics = []
+        self.datasets = []
         return snap
+
+    def discard(self) -> Snapshot:
+        """Remove and return everything queued, which will never be sent."""
+        return self.take()
 
     def put_back(self, snapshot: Snapshot) -> None:
         """Return a taken snapshot to the front of the queues (its flush never started)."""
@@ -194,3 +210,132 @@ class RunQueues:
             or self.tags
             or self.datasets
         )
+
+
+_NEVER = sys.maxsize
+
+
+def _no_trigger() -> None:
+    pass
+
+
+class BoundedRunQueues(RunQueues):
+    """The queues of a client with ``max_queued``: every append is counted.
+
+    The count is the client's :class:`~actors._budget.Budget`, under its lock, which is the
+    lock of all the client's queues; an append that does not fit waits for room there (the
+    lock released meanwhile) or raises, appending nothing.
+    """
+
+    __slots__ = ("_budget",)
+
+    def __init__(self, create: CreateRun | None, budget: Budget) -> None:
+        super().__init__(create)
+        self._lock = budget.lock
+        self._budget = budget
+
+    def _admit(self, n: int) -> None:
+        # Under self._lock, before appending n entities.
+        if self.sealed:
+            raise closed_error()
+        budget = self._budget
+        room = budget.room - n
+        if room < 0:
+            room = budget.wait_for_room(n)  # releases the lock while it waits
+            if self.sealed:
+                raise closed_error()
+        budget.room = room
+
+    def add_metrics(self, rows: list[MetricRow]) -> None:
+        # The hot path of a training loop: _admit inlined, a subtraction and a comparison.
+        n = len(rows)
+        with self._lock:
+            if self.sealed:
+                raise closed_error()
+            budget = self._budget
+            room = budget.room - n
+            if room < 0:
+                room = budget.wait_for_room(n)  # releases the lock while it waits
+                if self.sealed:
+                    raise closed_error()
+            budget.room = room
+            self.metrics += rows
+
+    def add_params(self, pairs: list[Pair]) -> None:
+        with self._lock:
+            self._admit(len(pairs))
+            self.params += pairs
+
+    def add_tags(self, pairs: list[Pair]) -> None:
+        with self._lock:
+            self._admit(len(pairs))
+            self.tags += pairs
+
+    def add_datasets(self, datasets: list[Any]) -> None:
+        with self._lock:
+            self._admit(len(datasets))
+            self.datasets += datasets
+
+    def discard(self) -> Snapshot:
+        snapshot = self.take()
+        self._budget.release(snapshot.held())
+        return snapshot
+
+
+class WatchedRunQueues(BoundedRunQueues):
+    """The queues of a client with ``flush_interval`` (and perhaps ``max_queued``).
+
+    Besides counting, the queue calls ``on_full`` once when it comes to hold a full batch
+    (``MAX_METRICS_PER_BATCH`` metrics, or ``MAX_PARAMS_TAGS_PER_BATCH`` params and tags),
+    and again only after the next :meth:`take`: a comparison per append, a message per
+    batch. (Without ``max_queued`` its budget is unbounded.) Clients with neither option
+    get plain :class:`RunQueues`, whose appends pay for none of this.
+    """
+
+    __slots__ = ("_metrics_mark", "_pairs_mark", "on_full")
+
+    def __init__(self, create: CreateRun | None, budget: Budget) -> None:
+        super().__init__(create, budget)
+        self._metrics_mark = MAX_METRICS_PER_BATCH
+        self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH
+        self.on_full: Callable[[], None] = _no_trigger  # set by the supervisor
+
+    def add_metrics(self, rows: list[MetricRow]) -> None:
+        with self._lock:
+            self._admit(len(rows))
+            self.metrics += rows
+            full = len(self.metrics) >= self._metrics_mark
+            if full:
+                self._metrics_mark = _NEVER
+        if full:
+            self.on_full()
+
+    def _pairs_full(self) -> bool:
+        # Under self._lock, after an append of params or tags.
+        full = len(self.params) + len(self.tags) >= self._pairs_mark
+        if full:
+            self._pairs_mark = _NEVER
+        return full
+
+    def add_params(self, pairs: list[Pair]) -> None:
+        with self._lock:
+            self._admit(len(pairs))
+            self.params += pairs
+            full = self._pairs_full()
+        if full:
+            self.on_full()
+
+    def add_tags(self, pairs: list[Pair]) -> None:
+        with self._lock:
+            self._admit(len(pairs))
+            self.tags += pairs
+            full = self._pairs_full()
+        if full:
+            self.on_full()
+
+    def take(self) -> Snapshot:
+        with self._lock:
+            snapshot = self._take_locked()
+            self._metrics_mark = MAX_METRICS_PER_BATCH
+            self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH
+        return snapshot

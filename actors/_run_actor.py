@@ -5,10 +5,16 @@ executor, and wait for the job's result as a message. While a round is in flight
 flush requests wait for the next round, which snapshots only after the current one ends.
 So a run's operations reach the store in call order whatever the flushes do, and the
 actor's mailbox never waits on I/O: ``status()`` and new flush requests are answered at once.
+
+A background flush (``BACKGROUND_FLUSH``: ``flush_interval``, a full batch, ``max_queued``)
+takes the same rounds, with nobody waiting. A failed round is kept in the session's
+:class:`~actors._failures.FailureLog` until a ``flush()`` raises it (``close()`` raises the
+rest), and logged as a warning when no ``flush()`` waits on it: never silent.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +22,7 @@ import pykka
 from mlflow.exceptions import MlflowException
 
 from actors._executor import failed_result
+from actors._failures import FailureLog, RoundFailure
 from actors._perform import Job, JobResult, empty_counts, failure_message
 from actors._plan import plan_snapshot
 
@@ -27,7 +34,10 @@ class FlushRequest:
     """Ask a run actor to flush; the reply is a future of that flush's outcome."""
 
 
+_logger = logging.getLogger(__name__)
+
 FLUSH = FlushRequest()
+BACKGROUND_FLUSH = FlushRequest()  # told, not asked: nobody waits for its outcome
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,8 @@ class RunFinished:
     seen: int
 
 
-def _fail(future: pykka.ThreadingFuture[None], message: str) -> None:
-    exc = MlflowException(message)
+def _fail(future: pykka.ThreadingFuture[None], message: str, log: FailureLog, token: int) -> None:
+    exc = RoundFailure(message, log, token)
     future.set_exception((MlflowException, exc, None))
 
 
@@ -68,10 +78,14 @@ class RunActor(pykka.ThreadingActor):
         self._creating = False
         self._waiters: list[pykka.ThreadingFuture[None]] = []
         self._next: list[pykka.ThreadingFuture[None]] = []
+        self._next_requested = False  # a request (perhaps a background one) awaits a round
 
     def on_receive(self, message: Any) -> Any:
         if message is FLUSH:
             return self._on_flush()
+        if message is BACKGROUND_FLUSH:
+            self._on_background_flush()
+            return None
         if isinstance(message, JobDone):
             self._on_job_done(message.result)
             return None
@@ -82,9 +96,17 @@ class RunActor(pykka.ThreadingActor):
         done: pykka.ThreadingFuture[None] = pykka.ThreadingFuture()
         if self._inflight:
             self._next.append(done)
+            self._next_requested = True
         else:
             self._start_round([done])
         return done
+
+    def _on_background_flush(self) -> None:
+        self._seen += 1
+        if self._inflight:
+            self._next_requested = True
+        else:
+            self._start_round([])
 
     def _start_round(self, waiters: list[pykka.ThreadingFuture[None]]) -> None:
         handle, record = self._handle, self._handle.record
@@ -119,6 +141,7 @@ class RunActor(pykka.ThreadingActor):
         self._creating = snapshot.create is not None
         record.inflight = snapshot.counts()
         ref = self.actor_ref
+        budget, held = self._session.budget, snapshot.held()
 
         def on_state(state: str, worker: str | None, detail: str | None = None) -> None:
             # Called on the executor's thread; only this run's job writes these fields.
@@ -128,6 +151,8 @@ class RunActor(pykka.ThreadingActor):
             record.state, record.worker = state, worker
 
         def on_done(result: JobResult) -> None:
+            if budget is not None:  # the round's entities leave memory, delivered or not
+                budget.release(held)
             try:
                 ref.tell(JobDone(result))
             except pykka.ActorDeadError:  # stopped or crashed meanwhile: nobody to tell
@@ -136,6 +161,8 @@ class RunActor(pykka.ThreadingActor):
         try:
             self._session.executor().submit(job, on_state, on_done)
         except Exception as exc:  # the executor is shut down: fail this round only
+            if budget is not None:
+                budget.release(held)
             self._on_job_done(failed_result(job, exc))
 
     def _on_job_done(self, result: JobResult) -> None:
@@ -156,14 +183,19 @@ class RunActor(pykka.ThreadingActor):
         record.terminated = record.terminated or result.terminated
         record.state, record.worker = "idle", None
         waiters, self._waiters = self._waiters, []
-        message = failure_message(record.label, result.errors) if result.errors else None
-        for waiter in waiters:
-            if message is None:
+        if result.errors:
+            message = failure_message(record.label, result.errors)
+            failures = self._session.failures
+            token = failures.add(message)
+            if not waiters:
+                _logger.warning("runactors: a background flush failed: %s", message)
+            for waiter in waiters:
+                _fail(waiter, message, failures, token)
+        else:
+            for waiter in waiters:
                 waiter.set(None)
-            else:
-                _fail(waiter, message)
-        if self._next:
-            waiters, self._next = self._next, []
+        if self._next_requested:
+            waiters, self._next, self._next_requested = self._next, [], False
             self._start_round(waiters)
         else:
             self._report_if_finished()
@@ -178,9 +210,14 @@ class RunActor(pykka.ThreadingActor):
             # Its creation's outcome would come back to a dead actor: settle it now.
             pending._set_failed(message)
         waiters = self._waiters + self._next
-        self._waiters, self._next = [], []
+        self._waiters, self._next, self._next_requested = [], [], False
+        if not waiters:
+            return
+        text = failure_message(self._handle.record.label, [message])
+        failures = self._session.failures
+        token = failures.add(text)
         for waiter in waiters:
-            _fail(waiter, failure_message(self._handle.record.label, [message]))
+            _fail(waiter, text, failures, token)
 
     def on_stop(self) -> None:
         record = self._handle.record
@@ -192,4 +229,7 @@ class RunActor(pykka.ThreadingActor):
         error = f"run actor crashed: {exc_info[1]!r}"
         record.errors.add([error])
         record.state = "crashed"
+        if not (self._waiters or self._next):  # nobody waits to hear it: keep it for close()
+            self._session.failures.add(failure_message(record.label, [error]))
+            _logger.warning("runactors: %s", failure_message(record.label, [error]))
         self._fail_waiters(error)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from actors._budget import Budget
 from actors._executor import Executor, ThreadExecutor
+from actors._failures import FailureLog
 from actors._pending import PendingRunId
-from actors._queues import RunQueues, closed_error
+from actors._queues import (
+    BoundedRunQueues,
+    CreateRun,
+    RunQueues,
+    WatchedRunQueues,
+    closed_error,
+)
 from actors._status import RunRecord
 
 if TYPE_CHECKING:
@@ -59,6 +68,22 @@ class Session:
         self._executor: Executor | None = None
         self._lock = threading.Lock()
         self._handles_lock = threading.Lock()  # makes adding a run and sealing atomic
+        # What the client holds in memory, shared by all its runs' queues: bounded by
+        # max_queued; counted without a bound for flush_interval; not at all without either.
+        self.budget: Budget | None = None
+        if config.max_queued is not None or config.flush_interval is not None:
+            limit = sys.maxsize if config.max_queued is None else config.max_queued
+            self.budget = Budget(limit, config.retry_timeout)
+        self.failures = FailureLog()  # failed rounds no flush() has raised yet
+        self.next_flush: float | None = None  # flush_interval: the next background flush
+
+    def new_queues(self, create: CreateRun | None = None) -> RunQueues:
+        """The queues of a new run: plain, unless ``max_queued`` or ``flush_interval`` is set."""
+        if self.budget is None:
+            return RunQueues(create)
+        if self.config.flush_interval is not None:
+            return WatchedRunQueues(create, self.budget)
+        return BoundedRunQueues(create, self.budget)
 
     def add_handle(self, handle: RunHandle) -> RunHandle:
         """Register a new run, unless the session is sealed (then ``closed_error()``)."""

@@ -4,7 +4,9 @@ One :class:`ActorSystem` (one :class:`~actors._supervisor.Supervisor`) serves ev
 in a process, the way MLflow's autologging creates a client per ``fit()``. All its threads
 are daemon threads, so the interpreter never waits on them; instead an ``atexit`` handler
 flushes and closes every open session within ``RUNACTORS_EXIT_TIMEOUT`` seconds (default
-30), letting flushes already in flight complete.
+30), letting flushes already in flight complete. The system also owns the process's one
+:class:`~actors._ticker.Ticker` (the timer of every client's ``flush_interval``), started
+and stopped with it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any
 import pykka
 from mlflow.exceptions import MlflowException
 
+from actors._failures import RoundFailure
 from actors._pending import format_seconds
 from actors._perform import failure_message
 from actors._queues import CreateRun
 from actors._run_actor import RunActor
 from actors._session import RunHandle, Session, SessionConfig
 from actors._supervisor import (
+    TICK,
     CloseSession,
     FlushSession,
     ListSessions,
@@ -34,6 +38,7 @@ from actors._supervisor import (
     Supervisor,
     Ticket,
 )
+from actors._ticker import Ticker
 
 _logger = logging.getLogger(__name__)
 
@@ -92,6 +97,8 @@ def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[st
             raise TimeoutError(f"the flush did not complete within {waited} s") from None
         except MlflowException as exc:
             failures.append(exc.message)
+            if isinstance(exc, RoundFailure):
+                exc.mark_raised()  # the caller raises it: close() need not raise it again
         except Exception as exc:  # the actor died before it could take the request
             failures.append(failure_message(handle.record.label, [repr(exc)]))
     return failures
@@ -102,7 +109,12 @@ class ActorSystem:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.supervisor = Supervisor.start()
+        self.ticker = Ticker(self._tick)
+        self.supervisor = Supervisor.start(self.ticker)
+        self.ticker.start()
+
+    def _tick(self) -> None:
+        self.supervisor.tell(TICK)
 
     def _ask(self, message: Any, deadline: _Deadline | None = None) -> Any:
         # The supervisor answers at once; a deadline only guards the exit path against a
@@ -131,7 +143,8 @@ class ActorSystem:
 
     def close_session(self, session: Session, timeout: float | None = None) -> list[str]:
         """Flush what the session queued, wait up to ``timeout`` s, stop its actors and
-        executor; return the failure messages of that last flush."""
+        executor; return the failure messages of that last flush, after those of earlier
+        rounds that no ``flush()`` raised (background flushes, say)."""
         if session.closed:
             return []
         session.seal()  # from here a racing call raises, or is in the flush below
@@ -151,11 +164,12 @@ class ActorSystem:
                 waited = format_seconds(0.0 if timeout is None else timeout)
                 _logger.warning("runactors: some run actors did not stop within %s s", waited)
             session.shutdown_executor(deadline.remaining())
-        return failures
+        return session.failures.take_unraised() + failures
 
     def stop(self, timeout: float | None = None) -> None:
         """Close every session and stop the supervisor (used at interpreter exit)."""
         deadline = _Deadline(timeout)
+        self.ticker.stop(deadline.remaining())  # no background flush races the last ones
         try:
             sessions = self.sessions(deadline)
         except Exception:  # no answer: the daemon threads end with the process anyway

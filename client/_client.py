@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import uuid
@@ -101,16 +102,27 @@ class QueueingClient:
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
         ):
             raise _invalid(f"Invalid max_workers {max_workers!r}: expected an integer >= 1.")
-        for name, option in (
-            ("flush_interval", flush_interval),
-            ("max_queued", max_queued),
-            ("spool_dir", spool_dir),
+        if flush_interval is not None and (
+            isinstance(flush_interval, bool)
+            or not isinstance(flush_interval, int | float)
+            or not 0 < flush_interval < math.inf
         ):
-            if option is not None:  # accepted by the contract; delivered by a later release
-                raise MlflowException(
-                    f"{name} is not supported yet by this version of runactors.",
-                    INVALID_PARAMETER_VALUE,
-                )
+            raise _invalid(
+                f"Invalid flush_interval {flush_interval!r}: expected a number of seconds > 0, "
+                "or None for no background flushes."
+            )
+        if max_queued is not None and (
+            isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1
+        ):
+            raise _invalid(
+                f"Invalid max_queued {max_queued!r}: expected an integer >= 1 (entities held "
+                "in memory), or None for no bound."
+            )
+        if spool_dir is not None:  # accepted by the contract; delivered by a later release
+            raise MlflowException(
+                "spool_dir is not supported yet by this version of runactors.",
+                INVALID_PARAMETER_VALUE,
+            )
         if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
             raise _invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
         self._config = SessionConfig(
@@ -118,7 +130,7 @@ class QueueingClient:
             tracking_uri=resolve_tracking_uri(tracking_uri),
             executor=executor,
             max_workers=max_workers,
-            flush_interval=flush_interval,
+            flush_interval=None if flush_interval is None else float(flush_interval),
             max_queued=max_queued,
             retry_timeout=float(retry_timeout),
             spool_dir=None if spool_dir is None else os.fspath(spool_dir),
@@ -329,7 +341,7 @@ class QueueingClient:
         if session is None:
             return
         for handle in list(session.handles.values()):
-            snapshot = handle.queues.take()
+            snapshot = handle.queues.discard()
             if snapshot.create is not None and handle.pending is not None:
                 handle.pending._set_failed("dropped: the client's context exited with an error")
 
