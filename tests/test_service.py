@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from servers import free_port
 
 from client import QueueingClient
 
