@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from actors._executor import Executor, ThreadExecutor
 from actors._pending import PendingRunId
 from actors._queues import RunQueues, closed_error
+from actors._spooling import Spooler
 from actors._status import RunRecord
 
 if TYPE_CHECKING:
@@ -59,6 +60,14 @@ class Session:
         self._executor: Executor | None = None
         self._lock = threading.Lock()
         self._handles_lock = threading.Lock()  # makes adding a run and sealing atomic
+        # With spool_dir: the journal of what could not be delivered (opened at first use).
+        self.spooler = (
+            None
+            if config.spool_dir is None
+            else Spooler(
+                config.spool_dir, config.tracking_uri, config.retry_timeout, f"runactors-{self.id}"
+            )
+        )
 
     def add_handle(self, handle: RunHandle) -> RunHandle:
         """Register a new run, unless the session is sealed (then ``closed_error()``)."""

@@ -11,6 +11,8 @@ States (``RunStatus.state``):
 ``waiting``  a flush is planned and waits for a free executor worker
 ``flushing`` the run's calls are being made
 ``retrying`` a call failed transiently and is being retried with backoff
+``spooled``  the run's last round could not be delivered and is in the spool (``spool_dir``);
+             its next flush re-sends it first
 ``stopped``  terminated and fully flushed; the run's actor has stopped
 ``crashed``  the actor failed; the next flush starts a new one for the run
 ``closed``   the client was closed (``status()`` still answers, with the final state)
@@ -31,7 +33,7 @@ from actors._pending import PendingRunId
 from actors._perform import KINDS, empty_counts
 from actors._queues import RunQueues
 
-STATES = ("idle", "waiting", "flushing", "retrying", "stopped", "crashed", "closed")
+STATES = ("idle", "waiting", "flushing", "retrying", "spooled", "stopped", "crashed", "closed")
 BUSY_STATES = frozenset({"waiting", "flushing", "retrying"})
 
 ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good
@@ -108,6 +110,7 @@ class RunRecord:
     terminated: bool = False
     create_error: str | None = None
     worker: str | None = None
+    spooled: dict[str, int] = field(default_factory=empty_counts)
 
     @property
     def label(self) -> str:
@@ -126,6 +129,7 @@ class RunRecord:
             errors=self.errors.messages(),
             worker=self.worker,
             errors_dropped=self.errors.dropped,
+            spooled=dict(self.spooled),
         )
 
 
@@ -141,6 +145,7 @@ class RunStatus:
     errors: list[str]
     worker: str | None = None
     errors_dropped: int = 0  # errors past the cap of ``errors``, counted in it as one line
+    spooled: dict[str, int] = field(default_factory=empty_counts)  # on disk, to be re-sent
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,6 +157,7 @@ class RunStatus:
             "errors": list(self.errors),
             "worker": self.worker,
             "errors_dropped": self.errors_dropped,
+            "spooled": dict(self.spooled),
         }
 
 
