@@ -309,7 +309,7 @@ def test_terminal_status_defaults_like_mlflow(client, store, experiment_id):
 
 
 def test_options_not_delivered_yet_say_so(tracking_uri, tmp_path):
-    for kwargs in ({"flush_interval": 1.0}, {"max_queued": 10}, {"spool_dir": tmp_path}):
+    for kwargs in ({"flush_interval": 1.0}, {"max_queued": 10}):
         with pytest.raises(MlflowException, match="not supported yet"):
             QueueingClient(tracking_uri, **kwargs)
 

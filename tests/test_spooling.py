@@ -229,7 +229,7 @@ def test_permanent_error_is_reported_not_spooled(tracking_uri: str, tmp_path: Pa
 
 @pytest.mark.parametrize("bad", [123, b"/tmp/x", ""])
 def test_bad_spool_dir_types_raise_at_the_constructor(bad: Any, tracking_uri: str) -> None:
-    with pytest.raises(MlflowException, match="spool_dir"):
+    with pytest.raises(MlflowException, match="Invalid spool_dir"):
         QueueingClient(tracking_uri, spool_dir=bad)
 
 
