@@ -240,3 +240,30 @@ def test_spool_dir_that_is_a_file_raises_at_the_constructor(
     path.write_text("")
     with pytest.raises(MlflowException, match="not a folder"):
         QueueingClient(tracking_uri, spool_dir=path)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_bounded_close_stops_retrying_and_spools_what_is_in_flight(
+    mlflow_server: Any, executor: str, tmp_path: Path
+) -> None:
+    """retry_timeout far past close's bound: the rounds still retrying are stopped (a thread
+    at its next retry, a worker process at once) and spooled, within the bound."""
+    uri = mlflow_server.uri
+    experiment_id = _experiment(uri, f"bounded-{executor}")
+    spool_dir = tmp_path / "spool"
+    client = QueueingClient(uri, executor=executor, retry_timeout=300, spool_dir=spool_dir)
+    mlflow_server.stop()
+    pendings = _log_runs(client, experiment_id, runs=2)
+    for pending in pendings:
+        client.set_terminated(pending, "FINISHED")
+    client.flush(synchronous=False)
+    started = time.monotonic()
+    with pytest.raises(MlflowException, match="runactors replay"):
+        client.close(timeout=EXIT_TIMEOUT)
+    took = time.monotonic() - started
+    assert took < EXIT_TIMEOUT + 10, took  # the bound, a generous margin for the load
+    assert _total(client.status(), "spooled")["metrics"] == 2 * 2 * STEPS
+    mlflow_server.start()
+    done = replay(spool_dir, uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_store(uri, experiment_id, runs=2, steps=STEPS, finished=2)
