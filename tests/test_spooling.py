@@ -267,3 +267,27 @@ def test_bounded_close_stops_retrying_and_spools_what_is_in_flight(
     done = replay(spool_dir, uri)
     assert done.returncode == 0, done.stdout + done.stderr
     _check_store(uri, experiment_id, runs=2, steps=STEPS, finished=2)
+
+
+def test_locked_sqlite_store_spools_then_delivers_once(
+    tracking_uri: str, experiment_id: str, executor: str, lock_store: Any, tmp_path: Path
+) -> None:
+    """A local store locked by another connection (a real second writer) past
+    retry_timeout: spooled; once it is free, the next flush delivers every run once."""
+    spool_dir = tmp_path / "spool"
+    client = QueueingClient(tracking_uri, executor=executor, retry_timeout=1, spool_dir=spool_dir)
+    try:
+        with lock_store(300):
+            pendings = _log_runs(client, experiment_id, runs=2)
+            client.set_terminated(pendings[0], "FINISHED")
+            with pytest.raises(MlflowException, match="spooled to"):
+                client.flush()
+            assert {run.state for run in client.status().runs} == {"spooled"}
+            assert not any(pending.done() for pending in pendings)
+        client.flush()
+        assert _total(client.status(), "spooled") == dict.fromkeys(KINDS, 0)
+        assert all(pending.done() for pending in pendings)
+    finally:
+        client.close()
+    assert spool_files(spool_dir) == []
+    _check_store(tracking_uri, experiment_id, runs=2, steps=STEPS, finished=1)
