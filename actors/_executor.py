@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors._perform import Job, JobResult, perform_job, retry_error_text
+from actors._perform import Job, JobResult, JobStopped, perform_job, retry_error_text
 from actors._plan import Call
 
 _logger = logging.getLogger(__name__)
@@ -49,15 +49,20 @@ class Executor(Protocol):
 
 
 def failed_result(job: Job, exc: BaseException) -> JobResult:
-    """The result of a job that could not be performed at all."""
+    """The result of a job that could not be performed at all.
+
+    With a spool, a job stopped because the client is closing is spooled, not failed."""
     result = JobResult(run_id=job.run_id)
+    if job.stop_on_transient and isinstance(exc, JobStopped):
+        result.unsent, result.unsent_error = list(job.calls), f"not sent: {exc}"
+        return result
     result.errors.append(f"could not perform the run's calls: {exc!r}")
     if job.run_id is None:
         result.create_error = repr(exc)
     return result
 
 
-class ExecutorShutDown(Exception):
+class ExecutorShutDown(JobStopped):
     """Raised inside a job that the pool gave up on: nothing more of it may be sent."""
 
 

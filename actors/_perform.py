@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
-from actors._retry import call_with_retry
+from actors._retry import call_with_retry, is_transient
 from actors._store import request_deadline
 
 KINDS = ("metrics", "params", "tags", "datasets")
@@ -56,6 +56,9 @@ class Job:
     calls: list[Call]
     retry_timeout: float
     label: str = ""  # how failures name the run while its ID is unknown
+    # With a spool: stop at the first call that still fails transiently after its retries
+    # (or at JobStopped), so that it and every later call can be spooled in order.
+    stop_on_transient: bool = False
 
 
 @dataclass
@@ -66,6 +69,17 @@ class JobResult:
     logged: dict[str, int] = field(default_factory=empty_counts)
     errors: list[str] = field(default_factory=list)
     terminated: bool = False
+    # With ``stop_on_transient``: the calls not delivered, in order, the first being the one
+    # that failed (its error in ``unsent_error``); ``unsent_attempted`` if that one was sent
+    # (a creation then has an unknown outcome and is looked up before it is sent again).
+    unsent: list[Call] = field(default_factory=list)
+    unsent_error: str | None = None
+    unsent_attempted: bool = False
+    spooled: bool = False  # set by the spooler once ``unsent`` is on disk
+
+
+class JobStopped(Exception):
+    """Raised by an executor's hook: the client is closing, send nothing more of this job."""
 
 
 def call_counts(call: Call) -> dict[str, int]:
@@ -145,7 +159,14 @@ def perform_job(
     retried call is over, so that a run's state goes from ``retrying`` back to ``flushing``.
     """
     retries = _Retries(job.retry_timeout, on_retry, on_retry_end)
-    client = retries(open_client)
+    try:
+        client = retries(open_client)
+    except Exception as exc:
+        if not (job.stop_on_transient and _spoolable(exc)):
+            raise
+        result = JobResult(run_id=job.run_id)
+        result.unsent, result.unsent_error = list(job.calls), f"opening the store failed: {exc!r}"
+        return result
     result = _perform(client, job, retries, on_call)
     result.errors = compress_errors(result.errors)
     return result
@@ -229,16 +250,23 @@ def _create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: _
     return retries(attempt)
 
 
+def _spoolable(exc: BaseException) -> bool:
+    """Whether a failed call goes to the spool (with ``stop_on_transient``) rather than
+    being reported: a transient failure past its retries, or the client closing."""
+    return isinstance(exc, JobStopped) or is_transient(exc)
+
+
 def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None) -> JobResult:
     result = JobResult(run_id=job.run_id)
-    for call in job.calls:
+    for index, call in enumerate(job.calls):
         error: str | None = None
+        failure: Exception | None = None
         run_id = result.run_id
         if isinstance(call, CreateRunCall):
             try:
                 run_id = _create_once(client, job.tracking_uri, call, retries)
             except Exception as exc:
-                error = f"create_run failed: {exc!r}"
+                error, failure = f"create_run failed: {exc!r}", exc
         elif run_id is None:
             error = f"run {job.label} has no ID: its creation failed, so this call was not sent"
         else:
@@ -246,9 +274,21 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
                 retries(partial(_invoke, client, run_id, call))
             except Exception as exc:
                 error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
+                failure = exc
+        if job.stop_on_transient and failure is not None and _spoolable(failure):
+            result.unsent, result.unsent_error = list(job.calls[index:]), error
+            result.unsent_attempted = True  # failed or stopped while being retried
+            return result
         record_outcome(result, call, error, run_id)
         if on_call is not None:
-            on_call(call, error, run_id)
+            try:
+                on_call(call, error, run_id)
+            except JobStopped:
+                if not job.stop_on_transient:
+                    raise
+                result.unsent = list(job.calls[index + 1 :])
+                result.unsent_error = "the client was closed before these calls were sent"
+                return result
     return result
 
 

@@ -16,6 +16,7 @@ its copies of the parent's worker sockets, so that workers exit when their paren
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import site
 import socket
@@ -221,7 +222,7 @@ class _Slot:
             try:
                 worker = self._live_worker()
             except _SlotClosed:
-                return _fail_rest(prior, progress, remaining, "the client was closed")
+                return _stop_rest(job, prior, progress, remaining)
             except Exception as exc:
                 why = f"could not start a worker process: {exc!r}"
                 return _fail_rest(prior, progress, remaining, why)
@@ -250,7 +251,7 @@ class _Slot:
             if not remaining:
                 return prior
             if self._closed:
-                return _fail_rest(prior, None, remaining, "the client was closed")
+                return _stop_rest(job, prior, None, remaining)
             if deaths > 1 or isinstance(remaining[0], CreateRunCall):
                 why = (
                     "its worker process died during create_run (not resent: it may have landed)"
@@ -267,9 +268,7 @@ def _dumps(job: Job, run_id: str | None, calls: list[Call], refused: JobResult) 
     call is left to send."""
 
     def dumps() -> bytes:
-        return bytes(
-            cloudpickle.dumps(Job(job.tracking_uri, run_id, calls, job.retry_timeout, job.label))
-        )
+        return bytes(cloudpickle.dumps(dataclasses.replace(job, run_id=run_id, calls=calls)))
 
     try:
         return dumps()
@@ -304,6 +303,19 @@ def _fail_rest(
     return done
 
 
+def _stop_rest(
+    job: Job, prior: JobResult | None, progress: JobResult | None, calls: list[Call]
+) -> JobResult:
+    """The outcome when the client closed with ``calls`` unsent: spooled with a spool
+    (the first may have been in flight in a worker that was stopped), failed without."""
+    if not job.stop_on_transient:
+        return _fail_rest(prior, progress, calls, "the client was closed")
+    done = _fail_rest(prior, progress, [], "")
+    done.unsent, done.unsent_error = list(calls), "not sent: the client was closed"
+    done.unsent_attempted = True
+    return done
+
+
 def _merge(done: JobResult, rest: JobResult) -> JobResult:
     """The outcome of a job resumed after a worker died: earlier calls, then the rest."""
     merged = JobResult(run_id=rest.run_id or done.run_id)
@@ -313,6 +325,8 @@ def _merge(done: JobResult, rest: JobResult) -> JobResult:
     for kind in merged.logged:
         merged.logged[kind] = done.logged[kind] + rest.logged[kind]
     merged.errors = compress_errors(done.errors + rest.errors)
+    merged.unsent, merged.unsent_error = rest.unsent, rest.unsent_error
+    merged.unsent_attempted = rest.unsent_attempted
     return merged
 
 

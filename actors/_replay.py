@@ -21,7 +21,7 @@ from typing import Any
 
 from actors._create_key import creation_with_key, find_created_run
 from actors._perform import KINDS, RetryHook, _create, _invoke, call_counts, empty_counts
-from actors._retry import call_with_retry
+from actors._retry import call_with_retry, is_transient
 from actors._spool import RunEntry, Spool, SpoolCorrupt, SpoolError
 
 # (run key, what the call delivered: entities per kind) after each delivered call or creation
@@ -42,6 +42,7 @@ class RunDelivery:
     left: dict[str, int] = field(default_factory=empty_counts)
     calls_left: int = 0
     error: str | None = None
+    transient: bool = False  # the error is transient: a later delivery may succeed
 
 
 @dataclass
@@ -153,6 +154,7 @@ def deliver_run(
         raise
     except Exception as exc:
         outcome.error = f"{step} failed: {exc!r}"
+        outcome.transient = is_transient(exc)
     outcome.left = spool.counts(entry.key)
     outcome.calls_left = spool.pending_calls(entry.key)
     return outcome

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import pykka
 from mlflow.exceptions import MlflowException
 
-from actors._executor import failed_result
+from actors._executor import DoneHook, failed_result
 from actors._failures import FailureLog, RoundFailure
-from actors._perform import Job, JobResult, empty_counts, failure_message
+from actors._perform import Job, JobResult, JobStopped, empty_counts, failure_message
 from actors._plan import plan_snapshot
 
 if TYPE_CHECKING:
@@ -115,7 +115,9 @@ class RunActor(pykka.ThreadingActor):
         # both no work and no round, so a flush can never slip past a round being started.
         record.state = "waiting"
         snapshot = handle.queues.take()
-        if snapshot.is_empty():
+        spooler = self._session.spooler
+        spooled = spooler is not None and spooler.holds(handle)
+        if snapshot.is_empty() and not spooled:
             record.state = "idle"
             self._waiters = []
             for waiter in waiters:
@@ -158,9 +160,19 @@ class RunActor(pykka.ThreadingActor):
             except pykka.ActorDeadError:  # stopped or crashed meanwhile: nobody to tell
                 pass
 
+        done: DoneHook = on_done
+        if spooler is not None:  # undelivered calls go to the spool (actors._spooling)
+            job.stop_on_transient = True
+            done = spooler.track(handle, on_done)
+            if spooled:
+                spooler.resend(handle, job, self._session.executor, on_state, done)
+                return
         try:
-            self._session.executor().submit(job, on_state, on_done)
+            self._session.executor().submit(job, on_state, done)
         except Exception as exc:  # the executor is shut down: fail this round only
+            if spooler is not None:  # on_done, inside done, gives the budget back
+                done(failed_result(job, JobStopped(str(exc))))
+                return
             if budget is not None:
                 budget.release(held)
             self._on_job_done(failed_result(job, exc))
@@ -181,7 +193,7 @@ class RunActor(pykka.ThreadingActor):
         record.inflight = empty_counts()
         record.errors.add(result.errors)
         record.terminated = record.terminated or result.terminated
-        record.state, record.worker = "idle", None
+        record.state, record.worker = ("spooled" if result.spooled else "idle"), None
         waiters, self._waiters = self._waiters, []
         if result.errors:
             message = failure_message(record.label, result.errors)

@@ -18,6 +18,7 @@ from actors._queues import (
     WatchedRunQueues,
     closed_error,
 )
+from actors._spooling import Spooler
 from actors._status import RunRecord
 
 if TYPE_CHECKING:
@@ -76,6 +77,14 @@ class Session:
             self.budget = Budget(limit, config.retry_timeout)
         self.failures = FailureLog()  # failed rounds no flush() has raised yet
         self.next_flush: float | None = None  # flush_interval: the next background flush
+        # With spool_dir: the journal of what could not be delivered (opened at first use).
+        self.spooler = (
+            None
+            if config.spool_dir is None
+            else Spooler(
+                config.spool_dir, config.tracking_uri, config.retry_timeout, f"runactors-{self.id}"
+            )
+        )
 
     def new_queues(self, create: CreateRun | None = None) -> RunQueues:
         """The queues of a new run: plain, unless ``max_queued`` or ``flush_interval`` is set."""

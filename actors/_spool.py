@@ -633,6 +633,14 @@ class Spool:
             db.executemany("DELETE FROM calls WHERE seq = ?", [(seq,) for seq in seqs])
             self._prune(db)
 
+    def drop_run(self, key: str) -> int:
+        """Delete a run and its calls (its creation failed for good: they cannot be
+        delivered, and were reported); the number of calls deleted."""
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM calls WHERE run_key = ?", (key,))
+            db.execute("DELETE FROM runs WHERE key = ?", (key,))
+            return int(cursor.rowcount)
+
     @staticmethod
     def _prune(db: sqlite3.Connection) -> None:
         db.execute(

@@ -11,6 +11,8 @@ States (``RunStatus.state``):
 ``waiting``  a flush is planned and waits for a free executor worker
 ``flushing`` the run's calls are being made
 ``retrying`` a call failed transiently and is being retried with backoff
+``spooled``  the run's last round could not be delivered and is in the spool (``spool_dir``);
+             its next flush re-sends it first
 ``stopped``  terminated and fully flushed; the run's actor has stopped
 ``crashed``  the actor failed; the next flush starts a new one for the run
 ``closed``   the client was closed (``status()`` still answers, with the final state)
@@ -38,7 +40,7 @@ from actors._pending import PendingRunId
 from actors._perform import KINDS, empty_counts
 from actors._queues import RunQueues
 
-STATES = ("idle", "waiting", "flushing", "retrying", "stopped", "crashed", "closed")
+STATES = ("idle", "waiting", "flushing", "retrying", "spooled", "stopped", "crashed", "closed")
 BUSY_STATES = frozenset({"waiting", "flushing", "retrying"})
 
 ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good
@@ -117,6 +119,7 @@ class RunRecord:
     worker: str | None = None
     retries: int = 0
     last_retry_error: str | None = None
+    spooled: dict[str, int] = field(default_factory=empty_counts)
 
     @property
     def label(self) -> str:
@@ -137,6 +140,7 @@ class RunRecord:
             errors_dropped=self.errors.dropped,
             retries=self.retries,
             last_retry_error=self.last_retry_error,
+            spooled=dict(self.spooled),
         )
 
 
@@ -154,6 +158,7 @@ class RunStatus:
     errors_dropped: int = 0  # errors past the cap of ``errors``, counted in it as one line
     retries: int = 0  # transient failures retried so far (cumulative)
     last_retry_error: str | None = None  # the latest of them, kept after recovery
+    spooled: dict[str, int] = field(default_factory=empty_counts)  # on disk, to be re-sent
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,6 +172,7 @@ class RunStatus:
             "errors_dropped": self.errors_dropped,
             "retries": self.retries,
             "last_retry_error": self.last_retry_error,
+            "spooled": dict(self.spooled),
         }
 
 

@@ -156,7 +156,9 @@ class Supervisor(pykka.ThreadingActor):
             raise closed_error()
         tickets: list[Ticket] = []
         for handle in list(session.handles.values()):
-            if not handle.queues.has_work() and handle.record.state not in BUSY_STATES:
+            # A spooled run's flush re-sends its spooled calls, even with nothing queued.
+            spooled = session.spooler is not None and session.spooler.holds(handle)
+            if not (handle.queues.has_work() or spooled or handle.record.state in BUSY_STATES):
                 continue  # nothing to send and nothing in flight to wait for
             ref = self._actor_for(session, handle)
             handle.sent += 1

@@ -28,6 +28,7 @@ from actors._perform import failure_message
 from actors._queues import CreateRun
 from actors._run_actor import RunActor
 from actors._session import RunHandle, Session, SessionConfig
+from actors._spooling import close_reserve
 from actors._supervisor import (
     TICK,
     CloseSession,
@@ -149,10 +150,16 @@ class ActorSystem:
             return []
         session.seal()  # from here a racing call raises, or is in the flush below
         deadline = _Deadline(timeout)
+        spooler = session.spooler
+        # With a spool, the flush leaves part of the bound for spooling what it cannot send.
+        reserve = 0.0 if spooler is None else close_reserve(timeout)
+        flush_deadline = _Deadline(None if timeout is None else max(timeout - reserve, 0.0))
         failures: list[str] = []
+        late = False
         try:
-            failures = wait_tickets(self.flush(session, deadline), deadline.remaining())
+            failures = wait_tickets(self.flush(session, flush_deadline), flush_deadline.remaining())
         except (TimeoutError, pykka.Timeout):
+            late = True
             # Name the caller's bound, not what was left of it when the wait began.
             waited = format_seconds(0.0 if timeout is None else timeout)
             failures = [f"closing before the last flush completed: it took longer than {waited} s"]
@@ -163,7 +170,14 @@ class ActorSystem:
             except pykka.Timeout:
                 waited = format_seconds(0.0 if timeout is None else timeout)
                 _logger.warning("runactors: some run actors did not stop within %s s", waited)
-            session.shutdown_executor(deadline.remaining())
+            grace = deadline.remaining()
+            if spooler is not None and late:
+                # Past the flush's bound: jobs still running stop at their next retry or
+                # call (the executor is abandoned at once), and are spooled.
+                grace = 0.0
+            session.shutdown_executor(grace)
+            if spooler is not None:
+                failures += spooler.close(list(session.handles.values()), deadline.remaining())
         return session.failures.take_unraised() + failures
 
     def stop(self, timeout: float | None = None) -> None:

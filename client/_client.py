@@ -71,6 +71,19 @@ def _release(session: Session) -> None:
     threading.Thread(target=close, name="runactors-release", daemon=True).start()
 
 
+def _check_spool_dir(spool_dir: Any) -> str | None:
+    """The spool folder as an absolute path (a pickled copy must write to the same one);
+    it need not exist yet (it is created 0700 at the first spool write)."""
+    if spool_dir is None:
+        return None
+    if not isinstance(spool_dir, str | os.PathLike) or not os.fspath(spool_dir):
+        raise _invalid(f"Invalid spool_dir {spool_dir!r}: expected a folder path (str, PathLike).")
+    path = os.path.abspath(os.fspath(spool_dir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _invalid(f"Invalid spool_dir {path!r}: it exists and is not a folder.")
+    return path
+
+
 class QueueingClient:
     """Queues run operations and delivers them through per-run actors.
 
@@ -118,11 +131,6 @@ class QueueingClient:
                 f"Invalid max_queued {max_queued!r}: expected an integer >= 1 (entities held "
                 "in memory), or None for no bound."
             )
-        if spool_dir is not None:  # accepted by the contract; delivered by a later release
-            raise MlflowException(
-                "spool_dir is not supported yet by this version of runactors.",
-                INVALID_PARAMETER_VALUE,
-            )
         if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
             raise _invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
         self._config = SessionConfig(
@@ -133,7 +141,7 @@ class QueueingClient:
             flush_interval=None if flush_interval is None else float(flush_interval),
             max_queued=max_queued,
             retry_timeout=float(retry_timeout),
-            spool_dir=None if spool_dir is None else os.fspath(spool_dir),
+            spool_dir=_check_spool_dir(spool_dir),
         )
         self._closed = False
         self._reset()
@@ -209,6 +217,8 @@ class QueueingClient:
         if run_name is not None and not isinstance(run_name, str):
             raise _invalid(f"Invalid run_name {run_name!r}: expected a string.")
         pairs = tag_pairs(tags) if tags else []
+        if start_time is None:  # fixed now: a spooled creation is re-sent identical
+            start_time = get_current_time_millis()
         create = CreateRun(str(experiment_id), start_time, pairs, run_name, str(uuid.uuid4()))
         handle = get_system().register_run(self._get_session(), None, create)
         with self._lock:
@@ -222,6 +232,8 @@ class QueueingClient:
         """Queue the termination of a run; it is sent after everything queued before it."""
         handle = self._handle(run_id)
         check_status(status)
+        if end_time is None:  # fixed now, as MLflow's own client would at the call
+            end_time = get_current_time_millis()
         if not handle.queues.set_terminate(Terminate(status, end_time)):
             raise MlflowException(
                 f"The run {handle.record.label} already has a termination queued; a run can be "

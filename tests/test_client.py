@@ -309,11 +309,6 @@ def test_terminal_status_defaults_like_mlflow(client, store, experiment_id):
     )
 
 
-def test_options_not_delivered_yet_say_so(tracking_uri, tmp_path):
-    with pytest.raises(MlflowException, match="not supported yet"):
-        QueueingClient(tracking_uri, spool_dir=tmp_path)
-
-
 def test_a_client_dropped_without_close_sends_what_it_queued(tracking_uri, store, experiment_id):
     import gc
 
