@@ -258,11 +258,16 @@ def _spoolable(exc: BaseException) -> bool:
 
 def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None) -> JobResult:
     result = JobResult(run_id=job.run_id)
+    unavailable: str | None = None  # the store failed a call past its retries
     for index, call in enumerate(job.calls):
         error: str | None = None
         failure: Exception | None = None
         run_id = result.run_id
-        if isinstance(call, CreateRunCall):
+        if unavailable is not None:
+            # retry_timeout bounds the round, not each of its calls: the rest would only
+            # wait out the same outage once more each.
+            error = f"{type(call).__name__.removesuffix('Call')} not sent: {unavailable}"
+        elif isinstance(call, CreateRunCall):
             try:
                 run_id = _create_once(client, job.tracking_uri, call, retries)
             except Exception as exc:
@@ -279,6 +284,8 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
             result.unsent, result.unsent_error = list(job.calls[index:]), error
             result.unsent_attempted = True  # failed or stopped while being retried
             return result
+        if failure is not None and is_transient(failure):
+            unavailable = f"the store was unavailable past retry_timeout ({failure!r})"
         record_outcome(result, call, error, run_id)
         if on_call is not None:
             try:

@@ -162,3 +162,28 @@ def test_an_outage_shows_in_status_and_everything_lands_once_after_it(
     run_id = runs[0].info.run_id
     assert runs[0].data.params == {"lr": "0.1"}
     assert sorted(m.step for m in store.get_metric_history(run_id, "m")) == list(range(20))
+
+
+def test_retry_timeout_bounds_the_round_not_each_of_its_calls(mlflow_server_default_http, executor):
+    """A run whose round holds many batches: once one call has failed past retry_timeout,
+    the others are reported unsent instead of each waiting out the same outage again (20
+    batches used to take 20 x retry_timeout)."""
+    server = mlflow_server_default_http
+    run_id = MlflowClient(server.uri).create_run(_new_experiment(server.uri)).info.run_id
+    client = QueueingClient(server.uri, executor=executor, retry_timeout=1)
+    try:
+        for step in range(20 * 1000):  # 20 log_batch calls of 1,000 metrics
+            client.log_metrics(run_id, {"m": float(step)}, step=step)
+        client.set_terminated(run_id)
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(MlflowException, match=run_id) as raised:
+            client.flush()
+        took = time.monotonic() - started
+        assert took < 1 + MARGIN, f"the flush took {took:.1f} s"
+        message = str(raised.value)
+        assert "LogBatch not sent: the store was unavailable past retry_timeout" in message
+        assert "SetTerminated not sent" in message
+    finally:
+        client.close(timeout=10)
+        server.start()
