@@ -182,8 +182,13 @@ class RunQueues:
         return snap
 
     def discard(self) -> Snapshot:
-        """Remove and return everything queued, which will never be sent."""
-        return self.take()
+        """Remove and return everything queued, which will never be sent from memory."""
+        snapshot = self.take()
+        self.release(snapshot)
+        return snapshot
+
+    def release(self, snapshot: Snapshot) -> None:
+        """A taken snapshot has left memory (spooled or dropped): nothing to count here."""
 
     def put_back(self, snapshot: Snapshot) -> None:
         """Return a taken snapshot to the front of the queues (its flush never started)."""
@@ -276,10 +281,8 @@ class BoundedRunQueues(RunQueues):
             self._admit(len(datasets))
             self.datasets += datasets
 
-    def discard(self) -> Snapshot:
-        snapshot = self.take()
+    def release(self, snapshot: Snapshot) -> None:
         self._budget.release(snapshot.held())
-        return snapshot
 
 
 class WatchedRunQueues(BoundedRunQueues):

@@ -153,30 +153,38 @@ class Spooler:
 
         return done
 
-    def _spool_unsent(self, handle: RunHandle, result: JobResult) -> None:
+    def _write(
+        self, handle: RunHandle, calls: list[Call], run_id: str | None, create_attempted: bool
+    ) -> Spool:
+        """Append a run's calls to the journal, adding the run (its creation or its ID) first
+        if the journal does not know it yet; durable when this returns."""
         key = self.key(handle)
-        since = handle.queues.discard()  # queued since: goes behind, in order, leaving memory
+        spool = self._journal()
+        if spool.has_run(key):
+            spool.append(key, calls)
+        elif isinstance(calls[0], CreateRunCall):
+            create = calls[0]
+            spool.add_run(
+                key,
+                create=create,
+                create_key=create.create_key,
+                create_attempted=create_attempted,
+                calls=calls[1:],
+            )
+        elif run_id is not None:
+            spool.add_run(key, run_id=run_id, calls=calls)
+        else:  # its creation is in flight or failed: these cannot be delivered
+            raise ValueError(f"run {handle.record.label} has no ID and no creation to spool")
+        self._refresh(handle, spool, key)
+        return spool
+
+    def _spool_unsent(self, handle: RunHandle, result: JobResult) -> None:
+        since = handle.queues.take()  # queued since: goes behind, in order
         calls = list(result.unsent) + plan_snapshot(since)
-        run_id = result.run_id
         try:
             with self._lock:
-                spool = self._journal()
-                if spool.has_run(key):
-                    spool.append(key, calls)
-                elif isinstance(calls[0], CreateRunCall):
-                    create = calls[0]
-                    spool.add_run(
-                        key,
-                        create=create,
-                        create_key=create.create_key,
-                        create_attempted=result.unsent_attempted,
-                        calls=calls[1:],
-                    )
-                elif run_id is not None:
-                    spool.add_run(key, run_id=run_id, calls=calls)
-                else:
-                    raise ValueError("the run has no ID and no creation to spool")
-                self._refresh(handle, spool, key)
+                spool = self._write(handle, calls, result.run_id, result.unsent_attempted)
+            handle.queues.release(since)  # on disk now: it leaves memory (and max_queued)
         except Exception as exc:  # a full disk, a closed journal: report what is lost
             handle.queues.put_back(since)  # still in memory: the next flush sends it
             why = f"not sent and could not be spooled: {exc!r}"
@@ -359,26 +367,10 @@ class Spooler:
         stopped at its bound) goes to the journal, behind what is spooled of the run."""
         if not handle.queues.has_work():
             return
-        snapshot = handle.queues.discard()  # to disk: it leaves memory (and max_queued)
+        snapshot = handle.queues.discard()  # to disk, or lost: it leaves memory either way
         calls = plan_snapshot(snapshot)
-        key = self.key(handle)
         try:
-            spool = self._journal()
-            if spool.has_run(key):
-                spool.append(key, calls)
-            elif isinstance(calls[0], CreateRunCall):
-                create = calls[0]
-                spool.add_run(
-                    key,
-                    create=create,
-                    create_key=create.create_key,
-                    calls=calls[1:],
-                )
-            elif handle.record.run_id is not None:
-                spool.add_run(key, run_id=handle.record.run_id, calls=calls)
-            else:  # its creation is in flight or failed: these cannot be delivered
-                raise ValueError(f"run {handle.record.label} has no ID yet")
-            self._refresh(handle, spool, key)
+            self._write(handle, calls, handle.record.run_id, False)
         except Exception as exc:
             counts = empty_counts()
             for call in calls:
