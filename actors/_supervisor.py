@@ -198,6 +198,9 @@ class Supervisor(pykka.ThreadingActor):
         handle = message.handle
         if handle.ref is message.ref and handle.sent == message.seen:
             handle.ref = None
+            # Said here, on the supervisor's thread, not only by the actor's on_stop: a close
+            # handled next must see "stopped", or it would call a finished run "closed".
+            handle.record.state = "stopped"
             message.ref.stop(block=False)
 
     def _close(self, session: Session) -> list[pykka.Future[Any]]:
