@@ -5,8 +5,8 @@ in a process, the way MLflow's autologging creates a client per ``fit()``. All i
 are daemon threads, so the interpreter never waits on them; instead an ``atexit`` handler
 flushes and closes every open session within ``RUNACTORS_EXIT_TIMEOUT`` seconds (default
 30), letting flushes already in flight complete. The system also owns the process's one
-:class:`~actors._ticker.Ticker` (the timer of every client's ``flush_interval``), started
-and stopped with it.
+:class:`~actors._ticker.Ticker` (the timer of every client's ``flush_interval``), whose
+thread starts with the first client that has one, and stops with the system.
 """
 
 from __future__ import annotations
@@ -112,7 +112,6 @@ class ActorSystem:
         self.pid = os.getpid()
         self.ticker = Ticker(self._tick)
         self.supervisor = Supervisor.start(self.ticker)
-        self.ticker.start()
 
     def _tick(self) -> None:
         self.supervisor.tell(TICK)

@@ -2,7 +2,8 @@
 
 A daemon thread that sleeps until the nearest due time it was given, then tells the
 supervisor (``tick``), which flushes the sessions that are due and schedules the next one.
-One thread however many clients there are; started and stopped with the actor system, and
+One thread however many clients there are, started by the first ``schedule`` (so a process
+whose clients have no ``flush_interval`` never has it), stopped with the actor system, and
 rebuilt with it after ``fork`` (threads do not survive a fork).
 """
 
@@ -26,12 +27,14 @@ class Ticker:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="runactors-ticker", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
     def schedule(self, due: float) -> None:
-        """Tick at ``due`` (a ``time.monotonic()`` value), or earlier if already due earlier."""
+        """Tick at ``due`` (a ``time.monotonic()`` value), or earlier if already due earlier;
+        the first call starts the thread."""
         with self._wake:
+            if self._stopped:
+                return
+            if self._thread.ident is None:
+                self._thread.start()
             if self._due is None or due < self._due:
                 self._due = due
                 self._wake.notify()

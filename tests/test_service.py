@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from scripts import run_script
 from servers import free_port
 
 from client import QueueingClient
@@ -127,6 +128,31 @@ def test_one_ticker_thread_for_every_client_of_the_process(tracking_uri):
             client.close()
 
 
+def test_no_ticker_thread_until_a_client_has_a_flush_interval(tracking_uri):
+    result = run_script(
+        f"""
+        import threading
+        from client import QueueingClient
+
+        def tickers():
+            return [t.name for t in threading.enumerate() if t.name == "runactors-ticker"]
+
+        plain = QueueingClient({tracking_uri!r})
+        plain.log_metrics("0" * 32, {{"x": 1.0}})  # opens its session: the system starts
+        print("plain", len(tickers()))
+        plain._drop_queued()
+        plain.close()
+        timed = QueueingClient({tracking_uri!r}, flush_interval=60)
+        timed.log_metrics("0" * 32, {{"x": 1.0}})
+        print("timed", len(tickers()))
+        timed._drop_queued()
+        timed.close()
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "plain 0" in result.stdout and "timed 1" in result.stdout, result.stdout
+
+
 # -- max_queued --------------------------------------------------------------------------
 
 
@@ -214,7 +240,8 @@ MILLION_CALLS = textwrap.dedent(
         longest = max(longest, time.perf_counter() - start)
     after = rss_mb()
     print(json.dumps({"before_mb": before, "after_mb": after, "longest_s": longest,
-                      "refused": refused, "status": client.status().runs[0].queued}))
+                      "refused": refused, "status": client.status().runs[0].queued}),
+          flush=True)  # os._exit below flushes nothing
     client._drop_queued()
     import os
     os._exit(0)  # the backend is dead: no exit flush to wait for
@@ -225,8 +252,8 @@ MILLION_CALLS = textwrap.dedent(
 def test_a_million_calls_against_a_dead_backend_stay_bounded_in_memory(dead_uri, tmp_path):
     script = tmp_path / "million.py"
     script.write_text(MILLION_CALLS)
-    # Each failing round retries each of its batches for retry_timeout seconds, so a dead
-    # backend passes 1,000 entities per retry_timeout: short, so the million calls end.
+    # A failing round takes retry_timeout, so a dead backend frees max_queued entities per
+    # retry_timeout: short, so that the million calls end within a minute or two.
     retry_timeout = 0.1
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
