@@ -299,6 +299,21 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
     return result
 
 
+def merge_results(done: JobResult, rest: JobResult) -> JobResult:
+    """One outcome of calls made in two parts, earlier ones first: a job resumed after its
+    worker died, or a run's re-sent spooled calls followed by its round."""
+    merged = JobResult(run_id=rest.run_id or done.run_id)
+    merged.created = done.created or rest.created
+    merged.create_error = done.create_error or rest.create_error
+    merged.terminated = done.terminated or rest.terminated
+    for kind in merged.logged:
+        merged.logged[kind] = done.logged[kind] + rest.logged[kind]
+    merged.errors = compress_errors(done.errors + rest.errors)
+    merged.unsent, merged.unsent_error = rest.unsent, rest.unsent_error
+    merged.unsent_attempted = rest.unsent_attempted
+    return merged
+
+
 def failure_message(run_label: str, errors: list[str]) -> str:
     """The seed's failure text for one run, which callers and tests match on."""
     return (

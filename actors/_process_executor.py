@@ -30,7 +30,7 @@ from pathlib import Path
 import cloudpickle
 
 from actors._executor import JobPool, StateHook
-from actors._perform import Job, JobResult, compress_errors, record_outcome
+from actors._perform import Job, JobResult, compress_errors, merge_results, record_outcome
 from actors._plan import Call, CreateRunCall
 
 # The folder that holds the ``actors`` package, so that workers import the same code.
@@ -214,7 +214,7 @@ class _Slot:
             except Exception as exc:  # the job as a whole cannot be pickled (its size, say)
                 return _fail_rest(prior, refused, remaining, f"could not pickle the job: {exc!r}")
             if refused.errors:  # calls that cannot be pickled failed here; the rest go on
-                prior = refused if prior is None else _merge(prior, refused)
+                prior = refused if prior is None else merge_results(prior, refused)
                 run_id = prior.run_id
             if payload is None:  # nothing sendable is left
                 return _fail_rest(prior, None, [], "")
@@ -231,7 +231,7 @@ class _Slot:
                 while True:
                     message = cloudpickle.loads(worker.conn.recv_bytes())
                     if isinstance(message, JobResult):
-                        return message if prior is None else _merge(prior, message)
+                        return message if prior is None else merge_results(prior, message)
                     kind, *rest = message
                     if kind == "state":  # (state,) or (state, detail)
                         on_state(rest[0], worker.name, *rest[1:2])
@@ -247,7 +247,7 @@ class _Slot:
                 self._discard(worker, 0)
                 why = f"its worker process was stopped: {exc!r}"
                 return _fail_rest(prior, progress, remaining, why)
-            prior = progress if prior is None else _merge(prior, progress)
+            prior = progress if prior is None else merge_results(prior, progress)
             if not remaining:
                 return prior
             if self._closed:
@@ -295,7 +295,10 @@ def _fail_rest(
     prior: JobResult | None, progress: JobResult | None, calls: list[Call], why: str
 ) -> JobResult:
     """The job's outcome when ``calls`` are left unsent because of ``why``."""
-    done = prior if progress is None else progress if prior is None else _merge(prior, progress)
+    if prior is None or progress is None:
+        done = prior if progress is None else progress
+    else:
+        done = merge_results(prior, progress)
     assert done is not None
     for call in calls:
         record_outcome(done, call, f"{_kind(call)} not sent: {why}", None)
@@ -314,20 +317,6 @@ def _stop_rest(
     done.unsent, done.unsent_error = list(calls), "not sent: the client was closed"
     done.unsent_attempted = True
     return done
-
-
-def _merge(done: JobResult, rest: JobResult) -> JobResult:
-    """The outcome of a job resumed after a worker died: earlier calls, then the rest."""
-    merged = JobResult(run_id=rest.run_id or done.run_id)
-    merged.created = done.created or rest.created
-    merged.create_error = done.create_error or rest.create_error
-    merged.terminated = done.terminated or rest.terminated
-    for kind in merged.logged:
-        merged.logged[kind] = done.logged[kind] + rest.logged[kind]
-    merged.errors = compress_errors(done.errors + rest.errors)
-    merged.unsent, merged.unsent_error = rest.unsent, rest.unsent_error
-    merged.unsent_attempted = rest.unsent_attempted
-    return merged
 
 
 class ProcessExecutor(JobPool[_Slot]):

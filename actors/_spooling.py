@@ -38,6 +38,7 @@ from actors._perform import (
     JobStopped,
     call_counts,
     empty_counts,
+    merge_results,
     record_outcome,
 )
 from actors._plan import Call, CreateRunCall, plan_snapshot
@@ -63,20 +64,6 @@ def close_reserve(timeout: float | None) -> float:
 
 def _kind(call: Call) -> str:
     return type(call).__name__.removesuffix("Call")
-
-
-def _combine(first: JobResult, rest: JobResult) -> JobResult:
-    """One round's outcome: the re-sent spooled calls, then the round's own job."""
-    combined = JobResult(run_id=rest.run_id or first.run_id)
-    combined.created = first.created or rest.created
-    combined.create_error = first.create_error or rest.create_error
-    combined.terminated = first.terminated or rest.terminated
-    for kind in combined.logged:
-        combined.logged[kind] = first.logged[kind] + rest.logged[kind]
-    combined.errors = first.errors + rest.errors
-    combined.unsent, combined.unsent_error = rest.unsent, rest.unsent_error
-    combined.unsent_attempted = rest.unsent_attempted
-    return combined
 
 
 class Spooler:
@@ -256,9 +243,9 @@ class Spooler:
             on_done(first)
             return
         try:
-            executor().submit(job, on_state, lambda rest: on_done(_combine(first, rest)))
+            executor().submit(job, on_state, lambda rest: on_done(merge_results(first, rest)))
         except Exception as exc:  # closing: the executor is shut down
-            on_done(_combine(first, _stopped(job, exc)))
+            on_done(merge_results(first, _stopped(job, exc)))
 
     def _deliver(self, handle: RunHandle, key: str, result: JobResult, on_state: StateHook) -> None:
         """Deliver the run's spooled calls in order into ``result``; stop at a transient
