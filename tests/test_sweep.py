@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from stores import SqliteLock
 
 from client._cli import main
-from client._sweep import DEFAULT_EXPERIMENT, SWEEP_TAG, TRIAL_TAG, resolve_tracking_uri
+from client.sweep.options import DEFAULT_EXPERIMENT, SWEEP_TAG, TRIAL_TAG
+from client.sweep.store import resolve_tracking_uri
 
 EXPECTED_METRICS = ("train_accuracy", "val_accuracy", "val_loss")
 
