@@ -255,10 +255,26 @@ def _end_run(
         client.set_terminated(run_id, status)
         with _clock().delivering():
             client.flush()
+        _await_final_state(client, run_id)
         points = _metric_counts(client, run_id)[1]
     except MlflowException as exc:
         status, error = "FAILED", error or f"logging failed: {one_line(exc)}"
     return status, error, points
+
+
+FINAL_STATES = frozenset({"stopped", "crashed", "closed"})
+FINAL_STATE_SECONDS = 2.0
+
+
+def _await_final_state(client: QueueingClient, run_id: str) -> None:
+    """Wait (briefly: its actor says so a moment after the flush ends) until the terminated
+    run's actor reports its final state, so that the last snapshot shows it."""
+    deadline = time.monotonic() + FINAL_STATE_SECONDS
+    while time.monotonic() < deadline:
+        runs = [r for r in client.status().runs if r.run_id == run_id]
+        if all(r.state in FINAL_STATES for r in runs):
+            return
+        time.sleep(0.005)
 
 
 # One client per worker process, reused by every trial it runs: its executor (threads or
