@@ -1,10 +1,10 @@
 """The live view: what the sweep's run actors are doing, redrawn in the terminal.
 
 Overall progress (trials done, epochs, metric points logged and the rate of logging now,
-the delivery time so far), then a table of the trial runs' actors as their workers'
-clients report them (state, queued, logged, errors, worker), and at the end a summary
-table. The display is redrawn by the parent's own loop (no refresh thread), at most every
-:data:`REFRESH_SECONDS`.
+the delivery time so far, summed over the workers), then a table of the trial runs'
+actors as their workers' clients report them (state, queued, logged, errors, worker), and at
+the end a summary table. The display is redrawn by the parent's own loop (no refresh
+thread), at most every :data:`REFRESH_SECONDS`.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def render(board: Board, header: str = "") -> RenderableType:
         f"{board.points_logged:,}",
         ("   logging ", "bold"),
         f"{board.points_per_second:,.0f} points/s",
-        ("   delivering ", "bold"),
-        f"{board.delivery_seconds:.2f} s",
+        ("   delivery time ", "bold"),
+        f"{board.delivery_seconds:.1f} s ({board.workers_reporting} workers)",
         ("   elapsed ", "bold"),
         f"{elapsed:.1f} s",
     )
