@@ -25,6 +25,7 @@ from client import QueueingClient
 from client._cli import main
 from client.sweep.board import Board
 from client.sweep.data import load_digits
+from client.sweep.delivery import DeliveryClock
 from client.sweep.live import render
 from client.sweep.messages import Progress, Snapshot, TrialResult
 from client.sweep.options import BATCH_SIZE, DEFAULT_EXPERIMENT, SWEEP_TAG, TRIAL_TAG
@@ -619,3 +620,27 @@ def test_log_every_batch_logs_each_mini_batch_and_the_summary_counts_the_store(
     assert parent.data.metrics["delivery_seconds"] == pytest.approx(float(delivery.group(1)), 0.01)
     assert float(delivery.group(1)) > 0
     assert "tracking calls in the training loops: " in result.stdout
+
+
+def test_delivery_time_counts_overlapping_flushes_once(
+    tracking_uri: str, experiment_id: str
+) -> None:
+    """Two runs' flushes wait together on a locked store: the client was delivering for at
+    least the time the lock was held, and for no longer than from the first flush to the
+    last acknowledgement (a sum of the two, each over a second and overlapping, would be)."""
+    store = MlflowClient(tracking_uri)
+    ids = [store.create_run(experiment_id).info.run_id for _ in range(2)]
+    clock = DeliveryClock()
+    with QueueingClient(tracking_uri, max_workers=2, retry_timeout=60) as client:
+        with SqliteLock(Path(tracking_uri.removeprefix("sqlite:///"))):
+            started = time.perf_counter()
+            for run_id in ids:
+                client.log_metrics(run_id, {"a": 1.0}, step=0)
+                clock.flush(client)  # both outstanding while the store is locked
+            time.sleep(1.0)
+        assert wait_until(lambda: clock.outstanding == 0, timeout=60)
+        span = time.perf_counter() - started
+        assert [run.logged["metrics"] for run in client.status().runs] == [1, 1]
+
+    assert 1.0 <= clock.seconds <= span
+    assert clock.startup_seconds == pytest.approx(clock.seconds)  # one busy interval

@@ -101,6 +101,12 @@ class DeliveryClock:
             self.call_seconds += time.perf_counter() - started
 
     @property
+    def outstanding(self) -> int:
+        """Flushes not yet acknowledged."""
+        with self._lock:
+            return self._outstanding
+
+    @property
     def seconds(self) -> float:
         """Delivery time so far, the flushes outstanding now counted up to now."""
         with self._lock:
