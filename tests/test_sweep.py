@@ -18,10 +18,20 @@ import pytest
 from click.testing import CliRunner, Result
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 from stores import SqliteLock
 
+from client import QueueingClient
 from client._cli import main
-from client._sweep import DEFAULT_EXPERIMENT, SWEEP_TAG, TRIAL_TAG, resolve_tracking_uri
+from client.sweep.board import Board
+from client.sweep.data import load_digits
+from client.sweep.delivery import DeliveryClock
+from client.sweep.live import render
+from client.sweep.messages import Progress, Snapshot, TrialResult
+from client.sweep.options import BATCH_SIZE, DEFAULT_EXPERIMENT, SWEEP_TAG, TRIAL_TAG
+from client.sweep.plain import PlainView
+from client.sweep.store import resolve_tracking_uri
+from client.sweep.view import choose_view
 
 EXPECTED_METRICS = ("train_accuracy", "val_accuracy", "val_loss")
 
@@ -453,3 +463,184 @@ def test_relative_sqlite_paths_are_made_absolute(
     assert resolve_tracking_uri("sqlite:///a/m.db") == f"sqlite:///{tmp_path / 'a' / 'm.db'}"
     assert resolve_tracking_uri("sqlite:////x/m.db?timeout=5") == "sqlite:////x/m.db?timeout=5"
     assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+# -- the views ----------------------------------------------------------------------------
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of the run actors' table in rendered text, by trial name."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if cells and cells[0].startswith("trial-"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_the_live_view_shows_every_run_actor(tracking_uri: str, experiment_id: str) -> None:
+    """Rendered from a real client's status, as a worker sends it, to a fixed-size console."""
+    store = MlflowClient(tracking_uri)
+    ids = [store.create_run(experiment_id).info.run_id for _ in range(3)]  # as the parent does
+    with QueueingClient(tracking_uri) as client:  # as a worker logs: by run ID
+        for step in range(4):
+            client.log_metrics(ids[0], {"a": 1.0, "b": 2.0}, step=step)
+        client.log_metrics(ids[1], {"a": 1.0}, step=0)
+        client.set_terminated(ids[0], "FINISHED")
+        client.flush()
+        client.log_metrics(ids[2], {"a": 1.0, "b": 2.0, "c": 3.0}, step=0)  # queued only
+        assert wait_until(lambda: client.status().runs[0].state == "stopped", timeout=30)
+        status = client.status().to_dict()
+
+    board = Board(trials=3, epochs=4)
+    for trial, run_id in enumerate(ids, start=1):
+        board.progress(Progress(trial, run_id, pid=4242))
+    board.progress(Progress(1, ids[0], epoch=3))
+    board.progress(Progress(2, ids[1], epoch=0))
+    board.snapshot(Snapshot(4242, status, delivery_seconds=0.5, call_seconds=0.01))
+    board.result(TrialResult(1, ids[0], "FINISHED", {}, {}, 8, 1.0))
+    console = Console(record=True, width=120, force_terminal=True)
+    console.print(render(board))
+    text = console.export_text()
+
+    assert "trials 1/3   epochs 5/12   points logged 9 " in text
+    rows = table_rows(text)
+    assert list(rows) == ["trial-1", "trial-2", "trial-3"]
+    logged = {run["run_id"]: str(sum(run["logged"].values())) for run in status["runs"]}
+    #                     trial      epochs  status      state      queued logged errors
+    assert rows["trial-1"][:7] == [
+        "trial-1",
+        "4/4",
+        "FINISHED",
+        "stopped",
+        "0",
+        logged[ids[0]],
+        "0",
+    ]
+    assert rows["trial-2"][:7] == ["trial-2", "1/4", "running", "idle", "0", logged[ids[1]], "0"]
+    assert rows["trial-3"][:7] == ["trial-3", "0/4", "running", "idle", "3", "0", "0"]
+    assert int(logged[ids[0]]) >= 8 and int(logged[ids[1]]) >= 1
+    assert all(row[7].startswith("pid 4242") for row in rows.values())
+
+
+def test_without_a_terminal_the_plain_lines_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under pytest stdout is not a terminal; CI=true and --plain choose plain lines too."""
+    monkeypatch.delenv("CI", raising=False)
+    assert isinstance(choose_view(False, print), PlainView)
+    assert isinstance(choose_view(True, print), PlainView)
+    monkeypatch.setenv("CI", "true")
+    assert isinstance(choose_view(False, print), PlainView)
+
+
+def run_in_a_terminal(uri: str, env: dict[str, str], *args: str) -> tuple[int, str]:
+    """``runactors sweep`` with a pseudo-terminal as its stdout and stderr; its exit status
+    and everything it wrote."""
+    main_fd, child_fd = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client._cli", "sweep", "--tracking-uri", uri, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=child_fd,
+        stderr=child_fd,
+        env=env,
+    )
+    os.close(child_fd)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        status = process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(main_fd)
+    return status, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ci", [False, True], ids=["terminal", "CI"])
+def test_in_a_terminal_the_sweep_shows_its_actors_live(
+    ci: bool, tmp_path: Path, template_db: Path
+) -> None:
+    uri = store_copy(tmp_path, template_db)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "FORCE_COLOR", "NO_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="140", LINES="40", **({"CI": "true"} if ci else {}))
+    status, output = run_in_a_terminal(uri, env, "--trials", "2", "--epochs", "2")
+    output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)  # colours, cursor moves
+
+    assert status == 0, output
+    assert "Traceback" not in output
+    if ci:  # today's plain lines
+        assert "trial 1/2 epoch 2" in output and "trial 2/2 FINISHED" in output
+        assert "run actors" not in output and "metric points logged: 12 " in output
+        return
+    assert "run actors" in output and "sweep summary" in output
+    assert " epoch 2  train_accuracy" not in output  # no plain progress lines
+    final = output.rpartition("run actors")[2]  # the last frame drawn, then the summary
+    rows = table_rows(final)
+    assert sorted(rows) == ["trial-1", "trial-2"], final
+    for row in rows.values():
+        assert row[1:4] == ["2/2", "FINISHED", "stopped"], row
+    assert re.search(r"metric points logged\s*│\s*12 by 2 trial runs", final), final
+
+
+@pytest.mark.slow
+def test_log_every_batch_logs_each_mini_batch_and_the_summary_counts_the_store(
+    tmp_path: Path, template_db: Path
+) -> None:
+    uri = store_copy(tmp_path, template_db)
+    result = sweep(*("--trials", "2", "--epochs", "2", "--tracking-uri", uri, "--log-every-batch"))
+
+    assert result.exit_code == 0, result.output
+    parent, children = sweep_runs(uri)
+    batches = -(-len(load_digits().y_train) // BATCH_SIZE)
+    store = MlflowClient(uri)
+    points = 0
+    for run in children:
+        assert_complete_trial(uri, run, epochs=2)
+        assert run.data.params["batch_size"] == str(BATCH_SIZE)
+        for key in ("batch_accuracy", "batch_loss"):
+            history = store.get_metric_history(run.info.run_id, key)
+            assert sorted(metric.step for metric in history) == list(range(2 * batches))
+        points += sum(
+            len(store.get_metric_history(run.info.run_id, key)) for key in run.data.metrics
+        )
+    assert points == 2 * 2 * (len(EXPECTED_METRICS) + 2 * batches)  # more than 2 x 2 x 3
+    # The summary's figures are the store's.
+    assert f"metric points logged: {points} by 2 trial runs" in result.stdout
+    assert parent.data.metrics["metric_points"] == points
+    delivery = re.search(r"delivery: ([\d.]+) s from flush to acknowledged", result.stdout)
+    assert delivery, result.stdout
+    assert parent.data.metrics["delivery_seconds"] == pytest.approx(float(delivery.group(1)), 0.01)
+    assert float(delivery.group(1)) > 0
+    assert "tracking calls in the training loops: " in result.stdout
+
+
+def test_delivery_time_counts_overlapping_flushes_once(
+    tracking_uri: str, experiment_id: str
+) -> None:
+    """Two runs' flushes wait together on a locked store: the client was delivering for at
+    least the time the lock was held, and for no longer than from the first flush to the
+    last acknowledgement (a sum of the two, each over a second and overlapping, would be)."""
+    store = MlflowClient(tracking_uri)
+    ids = [store.create_run(experiment_id).info.run_id for _ in range(2)]
+    clock = DeliveryClock()
+    with QueueingClient(tracking_uri, max_workers=2, retry_timeout=60) as client:
+        with SqliteLock(Path(tracking_uri.removeprefix("sqlite:///"))):
+            started = time.perf_counter()
+            for run_id in ids:
+                client.log_metrics(run_id, {"a": 1.0}, step=0)
+                clock.flush(client)  # both outstanding while the store is locked
+            time.sleep(1.0)
+        assert wait_until(lambda: clock.outstanding == 0, timeout=60)
+        span = time.perf_counter() - started
+        assert [run.logged["metrics"] for run in client.status().runs] == [1, 1]
+
+    assert 1.0 <= clock.seconds <= span
+    assert clock.startup_seconds == pytest.approx(clock.seconds)  # one busy interval
