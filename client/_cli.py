@@ -123,6 +123,9 @@ main.add_command(bench)
 from client._replay import replay  # noqa: E402
 
 main.add_command(replay)
+from client._status_command import status  # noqa: E402
+
+main.add_command(status)
 
 
 if __name__ == "__main__":
