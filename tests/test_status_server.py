@@ -428,3 +428,27 @@ def test_status_watch_refreshes_and_ctrl_c_ends_it_with_0(
             watch.wait()
     assert watch.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_a_forked_child_leaves_the_port_to_its_parent(
+    client_factory: Callable[..., QueueingClient],
+) -> None:
+    """A child forked while a server listens closes its copy of the socket at once: the
+    parent's close() frees the port, however long the child lives."""
+    client = client_factory()
+    server = client.serve_status()
+    port = server.port
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: hold whatever it inherited until the parent is done
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        server.close()
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", port))  # EADDRINUSE if the child still listened on it
+    finally:
+        os.close(write)
+        os.waitpid(pid, 0)
