@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 import click
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -87,8 +87,9 @@ def status_view(document: dict[str, Any], url: str, problem: str | None = None) 
         f"runactors at {url} (pid {document.get('pid')}): {len(clients)} client(s), "
         f"{len(runs)} run(s){': ' + summary if summary else ''}"
     )
-    table = Table(title=title, title_justify="left", expand=False)
-    for name, justify in (
+    # Text, never str: a served value is not rich markup ("worker-0[pid 42]", "[::1]").
+    table = Table(title=Text(title), title_justify="left", expand=False)
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("client", "right"),
         ("run", "left"),
         ("state", "left"),
@@ -98,8 +99,9 @@ def status_view(document: dict[str, Any], url: str, problem: str | None = None) 
         ("errors", "right"),
         ("retries", "right"),
         ("worker", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
     notes: list[RenderableType] = []
     for client in clients:
         cid = client.get("client_id")
@@ -114,15 +116,15 @@ def status_view(document: dict[str, Any], url: str, problem: str | None = None) 
         state = str(run.get("state"))
         style = {"crashed": "red", "retrying": "yellow", "spooled": "yellow"}.get(state, "")
         table.add_row(
-            str(client.get("client_id")),
-            str(label),
+            Text(str(client.get("client_id"))),
+            Text(str(label)),
             Text(state, style=style),
-            f"{_total(run.get('queued')):,}",
-            f"{_total(run.get('logged')):,}",
-            f"{_total(run.get('spooled')):,}",
+            Text(f"{_total(run.get('queued')):,}"),
+            Text(f"{_total(run.get('logged')):,}"),
+            Text(f"{_total(run.get('spooled')):,}"),
             Text(f"{errors:,}", style="red" if errors else ""),
-            f"{int(run.get('retries') or 0):,}",
-            str(run.get("worker") or "-"),
+            Text(f"{int(run.get('retries') or 0):,}"),
+            Text(str(run.get("worker") or "-")),
         )
         if run.get("errors"):
             last = str(run["errors"][-1]).replace("\n", " ")

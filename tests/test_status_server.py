@@ -160,6 +160,9 @@ def test_status_and_metrics_answer_while_a_flush_is_held(
         assert busy >= 1
         assert value(samples, "runactors_queued_entities", kind="metrics") >= 199
         worker = run_status["worker"]
+        table = CliRunner().invoke(main, ["status", server.url], env={"COLUMNS": "200"})
+        assert table.exit_code == 0, table.output
+        assert f"│ {worker} " in table.output  # as served: "[pid N]" is no rich markup
         if executor == "process":
             match = re.search(r"pid (\d+)", worker)
             assert match, worker
