@@ -140,6 +140,7 @@ class RunActor(pykka.ThreadingActor):
         if record.run_id is None and snapshot.create is None and record.create_error:
             job.label = f"{record.label} (creation failed: {record.create_error})"
         self._inflight = True
+        record.start_round()  # runactors_flush_seconds measures from here
         self._creating = snapshot.create is not None
         record.inflight = snapshot.counts()
         ref = self.actor_ref
@@ -148,8 +149,7 @@ class RunActor(pykka.ThreadingActor):
         def on_state(state: str, worker: str | None, detail: str | None = None) -> None:
             # Called on the executor's thread; only this run's job writes these fields.
             if state == "retrying":
-                record.retries += 1
-                record.last_retry_error = detail
+                record.note_retry(detail)  # counts it for status() and the endpoint
             record.state, record.worker = state, worker
 
         def on_done(result: JobResult) -> None:
@@ -190,6 +190,7 @@ class RunActor(pykka.ThreadingActor):
                 handle.pending._set_failed(result.create_error)
         for kind, n in result.logged.items():
             record.logged[kind] += n
+        record.end_round(result)  # the process's totals and the round's duration
         record.inflight = empty_counts()
         record.errors.add(result.errors)
         record.terminated = record.terminated or result.terminated

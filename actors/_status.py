@@ -26,18 +26,25 @@ creation look-ups included), and ``last_retry_error`` is the latest one's type a
 (cut to 500 characters). It is *kept* after the run recovers, so that an operator can still
 see what the last outage looked like; whether the run is retrying *now* is its ``state``.
 A call that still fails when its ``retry_timeout`` is spent lands in ``errors``.
+
+:data:`TOTALS` adds up what every run of the process did (entities logged, errors, retries,
+and the duration of each flush round): the counters of the status endpoint, which never go
+down, also when clients close or are dropped (their runs' records go, the totals stay).
 """
 
 from __future__ import annotations
 
+import bisect
+import os
 import re
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors._pending import PendingRunId
-from actors._perform import KINDS, empty_counts
+from actors._perform import KINDS, JobResult, empty_counts
 from actors._queues import RunQueues
 
 STATES = ("idle", "waiting", "flushing", "retrying", "spooled", "stopped", "crashed", "closed")
@@ -68,9 +75,11 @@ class ErrorLog:
         self.dropped = 0  # errors (repeats included) whose message is no longer kept
 
     def add(self, messages: Iterable[str]) -> None:
+        added = 0
         with self._lock:
             for message in messages:
                 text, count = _split_count(message)
+                added += count
                 if text in self._first:
                     self._first[text] += count
                 elif len(self._first) < ERRORS_FIRST:
@@ -79,6 +88,8 @@ class ErrorLog:
                     self._latest[text] = self._latest.pop(text, 0) + count
                     if len(self._latest) > ERRORS_LATEST:
                         self.dropped += self._latest.pop(next(iter(self._latest)))
+        if added:
+            TOTALS.add_errors(added)
 
     def messages(self) -> list[str]:
         """The kept messages, oldest first, with the dropped ones counted in their place."""
@@ -120,11 +131,29 @@ class RunRecord:
     retries: int = 0
     last_retry_error: str | None = None
     spooled: dict[str, int] = field(default_factory=empty_counts)
+    round_started: float | None = None  # monotonic time the round in flight started
 
     @property
     def label(self) -> str:
         """How messages name the run: its ID once known, else its pending label."""
         return self.run_id or str(self.pending)
+
+    def note_retry(self, detail: str | None) -> None:
+        """A call of this run failed transiently and is retried (on the executor's thread)."""
+        self.retries += 1
+        self.last_retry_error = detail
+        TOTALS.add_retry()
+
+    def start_round(self) -> None:
+        """A flush round of this run starts: its duration is measured from here."""
+        self.round_started = time.monotonic()
+
+    def end_round(self, result: JobResult) -> None:
+        """A flush round ended with ``result`` (called by the run actor once it is accounted):
+        one observation of ``runactors_flush_seconds``, the round's entities logged."""
+        started, self.round_started = self.round_started, None
+        seconds = 0.0 if started is None else time.monotonic() - started
+        TOTALS.add_round(result.logged, seconds)
 
     def snapshot(self, queues: RunQueues) -> RunStatus:
         queued = queues.counts()
@@ -184,6 +213,7 @@ class ClientStatus:
     tracking_uri: str | None = None
     executor: str | None = None
     closed: bool = False  # the client is closed: ``runs`` hold their final state
+    client_id: int | None = None  # the number in its runs' pending labels; None before use
 
     def counts(self) -> dict[str, int]:
         """Runs per state, e.g. ``{"idle": 3, "flushing": 1}``."""
@@ -194,8 +224,79 @@ class ClientStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "client_id": self.client_id,
             "tracking_uri": self.tracking_uri,
             "executor": self.executor,
             "closed": self.closed,
             "runs": [run.to_dict() for run in self.runs],
         }
+
+
+# Upper bounds (seconds) of the ``runactors_flush_seconds`` buckets: from a round that
+# finds the store idle (milliseconds) to one that retries for a whole ``retry_timeout``.
+FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What every run of this process did since it started (or forked), at one moment."""
+
+    logged: dict[str, int]  # entities sent and acknowledged, per kind
+    errors: int  # errors recorded in runs' ``errors`` (a repeated failure counts each time)
+    retries: int  # transient failures retried
+    flush_buckets: list[int]  # rounds per bucket of FLUSH_BUCKETS (not cumulative), +Inf last
+    flush_count: int  # flush rounds that ended
+    flush_seconds: float  # their total duration
+
+
+class ProcessTotals:
+    """The process-wide counters behind the status endpoint's ``*_total`` families.
+
+    Added to where a run's record changes (a round's end, an error, a retry): a few
+    additions under a lock per round, never on the ``log_*`` path. Nothing is taken away
+    when a client closes, so the counters never go down; a forked child starts at zero.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()  # after a fork: the parent's may have been held
+        self._logged = empty_counts()
+        self._errors = 0
+        self._retries = 0
+        self._buckets = [0] * (len(FLUSH_BUCKETS) + 1)
+        self._count = 0
+        self._seconds = 0.0
+
+    def add_round(self, logged: dict[str, int], seconds: float) -> None:
+        index = bisect.bisect_left(FLUSH_BUCKETS, seconds)  # le: a bound is its own bucket
+        with self._lock:
+            for kind, n in logged.items():
+                self._logged[kind] = self._logged.get(kind, 0) + n
+            self._buckets[index] += 1
+            self._count += 1
+            self._seconds += seconds
+
+    def add_errors(self, n: int) -> None:
+        with self._lock:
+            self._errors += n
+
+    def add_retry(self) -> None:
+        with self._lock:
+            self._retries += 1
+
+    def snapshot(self) -> Totals:
+        with self._lock:
+            return Totals(
+                logged=dict(self._logged),
+                errors=self._errors,
+                retries=self._retries,
+                flush_buckets=list(self._buckets),
+                flush_count=self._count,
+                flush_seconds=self._seconds,
+            )
+
+
+TOTALS = ProcessTotals()
+os.register_at_fork(after_in_child=TOTALS._reset)

@@ -7,6 +7,7 @@
 from actors import ClientStatus, PendingRunId, RunStatus
 from client._client import MlflowAutologgingQueueingClient, QueueingClient
 from client._operations import RunOperations
+from client._status_server import StatusServer
 
 __all__ = [
     "ClientStatus",
@@ -15,4 +16,5 @@ __all__ = [
     "QueueingClient",
     "RunOperations",
     "RunStatus",
+    "StatusServer",
 ]

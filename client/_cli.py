@@ -20,6 +20,9 @@ main.add_command(replay)
 from client.sweep.command import sweep  # noqa: E402
 
 main.add_command(sweep)
+from client._status_command import status  # noqa: E402
+
+main.add_command(status)
 
 
 if __name__ == "__main__":

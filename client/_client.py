@@ -40,11 +40,31 @@ from client._tracking_uri import resolve_tracking_uri
 if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
 
+    from client._status_server import StatusServer
+
 RunIdLike = str | PendingRunId
 EXECUTORS = ("thread", "process")
 
 # Every client alive in this process, so that a forked child can reset them.
 _live: weakref.WeakSet[QueueingClient] = weakref.WeakSet()
+
+STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a status server
+
+
+def open_clients() -> list[QueueingClient]:
+    """Every open client of this process (what a status server serves)."""
+    while True:
+        try:
+            return [client for client in list(_live) if not client._closed]
+        except RuntimeError:  # a client was made while we read the set: read it again
+            continue
+
+
+def _start_status_from_env() -> None:
+    if os.environ.get(STATUS_PORT_ENV) is not None:
+        from client._status_server import start_from_environment
+
+        start_from_environment()
 
 
 def _invalid(message: str) -> MlflowException:
@@ -145,6 +165,7 @@ class QueueingClient:
         )
         self._closed = False
         self._reset()
+        _start_status_from_env()
 
     def _reset(self) -> None:
         """Start with no session (opened on first use) and no queued operations."""
@@ -317,7 +338,22 @@ class QueueingClient:
             tracking_uri=self._config.tracking_uri,
             executor=self._config.executor,
             closed=closed,
+            client_id=session.id if session else None,
         )
+
+    def serve_status(self, host: str = "127.0.0.1", port: int = 0) -> StatusServer:
+        """Serve the status of every open client of this process over HTTP, until the
+        returned server's ``close()`` (or exit): ``GET /status`` (JSON) and ``GET /metrics``
+        (Prometheus). ``port=0`` picks a free port (see ``StatusServer.url``). No
+        authentication: binding beyond loopback is the caller's explicit choice.
+
+        Raises ``MlflowException`` if the address is in use or cannot be bound.
+        """
+        if self._closed:
+            raise closed_error()
+        from client._status_server import StatusServer
+
+        return StatusServer(host, port)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, wait up to ``timeout`` s, and stop this client's actors.
@@ -380,6 +416,7 @@ class QueueingClient:
         self._config = state["config"]
         self._closed = False
         self._reset()
+        _start_status_from_env()  # an unpickled copy may be its process's first client
 
     def _after_fork_in_child(self) -> None:
         if self._finalizer is not None:

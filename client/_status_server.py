@@ -1,0 +1,330 @@
+"""``StatusServer``: every open client's status over HTTP, as JSON and as Prometheus metrics.
+
+``GET /status`` answers ``{"pid": ..., "clients": [ClientStatus.to_dict(), ...]}``;
+``GET /metrics`` the Prometheus text format, made by ``prometheus_client`` from a collector
+over a private registry (the process's default registry is left alone). Both read the runs'
+records as ``status()`` does: no actor is asked anything, so a request never waits on a flush
+and the ``log_*`` path pays nothing for being watched. The counters come from
+:data:`actors._status.TOTALS`, which keeps what closed clients did: they never go down.
+
+Each server listens on a daemon thread (one more thread per request) until ``close()`` or
+interpreter exit. ``RUNACTORS_STATUS_PORT`` starts one with the process's first client
+(host ``RUNACTORS_STATUS_HOST``, default 127.0.0.1); if that fails it warns and the client
+works on. There is no authentication: binding beyond loopback is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from actors import ClientStatus
+from actors._perform import KINDS
+from actors._status import FLUSH_BUCKETS, STATES, TOTALS
+
+_logger = logging.getLogger(__name__)
+
+STATUS_HOST_ENV = "RUNACTORS_STATUS_HOST"
+DEFAULT_HOST = "127.0.0.1"
+
+
+def client_statuses() -> list[ClientStatus]:
+    """A snapshot of every open client of this process, oldest session first."""
+    from client._client import open_clients
+
+    statuses = [client.status() for client in open_clients()]
+    return sorted(statuses, key=lambda s: (s.client_id is None, s.client_id or 0))
+
+
+def status_document() -> dict[str, Any]:
+    """What ``GET /status`` answers."""
+    return {"pid": os.getpid(), "clients": [s.to_dict() for s in client_statuses()]}
+
+
+class StatusCollector(Collector):
+    """The runactors metric families, computed at each scrape from the runs' records."""
+
+    def collect(self) -> Iterator[Metric]:
+        statuses = client_statuses()
+        totals = TOTALS.snapshot()
+        states = dict.fromkeys(STATES, 0)
+        queued = dict.fromkeys(KINDS, 0)
+        spooled = dict.fromkeys(KINDS, 0)
+        for status in statuses:
+            for run in status.runs:
+                states[run.state] = states.get(run.state, 0) + 1
+                for kind in KINDS:
+                    queued[kind] += run.queued.get(kind, 0)
+                    spooled[kind] += run.spooled.get(kind, 0)
+        runs = GaugeMetricFamily(
+            "runactors_runs", "Runs of the open clients, by state.", labels=["state"]
+        )
+        for state, n in states.items():
+            runs.add_metric([state], n)
+        yield runs
+        yield _per_kind(
+            GaugeMetricFamily(
+                "runactors_queued_entities",
+                "Entities queued or in flight, not yet acknowledged by the store.",
+                labels=["kind"],
+            ),
+            queued,
+        )
+        yield _per_kind(
+            GaugeMetricFamily(
+                "runactors_spooled_entities",
+                "Entities on disk in the spool, waiting to be re-sent.",
+                labels=["kind"],
+            ),
+            spooled,
+        )
+        yield _per_kind(
+            CounterMetricFamily(
+                "runactors_logged_entities",
+                "Entities sent and acknowledged by the store since the process started.",
+                labels=["kind"],
+            ),
+            totals.logged,
+        )
+        yield CounterMetricFamily(
+            "runactors_failed_operations",
+            "Failed operations recorded in runs' errors since the process started.",
+            value=totals.errors,
+        )
+        yield CounterMetricFamily(
+            "runactors_retries",
+            "Transient failures retried since the process started.",
+            value=totals.retries,
+        )
+        cumulative, buckets = 0, []
+        for bound, n in zip((*FLUSH_BUCKETS, float("inf")), totals.flush_buckets, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "runactors_flush_seconds",
+            "Duration of each run's flush rounds (one observation per run per round).",
+            buckets=buckets,
+            sum_value=totals.flush_seconds,
+        )
+
+
+def _per_kind(family: GaugeMetricFamily | CounterMetricFamily, counts: dict[str, int]) -> Metric:
+    for kind in KINDS:
+        family.add_metric([kind], counts.get(kind, 0))
+    return family
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow scraper never holds the process at exit
+    allow_reuse_address = False  # a port in use is an error, not shared
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+        self.registry = registry
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            if path == "/status":
+                body = json.dumps(status_document()).encode()
+                self._send(200, "application/json", body)
+            elif path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+            elif path == "":
+                self._send(200, "text/plain; charset=utf-8", b"runactors: /status, /metrics\n")
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: /status, /metrics\n")
+        except Exception as exc:  # never a dead handler thread without an answer
+            _logger.exception("runactors: the status endpoint failed")
+            self._send(500, "text/plain; charset=utf-8", f"{exc!r}\n".encode())
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _logger.debug("runactors status: " + format, *args)
+
+
+def _check_address(host: Any, port: Any) -> tuple[str, int]:
+    if not isinstance(host, str) or not host.strip():
+        raise MlflowException(
+            f"Invalid host {host!r}: expected a host name or address, e.g. '127.0.0.1'.",
+            INVALID_PARAMETER_VALUE,
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise MlflowException(
+            f"Invalid port {port!r}: expected an integer from 0 (any free port) to 65535.",
+            INVALID_PARAMETER_VALUE,
+        )
+    return host.strip().strip("[]"), port
+
+
+# Servers still serving, kept alive until closed (a caller may drop the object) and closed
+# at exit.
+_servers: set[StatusServer] = set()
+_servers_lock = threading.Lock()
+
+
+class StatusServer:
+    """An HTTP server of this process's status: ``GET /status`` and ``GET /metrics``.
+
+    Made by ``QueueingClient.serve_status()``; serves every open client of the process (not
+    only the one that made it) until :meth:`close`, also as a context manager.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = 0) -> None:
+        host, port = _check_address(host, port)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(StatusCollector())
+        try:
+            self._server = _Server((host, port), registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MlflowException(
+                    f"Cannot serve the runactors status on {host}:{port}: the address is "
+                    "already in use (choose another port, or 0 for any free one).",
+                    RESOURCE_ALREADY_EXISTS,
+                ) from exc
+            raise MlflowException(
+                f"Cannot serve the runactors status on {host}:{port}: {exc}",
+                INVALID_PARAMETER_VALUE,
+            ) from exc
+        address = self._server.server_address
+        self.host, self.port = str(address[0]), int(address[1])
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{shown}:{self.port}"
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"runactors-status-{self.port}",
+            daemon=True,
+        )
+        with _servers_lock:
+            _servers.add(self)
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop listening and stop the serving thread; calling it again does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with _servers_lock:
+            _servers.discard(self)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._server.shutdown()
+        self._server.server_close()
+
+    def _forget_in_child(self) -> None:
+        # A forked child has no serving thread: close its copy of the listening socket so
+        # that the port is the parent's alone (and free once the parent closes it).
+        self._closed = True
+        self._server.socket.close()
+
+    def __enter__(self) -> StatusServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StatusServer({self.url!r}{', closed' if self._closed else ''})"
+
+
+_env_started = False
+_env_lock = threading.Lock()
+
+
+def start_from_environment() -> StatusServer | None:
+    """Start the server ``RUNACTORS_STATUS_PORT`` asks for, once per process.
+
+    Never raises: a bad value or a port in use is a warning, and the client goes on.
+    """
+    global _env_started
+    from client._client import STATUS_PORT_ENV
+
+    with _env_lock:
+        if _env_started:
+            return None
+        _env_started = True
+    value = os.environ.get(STATUS_PORT_ENV, "").strip()
+    host = os.environ.get(STATUS_HOST_ENV, "").strip() or DEFAULT_HOST
+    try:
+        port = int(value)
+    except ValueError:
+        _logger.warning(
+            "runactors: %s=%r is not a port number; no status server started.",
+            STATUS_PORT_ENV,
+            value,
+        )
+        return None
+    try:
+        server = StatusServer(host, port)
+    except MlflowException as exc:
+        _logger.warning("runactors: %s: %s", STATUS_PORT_ENV, exc.message)
+        return None
+    except Exception as exc:  # pragma: no cover - the client must work on regardless
+        _logger.warning("runactors: %s: no status server: %r", STATUS_PORT_ENV, exc)
+        return None
+    _logger.info("runactors: status served at %s (/status, /metrics)", server.url)
+    return server
+
+
+def _close_all() -> None:
+    with _servers_lock:
+        servers = list(_servers)
+    for server in servers:
+        server.close()
+
+
+def _after_fork_in_child() -> None:
+    global _servers_lock, _env_lock
+    _servers_lock, _env_lock = threading.Lock(), threading.Lock()
+    for server in list(_servers):
+        server._forget_in_child()
+    _servers.clear()
+
+
+atexit.register(_close_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)
