@@ -1,0 +1,222 @@
+"""The SQL fast path for metrics: a run's metrics written straight into MLflow's own tables.
+
+MLflow's ``SqlAlchemyStore.log_batch`` builds one ORM object per metric and per latest value;
+for a database store that, not the database, bounds how many metrics a second reach it. This
+writer stores exactly the same rows with SQLAlchemy Core, through MLflow's own table models
+(``SqlMetric``, ``SqlLatestMetric``), in ONE transaction per batch:
+
+* the run is checked as MLflow checks it (same errors: not found, not active);
+* the metrics are bulk inserted with conflicts ignored (a re-sent batch stores nothing twice,
+  as MLflow's duplicate recovery does), after MLflow's own validation and in-batch dedup, with
+  values as MLflow stores them (NaN: ``is_nan`` and 0; infinities: the largest finite double);
+* the latest value of each key is upserted by MLflow's rule: a row replaces the stored one
+  only when strictly greater by (step, timestamp, value).
+
+Guarded: the writer only runs on the MLflow schema revisions it was proven identical on
+(``tests/test_sql_fast_path.py``), on SQLite and PostgreSQL; anything else, and any database
+error, raises :class:`FastPathUnavailable`, for the caller to send the batch through MLflow's
+API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
+are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
+
+Pure of actors and threads: a function of an engine, a run id and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy
+from mlflow.entities import LifecycleStage, Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.utils.validation import (
+    _validate_batch_log_data,
+    _validate_batch_log_limits,
+    _validate_run_id,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+ENV_SWITCH = "RUNACTORS_SQL_FAST_PATH"
+
+# The alembic revisions (``alembic_version.version_num``) of MLflow's schema that the
+# equivalence tests were run on. A database on any other revision goes through MLflow's API.
+PROVEN_REVISIONS = frozenset({"dc11669786a5"})
+
+# The SQL dialects whose conflict clauses the writer speaks and the tests prove; MySQL and
+# MSSQL fall back to MLflow's API.
+_INSERTS: dict[str, Callable[..., Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+# MLflow's replacement of infinities (SqlAlchemyStore.sanitize_metric_value).
+_MAX_DOUBLE = 1.7976931348623157e308
+
+MetricsWriter = Callable[[str, Sequence[Metric]], None]
+
+
+class FastPathUnavailable(Exception):
+    """This batch cannot go through the fast path: send it through MLflow's API instead.
+
+    Nothing of the batch was stored (the transaction was rolled back or never begun).
+    """
+
+
+def enabled() -> bool:
+    """Whether the environment allows the fast path (``RUNACTORS_SQL_FAST_PATH`` is not "0")."""
+    return os.environ.get(ENV_SWITCH, "1").strip() != "0"
+
+
+def fast_metrics_writer(store: object) -> SqlMetricsWriter | None:
+    """A writer on ``store``'s own engine when ``store`` is MLflow's plain ``SqlAlchemyStore``
+    on a supported database and the fast path is enabled; else None (use MLflow's API).
+
+    A subclass that scopes queries (MLflow's workspace-aware store) is not the store the
+    writer was proven against, so it gets None too.
+    """
+    if not enabled() or type(store) is not SqlAlchemyStore:
+        return None
+    engine = store.engine
+    if engine.dialect.name not in _INSERTS:
+        return None
+    return SqlMetricsWriter(engine)
+
+
+def _sanitize(value: float) -> tuple[bool, float]:
+    """``(is_nan, value)`` as MLflow stores a metric value (NaN: 0; infinities: +/-max)."""
+    if math.isnan(value):
+        return True, 0
+    if math.isinf(value):
+        return False, _MAX_DOUBLE if value > 0 else -_MAX_DOUBLE
+    return False, value
+
+
+def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[dict[str, Any]]:
+    """The ``metrics`` rows MLflow's ``_log_metrics`` would add for ``metrics``, in order.
+
+    Duplicates are dropped by ``Metric`` equality, exactly as MLflow drops them (two NaN
+    values that are different float objects are not equal there either: the database's
+    conflict clause drops the second one, as MLflow's duplicate recovery does).
+    """
+    rows: list[dict[str, Any]] = []
+    seen: set[Metric] = set()
+    for metric in metrics:
+        if metric not in seen:
+            is_nan, value = _sanitize(metric.value)
+            rows.append(
+                {
+                    "run_uuid": run_id,
+                    "key": metric.key,
+                    "value": value,
+                    "timestamp": metric.timestamp,
+                    "step": metric.step,
+                    "is_nan": is_nan,
+                }
+            )
+        seen.add(metric)
+    return rows
+
+
+def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per key, the row MLflow's latest-metric update would keep from ``rows`` alone: the
+    first one strictly greater by (step, timestamp, value) than all before it. Sorted by key,
+    so that concurrent writers lock latest-metric rows in one order."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        held = best.get(row["key"])
+        if held is None or (row["step"], row["timestamp"], row["value"]) > (
+            held["step"],
+            held["timestamp"],
+            held["value"],
+        ):
+            best[row["key"]] = row
+    return [best[key] for key in sorted(best)]
+
+
+class SqlMetricsWriter:
+    """Writes one run's metrics into an MLflow database in one transaction per call."""
+
+    def __init__(self, engine: sqlalchemy.engine.Engine) -> None:
+        self.engine = engine
+        self.dialect: str = engine.dialect.name
+        # Why this database is not (or no longer) served, once known; None while it is.
+        self.unavailable: str | None = None
+        self._revision_checked = False
+        self._metrics = SqlMetric.__table__
+        self._latest = SqlLatestMetric.__table__
+        self._runs = SqlRun.__table__
+
+    def __call__(self, run_id: str, metrics: Sequence[Metric]) -> None:
+        """Store ``metrics`` into run ``run_id`` as ``log_batch(run_id, metrics)`` would.
+
+        Raises MLflow's own ``MlflowException`` for what MLflow would refuse (invalid input,
+        a run not found or not active), and :class:`FastPathUnavailable` when the batch must
+        go through MLflow's API instead (nothing of it stored).
+        """
+        if any(metric.model_id is not None for metric in metrics):
+            raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
+        _validate_run_id(run_id)
+        _validate_batch_log_data(metrics, [], [])
+        _validate_batch_log_limits(metrics, [], [])
+        rows = metric_rows(run_id, metrics)
+        if self.unavailable is not None:
+            raise FastPathUnavailable(self.unavailable)
+        try:
+            with self.engine.begin() as conn:
+                if not self._revision_checked:
+                    self._check_revision(conn)
+                self._check_run(conn, run_id)
+                if rows:
+                    conn.execute(self._insert_metrics(), rows)
+                    conn.execute(self._upsert_latest(), latest_rows(rows))
+        except (MlflowException, FastPathUnavailable):
+            raise
+        except Exception as exc:
+            raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _check_revision(self, conn: sqlalchemy.engine.Connection) -> None:
+        revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        if revision not in PROVEN_REVISIONS:
+            self.unavailable = (
+                f"MLflow schema revision {revision} is not one the SQL fast path was proven "
+                f"on ({', '.join(sorted(PROVEN_REVISIONS))})"
+            )
+            raise FastPathUnavailable(self.unavailable)
+        self._revision_checked = True
+
+    def _check_run(self, conn: sqlalchemy.engine.Connection, run_id: str) -> None:
+        """MLflow's ``_get_run`` and ``_check_run_is_active``: the same errors, same words."""
+        stage = conn.execute(
+            sqlalchemy.select(self._runs.c.lifecycle_stage).where(self._runs.c.run_uuid == run_id)
+        ).scalar_one_or_none()
+        if stage is None:
+            raise MlflowException(f"Run with id={run_id} not found", RESOURCE_DOES_NOT_EXIST)
+        if stage != LifecycleStage.ACTIVE:
+            raise MlflowException(
+                f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
+                INVALID_PARAMETER_VALUE,
+            )
+
+    def _insert_metrics(self) -> Any:
+        return _INSERTS[self.dialect](self._metrics).on_conflict_do_nothing()
+
+    def _upsert_latest(self) -> Any:
+        latest = self._latest
+        insert = _INSERTS[self.dialect](latest)
+        new = insert.excluded
+        return insert.on_conflict_do_update(
+            index_elements=[latest.c.key, latest.c.run_uuid],
+            set_={
+                "value": new.value,
+                "timestamp": new.timestamp,
+                "step": new.step,
+                "is_nan": new.is_nan,
+            },
+            where=sqlalchemy.tuple_(new.step, new.timestamp, new.value)
+            > sqlalchemy.tuple_(latest.c.step, latest.c.timestamp, latest.c.value),
+        )
