@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy
 from mlflow.entities import LifecycleStage, Metric
@@ -84,7 +84,10 @@ def fast_metrics_writer(store: object) -> SqlMetricsWriter | None:
     engine = store.engine
     if engine.dialect.name not in _INSERTS:
         return None
-    return SqlMetricsWriter(engine)
+    try:
+        return SqlMetricsWriter(engine)
+    except FastPathUnavailable:
+        return None
 
 
 def _sanitize(value: float) -> tuple[bool, float]:
@@ -96,46 +99,75 @@ def _sanitize(value: float) -> tuple[bool, float]:
     return False, value
 
 
-def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[dict[str, Any]]:
+# A metrics / latest_metrics row, in the order of the compiled statements' parameters.
+_COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
+Row = tuple[str, float, int, int, bool, str]
+_KEY: Final = 0
+_VALUE: Final = 1
+_TIMESTAMP: Final = 2
+_STEP: Final = 3
+_KNOWN_KEYS_MAX = 100_000
+
+
+def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[Row]:
     """The ``metrics`` rows MLflow's ``_log_metrics`` would add for ``metrics``, in order.
 
-    Duplicates are dropped by ``Metric`` equality, exactly as MLflow drops them (two NaN
-    values that are different float objects are not equal there either: the database's
-    conflict clause drops the second one, as MLflow's duplicate recovery does).
+    MLflow drops a metric equal to an earlier one of the batch; here the database's conflict
+    clause drops it (a repeat has the same primary key), as it drops the repeats MLflow's
+    in-batch dedup lets through (two NaN objects, +inf and the largest double): the stored
+    rows are the same, and a repeat cannot change the latest value (not strictly greater).
     """
-    rows: list[dict[str, Any]] = []
-    seen: set[Metric] = set()
+    rows: list[Row] = []
     for metric in metrics:
-        if metric not in seen:
-            is_nan, value = _sanitize(metric.value)
-            rows.append(
-                {
-                    "run_uuid": run_id,
-                    "key": metric.key,
-                    "value": value,
-                    "timestamp": metric.timestamp,
-                    "step": metric.step,
-                    "is_nan": is_nan,
-                }
-            )
-        seen.add(metric)
+        is_nan, value = _sanitize(metric.value)
+        rows.append((metric.key, value, metric.timestamp, metric.step, is_nan, run_id))
     return rows
 
 
-def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def latest_rows(rows: Sequence[Row]) -> list[Row]:
     """Per key, the row MLflow's latest-metric update would keep from ``rows`` alone: the
     first one strictly greater by (step, timestamp, value) than all before it. Sorted by key,
     so that concurrent writers lock latest-metric rows in one order."""
-    best: dict[str, dict[str, Any]] = {}
+    best: dict[str, Row] = {}
     for row in rows:
-        held = best.get(row["key"])
-        if held is None or (row["step"], row["timestamp"], row["value"]) > (
-            held["step"],
-            held["timestamp"],
-            held["value"],
+        held = best.get(row[_KEY])
+        if held is None or (row[_STEP], row[_TIMESTAMP], row[_VALUE]) > (
+            held[_STEP],
+            held[_TIMESTAMP],
+            held[_VALUE],
         ):
-            best[row["key"]] = row
+            best[row[_KEY]] = row
     return [best[key] for key in sorted(best)]
+
+
+class _Statement:
+    """An insert statement of MLflow's tables compiled once, in ``engine``'s dialect, with
+    positional parameters in ``_COLUMNS`` order; it takes its rows as plain tuples.
+
+    SQLite steps one prepared statement per row (the driver's ``executemany``: the fastest
+    there is). PostgreSQL gets each column as one array (``INSERT ... SELECT unnest(...)``):
+    ``executemany`` costs a statement per row, a multi-row ``VALUES`` a long parse and plan.
+    """
+
+    def __init__(self, engine: sqlalchemy.engine.Engine, statement: Any) -> None:
+        self.columnar = engine.dialect.name == "postgresql"
+        dialect_class: Any = type(engine.dialect)
+        paramstyle = "format" if self.columnar else "qmark"
+        compiled = statement.compile(dialect=dialect_class(paramstyle=paramstyle))
+        if list(compiled.positiontup) != list(_COLUMNS):
+            raise FastPathUnavailable(
+                f"unexpected columns of MLflow's tables: {compiled.positiontup}"
+            )
+        self.sql = str(compiled)
+
+    def execute(self, conn: sqlalchemy.engine.Connection, rows: Sequence[Row]) -> None:
+        if self.columnar:
+            keys, values, timestamps, steps, is_nans, run_ids = map(list, zip(*rows, strict=True))
+            # One array has one element type: ints as the doubles PostgreSQL makes of them.
+            values = [float(value) for value in values]
+            conn.exec_driver_sql(self.sql, (keys, values, timestamps, steps, is_nans, run_ids))
+        else:
+            conn.exec_driver_sql(self.sql, list(rows))
 
 
 class SqlMetricsWriter:
@@ -147,9 +179,11 @@ class SqlMetricsWriter:
         # Why this database is not (or no longer) served, once known; None while it is.
         self.unavailable: str | None = None
         self._revision_checked = False
-        self._metrics = SqlMetric.__table__
-        self._latest = SqlLatestMetric.__table__
         self._runs = SqlRun.__table__
+        self._insert_metrics = _Statement(engine, _insert_metrics(self.dialect))
+        self._upsert_latest = _Statement(engine, _upsert_latest(self.dialect))
+        # Keys that passed MLflow's name rules: checked once, not once per metric.
+        self._known_keys: set[str] = set()
 
     def __call__(self, run_id: str, metrics: Sequence[Metric]) -> None:
         """Store ``metrics`` into run ``run_id`` as ``log_batch(run_id, metrics)`` would.
@@ -161,8 +195,7 @@ class SqlMetricsWriter:
         if any(metric.model_id is not None for metric in metrics):
             raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
         _validate_run_id(run_id)
-        _validate_batch_log_data(metrics, [], [])
-        _validate_batch_log_limits(metrics, [], [])
+        self._validate(metrics)
         rows = metric_rows(run_id, metrics)
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
@@ -172,12 +205,33 @@ class SqlMetricsWriter:
                     self._check_revision(conn)
                 self._check_run(conn, run_id)
                 if rows:
-                    conn.execute(self._insert_metrics(), rows)
-                    conn.execute(self._upsert_latest(), latest_rows(rows))
+                    self._insert_metrics.execute(conn, rows)
+                    self._upsert_latest.execute(conn, latest_rows(rows))
         except (MlflowException, FastPathUnavailable):
             raise
         except Exception as exc:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _validate(self, metrics: Sequence[Metric]) -> None:
+        """MLflow's ``log_batch`` validation, with its errors in its order; the costly part
+        (a key's name rules) once per key: a batch of plain values under known keys passes
+        as MLflow's would, anything else goes through MLflow's own checks."""
+        known = self._known_keys
+        for metric in metrics:
+            timestamp, step = metric.timestamp, metric.step
+            if not (
+                metric.key in known
+                and type(metric.value) in (float, int)
+                and type(timestamp) is int
+                and timestamp >= 0
+                and type(step) is int
+            ):
+                _validate_batch_log_data(metrics, [], [])
+                if len(known) > _KNOWN_KEYS_MAX:
+                    known.clear()
+                known.update(metric.key for metric in metrics)
+                break
+        _validate_batch_log_limits(metrics, [], [])
 
     def _check_revision(self, conn: sqlalchemy.engine.Connection) -> None:
         revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
@@ -202,21 +256,54 @@ class SqlMetricsWriter:
                 INVALID_PARAMETER_VALUE,
             )
 
-    def _insert_metrics(self) -> Any:
-        return _INSERTS[self.dialect](self._metrics).on_conflict_do_nothing()
 
-    def _upsert_latest(self) -> Any:
-        latest = self._latest
-        insert = _INSERTS[self.dialect](latest)
-        new = insert.excluded
-        return insert.on_conflict_do_update(
-            index_elements=[latest.c.key, latest.c.run_uuid],
-            set_={
-                "value": new.value,
-                "timestamp": new.timestamp,
-                "step": new.step,
-                "is_nan": new.is_nan,
-            },
-            where=sqlalchemy.tuple_(new.step, new.timestamp, new.value)
-            > sqlalchemy.tuple_(latest.c.step, latest.c.timestamp, latest.c.value),
+def _unbounded(column_type: Any) -> Any:
+    """A column's type without a length: a cast to VARCHAR(250) would silently cut a long
+    key, where the insert must fail as MLflow's does."""
+    return sqlalchemy.String() if isinstance(column_type, sqlalchemy.String) else column_type
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    """An insert of whole rows into ``table``: one row of parameters (SQLite), or one array
+    per column, unnested in lockstep (PostgreSQL)."""
+    if dialect != "postgresql":
+        return _INSERTS[dialect](table)
+    columns = [table.c[name] for name in _COLUMNS]
+    arrays = [
+        sqlalchemy.func.unnest(
+            sqlalchemy.cast(
+                sqlalchemy.bindparam(column.name), postgresql.ARRAY(_unbounded(column.type))
+            )
         )
+        for column in columns
+    ]
+    return postgresql.insert(table).from_select(columns, sqlalchemy.select(*arrays))
+
+
+def _insert_metrics(dialect: str) -> Any:
+    """Bulk insert into ``metrics``; a row already there (same primary key) is skipped."""
+    return _insert(dialect, SqlMetric.__table__).on_conflict_do_nothing()
+
+
+def _upsert_latest(dialect: str) -> Any:
+    """Insert into ``latest_metrics``, or replace the stored row of the key when the new one
+    is strictly greater by (step, timestamp, value): MLflow's rule, and its way of writing
+    the replacement."""
+    latest = SqlLatestMetric.__table__
+    insert = _insert(dialect, latest)
+    new = insert.excluded
+    return insert.on_conflict_do_update(
+        index_elements=[latest.c.key, latest.c.run_uuid],
+        set_={
+            # MLflow's ORM writes only the attributes that changed by ``==``: a stored -0.0
+            # replaced by 0.0 (or a NaN's 0) stays -0.0. So does it here.
+            "value": sqlalchemy.case(
+                (latest.c.value == new.value, latest.c.value), else_=new.value
+            ),
+            "timestamp": new.timestamp,
+            "step": new.step,
+            "is_nan": new.is_nan,
+        },
+        where=sqlalchemy.tuple_(new.step, new.timestamp, new.value)
+        > sqlalchemy.tuple_(latest.c.step, latest.c.timestamp, latest.c.value),
+    )
