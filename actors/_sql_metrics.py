@@ -6,11 +6,18 @@ writer stores exactly the same rows with SQLAlchemy Core, through MLflow's own t
 (``SqlMetric``, ``SqlLatestMetric``), in ONE transaction per batch:
 
 * the run is checked as MLflow checks it (same errors: not found, not active);
-* the metrics are bulk inserted with conflicts ignored (a re-sent batch stores nothing twice,
-  as MLflow's duplicate recovery does), after MLflow's own validation and in-batch dedup, with
-  values as MLflow stores them (NaN: ``is_nan`` and 0; infinities: the largest finite double);
+* after MLflow's own validation (same errors), the metrics are bulk inserted with conflicts
+  ignored: a repeat in the batch or a re-sent batch stores nothing twice, as MLflow's dedup
+  and duplicate recovery do; values as MLflow stores them (NaN: ``is_nan`` and 0;
+  infinities: the largest finite double);
 * the latest value of each key is upserted by MLflow's rule: a row replaces the stored one
-  only when strictly greater by (step, timestamp, value).
+  only when strictly greater by (step, timestamp, value), written as MLflow's ORM writes it
+  (a stored value equal by ``==`` is kept: -0.0 stays).
+
+SQLite rows go through the driver's ``executemany``; PostgreSQL gets one array per column.
+The MLflow names relied on: the table models above, ``LifecycleStage``, the validation
+functions ``_validate_run_id``, ``_validate_batch_log_data``, ``_validate_batch_log_limits``
+(an upgrade that moves them fails the import, and then the tests), and the alembic revision.
 
 Guarded: the writer only runs on the MLflow schema revisions it was proven identical on
 (``tests/test_sql_fast_path.py``), on SQLite and PostgreSQL; anything else, and any database
@@ -201,6 +208,11 @@ class SqlMetricsWriter:
             raise FastPathUnavailable(self.unavailable)
         try:
             with self.engine.begin() as conn:
+                if self.dialect == "sqlite":
+                    # What MLflow's sessions set on SQLite: foreign keys checked, and a
+                    # locked database waited on for 20 s (pysqlite's own default is 5 s).
+                    conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+                    conn.exec_driver_sql("PRAGMA busy_timeout = 20000")
                 if not self._revision_checked:
                     self._check_revision(conn)
                 self._check_run(conn, run_id)

@@ -9,6 +9,8 @@ and on a real PostgreSQL server. And the guard: another schema revision, a datab
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
+from scripts import REPO, script_env
 
 from actors._sql_metrics import (
     ENV_SWITCH,
@@ -36,9 +39,9 @@ from actors._sql_metrics import (
 def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlAlchemyStore]:
     """MLflow's own SQL store on a fresh SQLite file, or on the session's PostgreSQL server."""
     if request.param == "sqlite":
-        uri = f"sqlite:///{request.getfixturevalue('template_db')}"
+        template: Path = request.getfixturevalue("template_db")
         db = tmp_path / "mlflow.db"
-        db.write_bytes(Path(uri.removeprefix("sqlite:///")).read_bytes())
+        db.write_bytes(template.read_bytes())
         uri = f"sqlite:///{db}"
     else:
         uri = request.getfixturevalue("postgres_uri")
@@ -363,3 +366,62 @@ def test_the_switch_and_unsupported_stores(
     monkeypatch.setenv(ENV_SWITCH, "1")
     assert fast_metrics_writer(sql_store) is not None
     assert fast_metrics_writer(object()) is None
+
+
+_WRITER_PROCESS = """
+import sys
+from mlflow.entities import Metric
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from actors._sql_metrics import FastPathUnavailable, fast_metrics_writer
+
+uri, *run_ids = sys.argv[1:]
+store = SqlAlchemyStore(uri, "unused-artifacts")
+writer = fast_metrics_writer(store)
+fallbacks = 0
+for start in range(0, 1000, 100):
+    for run_id in run_ids:
+        batch = [
+            Metric(key, step / 7, 1_000 + step, step)
+            for step in range(start, start + 100)
+            for key in ("loss", "acc")
+        ]
+        try:
+            writer(run_id, batch)
+        except FastPathUnavailable:
+            fallbacks += 1
+            store.log_batch(run_id, batch, [], [])
+print("fallbacks", fallbacks)
+"""
+
+
+def test_many_writer_processes_lose_nothing(sql_store: SqlAlchemyStore) -> None:
+    """4 processes x 5 runs on one database, written at once: every row stored, once."""
+    experiment_id = _experiment(sql_store)
+    runs = [_new_run(sql_store, experiment_id, f"p{i}") for i in range(20)]
+    uri = sql_store.engine.url.render_as_string(hide_password=False)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER_PROCESS, uri, *runs[i * 5 : i * 5 + 5]],
+            env=script_env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    try:
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+        assert "fallbacks" in out
+    for run_id in runs:
+        assert len(_rows(sql_store, "metrics", run_id)) == 2000
+        assert _rows(sql_store, "latest_metrics", run_id) == [
+            ("acc", _exact(999 / 7), 1999, 999, False),
+            ("loss", _exact(999 / 7), 1999, 999, False),
+        ]
