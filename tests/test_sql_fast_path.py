@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
 from scripts import REPO, script_env
+from stores import SqliteLock
 
 from actors._sql_metrics import (
     ENV_SWITCH,
@@ -425,3 +426,17 @@ def test_many_writer_processes_lose_nothing(sql_store: SqlAlchemyStore) -> None:
             ("acc", _exact(999 / 7), 1999, 999, False),
             ("loss", _exact(999 / 7), 1999, 999, False),
         ]
+
+
+def test_a_locked_sqlite_file_is_waited_on_as_mlflow_waits(
+    tracking_uri: str, experiment_id: str, store: Any
+) -> None:
+    """MLflow waits up to 20 s for a locked SQLite file; so does the writer, also on a
+    connection no MLflow session has set up (pysqlite alone gives up after 5 s)."""
+    run_id = store.create_run(experiment_id).info.run_id
+    writer = SqlMetricsWriter(sqlalchemy.create_engine(tracking_uri))
+    with SqliteLock(tracking_uri.removeprefix("sqlite:///"), hold=8) as lock:
+        writer(run_id, [Metric("loss", 1.0, 1, 0)])
+        assert lock.released.is_set()
+    assert [m.value for m in store.get_metric_history(run_id, "loss")] == [1.0]
+    writer.engine.dispose()
