@@ -230,3 +230,24 @@ def dropping_proxy() -> Iterator[Callable[..., DroppingProxy]]:
     yield make
     for proxy in made:
         proxy.close()
+
+
+# -- a real PostgreSQL server -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_uri() -> Iterator[str]:
+    """``postgresql+psycopg://...`` of a database on a throwaway PostgreSQL 15 server (one per
+    test session, on 127.0.0.1), stopped and removed at the end. Skipped, saying why, only
+    where the server binaries are missing."""
+    import postgres
+
+    reason = postgres.missing_binaries()
+    if reason is not None:
+        pytest.skip(reason)
+    server = postgres.PostgresServer()
+    try:
+        server.start()
+        yield server.uri
+    finally:
+        server.stop()

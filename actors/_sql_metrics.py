@@ -1,0 +1,321 @@
+"""The SQL fast path for metrics: a run's metrics written straight into MLflow's own tables.
+
+MLflow's ``SqlAlchemyStore.log_batch`` builds one ORM object per metric and per latest value;
+for a database store that, not the database, bounds how many metrics a second reach it. This
+writer stores exactly the same rows with SQLAlchemy Core, through MLflow's own table models
+(``SqlMetric``, ``SqlLatestMetric``), in ONE transaction per batch:
+
+* the run is checked as MLflow checks it (same errors: not found, not active);
+* after MLflow's own validation (same errors), the metrics are bulk inserted with conflicts
+  ignored: a repeat in the batch or a re-sent batch stores nothing twice, as MLflow's dedup
+  and duplicate recovery do; values as MLflow stores them (NaN: ``is_nan`` and 0;
+  infinities: the largest finite double);
+* the latest value of each key is upserted by MLflow's rule: a row replaces the stored one
+  only when strictly greater by (step, timestamp, value), written as MLflow's ORM writes it
+  (a stored value equal by ``==`` is kept: -0.0 stays).
+
+SQLite rows go through the driver's ``executemany``; PostgreSQL gets one array per column.
+The MLflow names relied on: the table models above, ``LifecycleStage``, the validation
+functions ``_validate_run_id``, ``_validate_batch_log_data``, ``_validate_batch_log_limits``
+(an upgrade that moves them fails the import, and then the tests), and the alembic revision.
+
+Guarded: the writer only runs on the MLflow schema revisions it was proven identical on
+(``tests/test_sql_fast_path.py``), on SQLite and PostgreSQL; anything else, and any database
+error, raises :class:`FastPathUnavailable`, for the caller to send the batch through MLflow's
+API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
+are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
+
+Pure of actors and threads: a function of an engine, a run id and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import sqlalchemy
+from mlflow.entities import LifecycleStage, Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.utils.validation import (
+    _validate_batch_log_data,
+    _validate_batch_log_limits,
+    _validate_run_id,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+ENV_SWITCH = "RUNACTORS_SQL_FAST_PATH"
+
+# The alembic revisions (``alembic_version.version_num``) of MLflow's schema that the
+# equivalence tests were run on. A database on any other revision goes through MLflow's API.
+PROVEN_REVISIONS = frozenset({"dc11669786a5"})
+
+# The SQL dialects whose conflict clauses the writer speaks and the tests prove; MySQL and
+# MSSQL fall back to MLflow's API.
+_INSERTS: dict[str, Callable[..., Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+# MLflow's replacement of infinities (SqlAlchemyStore.sanitize_metric_value).
+_MAX_DOUBLE = 1.7976931348623157e308
+
+MetricsWriter = Callable[[str, Sequence[Metric]], None]
+
+
+class FastPathUnavailable(Exception):
+    """This batch cannot go through the fast path: send it through MLflow's API instead.
+
+    Nothing of the batch was stored (the transaction was rolled back or never begun).
+    """
+
+
+def enabled() -> bool:
+    """Whether the environment allows the fast path (``RUNACTORS_SQL_FAST_PATH`` is not "0")."""
+    return os.environ.get(ENV_SWITCH, "1").strip() != "0"
+
+
+def fast_metrics_writer(store: object) -> SqlMetricsWriter | None:
+    """A writer on ``store``'s own engine when ``store`` is MLflow's plain ``SqlAlchemyStore``
+    on a supported database and the fast path is enabled; else None (use MLflow's API).
+
+    A subclass that scopes queries (MLflow's workspace-aware store) is not the store the
+    writer was proven against, so it gets None too.
+    """
+    if not enabled() or type(store) is not SqlAlchemyStore:
+        return None
+    engine = store.engine
+    if engine.dialect.name not in _INSERTS:
+        return None
+    try:
+        return SqlMetricsWriter(engine)
+    except FastPathUnavailable:
+        return None
+
+
+def _sanitize(value: float) -> tuple[bool, float]:
+    """``(is_nan, value)`` as MLflow stores a metric value (NaN: 0; infinities: +/-max)."""
+    if math.isnan(value):
+        return True, 0
+    if math.isinf(value):
+        return False, _MAX_DOUBLE if value > 0 else -_MAX_DOUBLE
+    return False, value
+
+
+# A metrics / latest_metrics row, in the order of the compiled statements' parameters.
+_COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
+Row = tuple[str, float, int, int, bool, str]
+_KEY: Final = 0
+_VALUE: Final = 1
+_TIMESTAMP: Final = 2
+_STEP: Final = 3
+_KNOWN_KEYS_MAX = 100_000
+
+
+def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[Row]:
+    """The ``metrics`` rows MLflow's ``_log_metrics`` would add for ``metrics``, in order.
+
+    MLflow drops a metric equal to an earlier one of the batch; here the database's conflict
+    clause drops it (a repeat has the same primary key), as it drops the repeats MLflow's
+    in-batch dedup lets through (two NaN objects, +inf and the largest double): the stored
+    rows are the same, and a repeat cannot change the latest value (not strictly greater).
+    """
+    rows: list[Row] = []
+    for metric in metrics:
+        is_nan, value = _sanitize(metric.value)
+        rows.append((metric.key, value, metric.timestamp, metric.step, is_nan, run_id))
+    return rows
+
+
+def latest_rows(rows: Sequence[Row]) -> list[Row]:
+    """Per key, the row MLflow's latest-metric update would keep from ``rows`` alone: the
+    first one strictly greater by (step, timestamp, value) than all before it. Sorted by key,
+    so that concurrent writers lock latest-metric rows in one order."""
+    best: dict[str, Row] = {}
+    for row in rows:
+        held = best.get(row[_KEY])
+        if held is None or (row[_STEP], row[_TIMESTAMP], row[_VALUE]) > (
+            held[_STEP],
+            held[_TIMESTAMP],
+            held[_VALUE],
+        ):
+            best[row[_KEY]] = row
+    return [best[key] for key in sorted(best)]
+
+
+class _Statement:
+    """An insert statement of MLflow's tables compiled once, in ``engine``'s dialect, with
+    positional parameters in ``_COLUMNS`` order; it takes its rows as plain tuples.
+
+    SQLite steps one prepared statement per row (the driver's ``executemany``: the fastest
+    there is). PostgreSQL gets each column as one array (``INSERT ... SELECT unnest(...)``):
+    ``executemany`` costs a statement per row, a multi-row ``VALUES`` a long parse and plan.
+    """
+
+    def __init__(self, engine: sqlalchemy.engine.Engine, statement: Any) -> None:
+        self.columnar = engine.dialect.name == "postgresql"
+        dialect_class: Any = type(engine.dialect)
+        paramstyle = "format" if self.columnar else "qmark"
+        compiled = statement.compile(dialect=dialect_class(paramstyle=paramstyle))
+        if list(compiled.positiontup) != list(_COLUMNS):
+            raise FastPathUnavailable(
+                f"unexpected columns of MLflow's tables: {compiled.positiontup}"
+            )
+        self.sql = str(compiled)
+
+    def execute(self, conn: sqlalchemy.engine.Connection, rows: Sequence[Row]) -> None:
+        if self.columnar:
+            keys, values, timestamps, steps, is_nans, run_ids = map(list, zip(*rows, strict=True))
+            # One array has one element type: ints as the doubles PostgreSQL makes of them.
+            values = [float(value) for value in values]
+            conn.exec_driver_sql(self.sql, (keys, values, timestamps, steps, is_nans, run_ids))
+        else:
+            conn.exec_driver_sql(self.sql, list(rows))
+
+
+class SqlMetricsWriter:
+    """Writes one run's metrics into an MLflow database in one transaction per call."""
+
+    def __init__(self, engine: sqlalchemy.engine.Engine) -> None:
+        self.engine = engine
+        self.dialect: str = engine.dialect.name
+        # Why this database is not (or no longer) served, once known; None while it is.
+        self.unavailable: str | None = None
+        self._revision_checked = False
+        self._runs = SqlRun.__table__
+        self._insert_metrics = _Statement(engine, _insert_metrics(self.dialect))
+        self._upsert_latest = _Statement(engine, _upsert_latest(self.dialect))
+        # Keys that passed MLflow's name rules: checked once, not once per metric.
+        self._known_keys: set[str] = set()
+
+    def __call__(self, run_id: str, metrics: Sequence[Metric]) -> None:
+        """Store ``metrics`` into run ``run_id`` as ``log_batch(run_id, metrics)`` would.
+
+        Raises MLflow's own ``MlflowException`` for what MLflow would refuse (invalid input,
+        a run not found or not active), and :class:`FastPathUnavailable` when the batch must
+        go through MLflow's API instead (nothing of it stored).
+        """
+        if any(metric.model_id is not None for metric in metrics):
+            raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
+        _validate_run_id(run_id)
+        self._validate(metrics)
+        rows = metric_rows(run_id, metrics)
+        if self.unavailable is not None:
+            raise FastPathUnavailable(self.unavailable)
+        try:
+            with self.engine.begin() as conn:
+                if self.dialect == "sqlite":
+                    # What MLflow's sessions set on SQLite: foreign keys checked, and a
+                    # locked database waited on for 20 s (pysqlite's own default is 5 s).
+                    conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+                    conn.exec_driver_sql("PRAGMA busy_timeout = 20000")
+                if not self._revision_checked:
+                    self._check_revision(conn)
+                self._check_run(conn, run_id)
+                if rows:
+                    self._insert_metrics.execute(conn, rows)
+                    self._upsert_latest.execute(conn, latest_rows(rows))
+        except (MlflowException, FastPathUnavailable):
+            raise
+        except Exception as exc:
+            raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _validate(self, metrics: Sequence[Metric]) -> None:
+        """MLflow's ``log_batch`` validation, with its errors in its order; the costly part
+        (a key's name rules) once per key: a batch of plain values under known keys passes
+        as MLflow's would, anything else goes through MLflow's own checks."""
+        known = self._known_keys
+        for metric in metrics:
+            timestamp, step = metric.timestamp, metric.step
+            if not (
+                metric.key in known
+                and type(metric.value) in (float, int)
+                and type(timestamp) is int
+                and timestamp >= 0
+                and type(step) is int
+            ):
+                _validate_batch_log_data(metrics, [], [])
+                if len(known) > _KNOWN_KEYS_MAX:
+                    known.clear()
+                known.update(metric.key for metric in metrics)
+                break
+        _validate_batch_log_limits(metrics, [], [])
+
+    def _check_revision(self, conn: sqlalchemy.engine.Connection) -> None:
+        revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        if revision not in PROVEN_REVISIONS:
+            self.unavailable = (
+                f"MLflow schema revision {revision} is not one the SQL fast path was proven "
+                f"on ({', '.join(sorted(PROVEN_REVISIONS))})"
+            )
+            raise FastPathUnavailable(self.unavailable)
+        self._revision_checked = True
+
+    def _check_run(self, conn: sqlalchemy.engine.Connection, run_id: str) -> None:
+        """MLflow's ``_get_run`` and ``_check_run_is_active``: the same errors, same words."""
+        stage = conn.execute(
+            sqlalchemy.select(self._runs.c.lifecycle_stage).where(self._runs.c.run_uuid == run_id)
+        ).scalar_one_or_none()
+        if stage is None:
+            raise MlflowException(f"Run with id={run_id} not found", RESOURCE_DOES_NOT_EXIST)
+        if stage != LifecycleStage.ACTIVE:
+            raise MlflowException(
+                f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
+                INVALID_PARAMETER_VALUE,
+            )
+
+
+def _unbounded(column_type: Any) -> Any:
+    """A column's type without a length: a cast to VARCHAR(250) would silently cut a long
+    key, where the insert must fail as MLflow's does."""
+    return sqlalchemy.String() if isinstance(column_type, sqlalchemy.String) else column_type
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    """An insert of whole rows into ``table``: one row of parameters (SQLite), or one array
+    per column, unnested in lockstep (PostgreSQL)."""
+    if dialect != "postgresql":
+        return _INSERTS[dialect](table)
+    columns = [table.c[name] for name in _COLUMNS]
+    arrays = [
+        sqlalchemy.func.unnest(
+            sqlalchemy.cast(
+                sqlalchemy.bindparam(column.name), postgresql.ARRAY(_unbounded(column.type))
+            )
+        )
+        for column in columns
+    ]
+    return postgresql.insert(table).from_select(columns, sqlalchemy.select(*arrays))
+
+
+def _insert_metrics(dialect: str) -> Any:
+    """Bulk insert into ``metrics``; a row already there (same primary key) is skipped."""
+    return _insert(dialect, SqlMetric.__table__).on_conflict_do_nothing()
+
+
+def _upsert_latest(dialect: str) -> Any:
+    """Insert into ``latest_metrics``, or replace the stored row of the key when the new one
+    is strictly greater by (step, timestamp, value): MLflow's rule, and its way of writing
+    the replacement."""
+    latest = SqlLatestMetric.__table__
+    insert = _insert(dialect, latest)
+    new = insert.excluded
+    return insert.on_conflict_do_update(
+        index_elements=[latest.c.key, latest.c.run_uuid],
+        set_={
+            # MLflow's ORM writes only the attributes that changed by ``==``: a stored -0.0
+            # replaced by 0.0 (or a NaN's 0) stays -0.0. So does it here.
+            "value": sqlalchemy.case(
+                (latest.c.value == new.value, latest.c.value), else_=new.value
+            ),
+            "timestamp": new.timestamp,
+            "step": new.step,
+            "is_nan": new.is_nan,
+        },
+        where=sqlalchemy.tuple_(new.step, new.timestamp, new.value)
+        > sqlalchemy.tuple_(latest.c.step, latest.c.timestamp, latest.c.value),
+    )
