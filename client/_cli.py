@@ -117,7 +117,7 @@ def sweep(
         raise click.ClickException("no trial finished; see the failures above.")
 
 
-from client._bench import bench  # noqa: E402  (the group above must exist first)
+from client.bench import bench  # noqa: E402  (the group above must exist first)
 
 main.add_command(bench)
 from client._replay import replay  # noqa: E402
