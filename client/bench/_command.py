@@ -59,7 +59,7 @@ from client.bench._scenarios import SCENARIOS, Options
 @click.option(
     "--small-runs",
     type=click.IntRange(min=1),
-    default=600,
+    default=300,
     show_default=True,
     help="small-runs-*: runs of 10 metrics each.",
 )

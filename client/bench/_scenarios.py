@@ -37,7 +37,7 @@ class Options:
     repeat: int = 7  # hot path: rounds, the best is kept
     runs: int = 8  # long runs: runs
     steps: int = 1_000  # long runs: steps of 2 metrics
-    small_runs: int = 600  # small runs: runs of 10 metrics
+    small_runs: int = 300  # small runs: runs of 10 metrics
     server_runs: int = 8
     server_steps: int = 500
     scale_runs: int = 10_000
