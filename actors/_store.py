@@ -22,13 +22,16 @@ an MLflow upgrade that breaks them fails a test, not a service): ``RestStore._ca
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+from mlflow.protos.service_pb2 import LogBatch
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
@@ -75,6 +78,16 @@ class BoundedRestStore(RestStore):
         retry_timeout_seconds: Any = None,
         response_proto: Any = None,
     ) -> Any:
+        body = json.loads(json_body) if json_body is not None else None
+        return self._request(api, body, endpoint, response_proto)
+
+    def _request(
+        self,
+        api: Any,
+        body: dict[str, Any] | None,
+        endpoint: str | None = None,
+        response_proto: Any = None,
+    ) -> Any:
         # Routing as RestStore._call_endpoint does it; the request as call_endpoint makes it,
         # with MLflow's retries off.
         method_to_info = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
@@ -84,7 +97,6 @@ class BoundedRestStore(RestStore):
         else:
             endpoint, method = method_to_info[api]
         response_proto = response_proto or api.Response()
-        body = json.loads(json_body) if json_body is not None else None
         response = http_request(
             host_creds=self.get_host_creds(),
             endpoint=endpoint,
@@ -100,6 +112,57 @@ class BoundedRestStore(RestStore):
             return response_proto
         parse_dict(js_dict=json.loads(response.text), message=response_proto)
         return response_proto
+
+    def log_batch(
+        self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+    ) -> None:
+        """``RestStore.log_batch`` without its protobuf round trip: the body is built as the
+        dict that ``message_to_json`` makes of the ``LogBatch`` message (see
+        :func:`log_batch_body`), which cost about 85% of the client's time per batch."""
+        self._request(LogBatch, log_batch_body(run_id, metrics, params, tags))
+
+
+def _double(value: float) -> float | str:
+    # Protobuf's JSON mapping of a double: numbers, and these three as strings.
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _metric_json(metric: Metric) -> dict[str, Any]:
+    # Metric.to_proto's fields: the four always, the others when set (proto2: set fields
+    # are written even when empty; unset ones are left out).
+    out: dict[str, Any] = {
+        "key": metric.key,
+        "value": _double(metric.value),
+        "timestamp": int(metric.timestamp),
+        "step": int(metric.step),
+    }
+    for name in ("model_id", "dataset_name", "dataset_digest", "run_id"):
+        value = getattr(metric, name, None)
+        if value:
+            out[name] = value
+    return out
+
+
+def log_batch_body(
+    run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+) -> dict[str, Any]:
+    """The JSON body of a ``LogBatch`` request: the same dict as
+    ``json.loads(message_to_json(LogBatch(...)))``, built directly from the entities
+    (``tests/test_rest_body.py`` compares the two)."""
+    body: dict[str, Any] = {}
+    if metrics:
+        body["metrics"] = [_metric_json(m) for m in metrics]
+    if params:
+        body["params"] = [{"key": p.key, "value": p.value} for p in params]
+    if tags:
+        body["tags"] = [{"key": t.key, "value": t.value} for t in tags]
+    body["run_id"] = run_id
+    return body
 
 
 class _TrackingClient(TrackingServiceClient):

@@ -11,7 +11,7 @@ def main() -> None:
     """runactors: fast, safe MLflow tracking through per-run actors."""
 
 
-from client._bench import bench  # noqa: E402  (the group above must exist first)
+from client.bench import bench  # noqa: E402  (the group above must exist first)
 
 main.add_command(bench)
 from client._replay import replay  # noqa: E402

@@ -1,0 +1,70 @@
+"""The scale scenario's measurement, run in a subprocess of its own (``python -m
+client.bench._scale RUNS URI``) so that its peak RSS is its own, not the bench's.
+
+It queues ``RUNS`` runs of one metric each on a thread-executor client, then measures how
+long ``flush(synchronous=False)`` takes to return, the most threads the process had until the
+flush completed (sampled every 5 ms, from ``/proc`` where there is one) and the peak RSS;
+it prints them as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _threads() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return threading.active_count()
+
+
+def measure(runs: int, uri: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    from client import QueueingClient
+
+    experiment_id = MlflowClient(uri).create_experiment("scale")
+    client = QueueingClient(uri)
+    pending = [client.create_run(experiment_id, run_name=f"scale-{i}") for i in range(runs)]
+    for run in pending:
+        client.log_metrics(run, {"loss": 0.5}, step=0)
+        client.set_terminated(run)
+    peak = _threads()
+    start = time.perf_counter()
+    operations = client.flush(synchronous=False)
+    returned = time.perf_counter() - start
+    while not operations.done():
+        peak = max(peak, _threads())
+        time.sleep(0.005)
+    operations.await_completion()
+    flushed = time.perf_counter() - start
+    client.close()
+    stored = len(MlflowClient(uri).search_runs([experiment_id], max_results=runs + 1))
+    if stored != runs:
+        raise RuntimeError(f"{stored} of {runs} runs were stored")
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return {
+        "runs": runs,
+        "flush_return_ms": returned * 1000,
+        "flush_seconds": flushed,
+        "peak_threads": peak,
+        "peak_rss_mb": rss_mb,
+    }
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    print(json.dumps(measure(int(sys.argv[1]), sys.argv[2])))

@@ -1,0 +1,88 @@
+"""``runactors bench``: every scenario runs end to end with tiny sizes and reports sane
+figures (never timed assertions: the figures are the bench's, not the tests')."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from client._cli import main
+from client.bench._scenarios import SCENARIOS
+
+TINY = [
+    "--rounds", "1", "--calls", "200", "--repeat", "1", "--runs", "2", "--steps", "3",
+    "--small-runs", "3", "--server-runs", "2", "--server-steps", "2", "--scale-runs", "20",
+]  # fmt: skip
+
+
+def run_bench(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["bench", *TINY, "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{") :])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scenario", [name for name in SCENARIOS if name not in ("server-thread", "scale-10k")]
+)
+def test_each_sqlite_scenario_reports_a_ratio_against_its_baseline(scenario):
+    figures = run_bench("--scenario", scenario)
+    (result,) = figures["scenarios"]
+    assert result["name"] == scenario
+    assert len(result["measurements"]) == 2
+    for measurement in result["measurements"]:
+        assert len(measurement["per_round"]) == 1 and measurement["best"] > 0
+    (ratio,) = result["ratios"]
+    assert ratio["of_best"] > 0 and ratio["goal"] > 0
+    assert isinstance(ratio["meets_goal"], bool)
+    if scenario != "hot":  # throughput: every contender delivered the same points
+        points = {m["points"] for m in result["measurements"]}
+        assert points == ({3 * 10} if scenario.startswith("small-runs") else {2 * 3 * 2})
+
+
+@pytest.mark.slow
+def test_server_scenario_starts_and_stops_its_own_server():
+    figures = run_bench("--scenario", "server-thread")
+    (result,) = figures["scenarios"]
+    contenders = [m["contender"] for m in result["measurements"]]
+    assert contenders == ["mlflow client loop", "mlflow queueing client", "runactors thread"]
+    assert [r["name"] for r in result["ratios"]] == [
+        "runactors thread / mlflow client loop",
+        "runactors thread / mlflow queueing client",
+    ]
+    assert all(r["of_best"] > 0 for r in result["ratios"])
+
+
+@pytest.mark.slow
+def test_scale_scenario_reports_absolute_figures():
+    figures = run_bench("--scenario", "scale-10k")
+    (result,) = figures["scenarios"]
+    assert result["ratios"] == []
+    assert set(result["figures"]) == {
+        "flush_return_ms",
+        "flush_seconds",
+        "peak_threads",
+        "peak_rss_mb",
+    }
+    assert result["figures"]["peak_threads"] >= 1
+    assert result["figures"]["peak_rss_mb"] > 10  # MLflow alone is more than this
+
+
+def test_text_report_and_plot(tmp_path: Path):
+    png = tmp_path / "ratios.png"
+    result = CliRunner().invoke(
+        main, ["bench", *TINY, "--scenario", "hot", "--scenario", "sqlite-thread", "--plot", png]
+    )
+    assert result.exit_code == 0, result.output
+    assert "hot: log_metrics" in result.output
+    assert "runactors thread / direct loop" in result.output
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_unknown_scenario_is_refused():
+    result = CliRunner().invoke(main, ["bench", "--scenario", "nope"])
+    assert result.exit_code != 0
+    assert "nope" in result.output
