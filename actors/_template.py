@@ -214,9 +214,10 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     # The parent's template is not this process's child: drop the copy of its control socket
-    # (so that it still exits with the parent) and start a template of our own when needed.
-    global _template, _lock
-    template, _template = _template, None
+    # (so that it still exits with the parent) and start a template of our own when needed,
+    # counted by the executors the child makes (the inherited ones are the parent's).
+    global _template, _lock, _users
+    template, _template, _users = _template, None, 0
     if template is not None:
         try:
             template.control.close()
