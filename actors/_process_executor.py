@@ -18,31 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import site
+import pickle
+import select
+import signal
 import socket
-import subprocess
-import sys
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import cloudpickle
 
+from actors import _template, _worker
 from actors._executor import JobPool, StateHook
 from actors._perform import Job, JobResult, compress_errors, merge_results, record_outcome
 from actors._plan import Call, CreateRunCall
-
-# The folder that holds the ``actors`` package, so that workers import the same code.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def _site_dirs() -> set[str]:
-    # An installed package needs no PYTHONPATH; putting site-packages there would move it
-    # ahead of the standard library in the worker.
-    dirs = [*site.getsitepackages(), site.getusersitepackages()]
-    return {str(Path(d).resolve()) for d in dirs}
-
 
 # Every worker of this process, so that a forked child can close its copies of their sockets.
 # Held while a worker's sockets are made and registered, and across os.fork(), so that a
@@ -52,27 +42,21 @@ _workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
 
 
 class _Worker:
-    """One worker process and the parent's end of its socket."""
+    """One worker process (forked by the template, so not our child: it is known by a pidfd
+    it sends once it runs) and the parent's end of its socket."""
 
     def __init__(self, name: str) -> None:
-        env = dict(os.environ)
-        if _PACKAGE_ROOT not in _site_dirs():  # running from a source tree: point at it
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p
-            )
+        self.label = name
+        self.name = name
         self.owner = os.getpid()
+        self.pid: int | None = None
+        self._pidfd: int | None = None
+        self._lock = threading.Lock()  # pid and pidfd vs kill_process, close vs shutdown
+        self._closed = False
         with _workers_lock:
             parent, child = socket.socketpair()
             try:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "actors._worker", str(child.fileno())],
-                    pass_fds=(child.fileno(),),
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    # Its own session: a terminal's Ctrl-C goes to the user's program, which
-                    # decides; the worker ends when its socket closes, not mid-call.
-                    start_new_session=True,
-                )
+                _template.fork_worker(child)
             except BaseException:
                 parent.close()
                 child.close()
@@ -80,36 +64,116 @@ class _Worker:
             child.close()
             self.conn = Connection(parent.detach())
             _workers.add(self)
-        self.name = f"{name}[pid {self.process.pid}]"
+
+    def hello(self) -> None:
+        """Wait until the worker runs (its PID and pidfd), then send it this process's
+        environment and working directory. ``EOFError`` if it never came up."""
+        if self.pid is not None:
+            return
+        sock = socket.socket(fileno=self.conn.fileno())
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, _worker.HELLO.size, 1)
+            while data and len(data) < _worker.HELLO.size:
+                data += sock.recv(_worker.HELLO.size - len(data))
+        finally:
+            sock.detach()
+        if len(data) < _worker.HELLO.size or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise EOFError("the worker process did not start")
+        (pid,) = _worker.HELLO.unpack(data)
+        with self._lock:
+            self.pid, self._pidfd = pid, fds[0]
+            self.name = f"{self.label}[pid {pid}]"
+        self.conn.send_bytes(pickle.dumps((dict(os.environ), os.getcwd())))
+
+    def exited(self) -> bool:
+        """Whether the worker has exited (one whose hello has not come has not)."""
+        with self._lock:
+            if self._pidfd is None:
+                return self.pid is not None  # None until its hello; then gone once forgotten
+            return bool(select.select([self._pidfd], [], [], 0)[0])
 
     def stop(self, timeout: float | None) -> None:
         """Close the socket (the worker exits when it sees EOF); kill it after ``timeout``."""
-        self.conn.close()
+        self._close_conn()
         if os.getpid() != self.owner:  # a fork child's copy: the process is not ours
             return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if not self._wait(timeout):
+            self.kill_process()
 
     def kill(self) -> None:
-        """Kill and reap the worker; close the socket too (only its pool thread may do that
-        while a job is in flight: closing it under a blocked read could let the descriptor's
-        number be reused under that read)."""
+        """Kill the worker and wait for it; close the socket too (only its pool thread may do
+        that while a job is in flight: closing it under a blocked read could let the
+        descriptor's number be reused under that read)."""
         self.kill_process()
-        self.conn.close()
+        self._close_conn()
 
     def kill_process(self) -> None:
-        """Kill and reap the worker: its pool thread's read on the socket ends with EOF."""
+        """Kill the worker and wait until it is gone: its pool thread's read on the socket
+        ends with EOF. A worker whose hello has not come is cut off instead (its socket shut
+        down: its pool thread sees EOF, and the worker, if it ever runs, exits at once)."""
         if os.getpid() != self.owner:
             return
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        with self._lock:
+            pidfd = self._pidfd
+            if pidfd is None:
+                if not self._closed:
+                    sock = socket.socket(fileno=self.conn.fileno())
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    finally:
+                        sock.detach()
+                return
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+        self._wait(None)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` for the worker to be gone (exited and reaped by the
+        template or, if the template died first, by init); ``True`` once it is gone."""
+        with self._lock:  # a copy of the pidfd: another thread may be waiting too
+            if self._pidfd is None:
+                return True  # never ran (it exits at once on its closed socket), or gone
+            pidfd = os.dup(self._pidfd)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    signal.pidfd_send_signal(pidfd, 0)  # succeeds until it is reaped
+                except ProcessLookupError:
+                    break
+                left = 0.05 if deadline is None else min(deadline - time.monotonic(), 0.05)
+                if left <= 0:
+                    return False
+                if select.select([pidfd], [], [], left)[0]:  # exited: a zombie until reaped
+                    time.sleep(0.001)
+        finally:
+            os.close(pidfd)
+        self._forget_pidfd()
+        return True
+
+    def _forget_pidfd(self) -> None:
+        with self._lock:
+            pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def _close_conn(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.conn.close()
 
     def forget_in_child(self) -> None:
-        """In a forked child: drop this process's copy of the parent's socket."""
+        """In a forked child: drop this process's copy of the parent's socket and pidfd."""
+        self._lock = threading.Lock()  # a parent thread may have held it at fork time
         self.conn.close()
+        self._closed = True
+        self._forget_pidfd()
 
 
 def _before_fork() -> None:
@@ -160,7 +224,7 @@ class _Slot:
                 raise _SlotClosed
             self._busy = True
             worker = self.worker
-            if worker is not None and worker.process.poll() is not None:
+            if worker is not None and worker.exited():
                 worker.stop(0)  # died between jobs: close our end
                 worker = None
             if worker is None:
@@ -205,7 +269,7 @@ class _Slot:
     def _run_job(self, job: Job, on_state: StateHook) -> JobResult:
         prior: JobResult | None = None  # outcomes of calls made by workers that died
         remaining = list(job.calls)
-        deaths = 0
+        deaths = starts = 0
         while True:
             run_id = job.run_id if prior is None else prior.run_id
             refused = JobResult(run_id=run_id)
@@ -226,6 +290,17 @@ class _Slot:
             except Exception as exc:
                 why = f"could not start a worker process: {exc!r}"
                 return _fail_rest(prior, progress, remaining, why)
+            try:
+                worker.hello()
+            except (EOFError, OSError) as exc:  # the template died, or the pool closed
+                self._discard(worker, 0)
+                starts += 1
+                if self._closed:
+                    return _stop_rest(job, prior, progress, remaining)
+                if starts > 1:
+                    why = f"could not start a worker process: {exc!r}"
+                    return _fail_rest(prior, progress, remaining, why)
+                continue
             try:
                 worker.conn.send_bytes(payload)
                 while True:
@@ -327,6 +402,7 @@ class ProcessExecutor(JobPool[_Slot]):
         self._slots: list[_Slot] = []
         self._slots_lock = threading.Lock()
         self._killed = False
+        _template.acquire()  # its imports overlap with what comes before the first job
 
     def _open(self, index: int) -> _Slot:
         with self._slots_lock:
@@ -348,12 +424,14 @@ class ProcessExecutor(JobPool[_Slot]):
             slots = list(self._slots)
         for slot in slots:
             slot.close()
+        _template.release()
 
     def worker_pids(self) -> list[int]:
         """PIDs of the live worker processes."""
         pids = []
         for slot in list(self._slots):
             worker = slot.worker
-            if worker is not None and worker.process.poll() is None:
-                pids.append(worker.process.pid)
+            pid = None if worker is None else worker.pid
+            if pid is not None and worker is not None and not worker.exited():
+                pids.append(pid)
         return pids

@@ -1,19 +1,25 @@
-"""The worker process of the process executor: ``python -m actors._worker FD``.
+"""The worker process of the process executor, forked by the worker template.
 
-A fresh interpreter (never a fork, and not ``multiprocessing``'s spawn, which would re-import
-the user's ``__main__``) that reads cloudpickled :class:`~actors._perform.Job`\\ s from a
-socket, performs them with one ``MlflowClient`` per tracking URI
-(:func:`actors._store.make_client`: MLflow's HTTP retries off), and reports each call's
-outcome as it goes, so that the pool thread feeding it can resume the job elsewhere if this
-process dies. It exits when the socket closes: a parent that dies takes its workers with it
-(a child the parent forks closes its copies of the sockets, see ``actors._process_executor``).
+A fork of :mod:`actors._template` (a fresh interpreter that has imported MLflow: never a fork of
+the user's process, and not ``multiprocessing``'s spawn, which would re-import the user's
+``__main__``). It first sends the parent its PID and a pidfd of itself (so
+that the parent can kill and wait for it without being its parent, and never signals a reused
+PID), takes the parent's environment and working directory as they are now, then reads
+cloudpickled :class:`~actors._perform.Job`\\ s from the socket, performs them with one
+``MlflowClient`` per tracking URI (:func:`actors._store.make_client`: MLflow's HTTP retries
+off), and reports each call's outcome as it goes, so that the pool thread feeding it can resume
+the job elsewhere if this process dies. It exits when the socket closes: a parent that dies
+takes its workers with it (a child the parent forks closes its copies of the sockets, see
+``actors._process_executor``).
 A job it cannot unpickle is refused (the parent fails its calls); this process goes on.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import socket
-import sys
+import struct
 from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
@@ -66,10 +72,30 @@ def serve(conn: Connection) -> None:
         conn.send_bytes(cloudpickle.dumps(result))
 
 
-def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    serve(Connection(sock.detach()))
+HELLO = struct.Struct("=q")  # the worker's PID, sent with a pidfd of itself
 
 
-if __name__ == "__main__":
-    main()
+def serve_forked(fd: int) -> None:
+    """Run a forked worker on socket ``fd``: hello, the parent's setup, then jobs."""
+    sock = socket.socket(fileno=fd)
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            socket.send_fds(sock, [HELLO.pack(os.getpid())], [pidfd])
+        finally:
+            os.close(pidfd)
+    except OSError:  # the parent is gone already
+        sock.close()
+        return
+    conn = Connection(sock.detach())
+    try:
+        env, cwd = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        os.chdir(cwd)
+    except OSError:  # the parent's folder is gone: relative paths fail as they would there
+        pass
+    serve(conn)
