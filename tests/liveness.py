@@ -39,24 +39,6 @@ def alive(pid: int) -> bool:
     return True
 
 
-def worker_children() -> set[int]:
-    """PIDs of this process's children that run the executor's worker module."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and b"actors._worker" in cmdline:
-            found.add(int(entry))
-    return found
-
-
 def processes_with_env(marker: str) -> set[int]:
     """PIDs of the processes (any parent) whose environment holds ``marker``."""
     found = set()
