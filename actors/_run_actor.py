@@ -36,9 +36,10 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Flush:
-    """Told by the supervisor: start a round, and settle ``waits`` (the ``flush()`` calls
-    that asked for it; none for a background flush) when it ends."""
+    """Told by the supervisor: start a round of ``handle``'s run, and settle ``waits`` (the
+    ``flush()`` calls that asked for it; none for a background flush) when it ends."""
 
+    handle: RunHandle
     waits: list[RunWait]
 
 
@@ -66,7 +67,11 @@ def _fail(waits: list[RunWait], message: str, log: FailureLog) -> None:
 
 
 class RunActor(pykka.ThreadingActor):
-    """The actor of one run (pending or addressed by its ID)."""
+    """The actor of one run (pending or addressed by its ID) at a time.
+
+    Between rounds it holds nothing of its run, so the supervisor may hand an idle actor
+    to the next run that waits for one instead of stopping it and starting another.
+    """
 
     use_daemon_thread = True  # the exit handler, not thread joins, bounds shutdown
 
@@ -83,6 +88,8 @@ class RunActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Flush):
+            # An idle actor may be handed to another run (the supervisor saves a thread).
+            self._handle = message.handle
             self._on_flush(message.waits)
             return None
         if isinstance(message, JobDone):

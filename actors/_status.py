@@ -42,7 +42,17 @@ from actors._pending import PendingRunId
 from actors._perform import KINDS, empty_counts
 from actors._queues import RunQueues
 
-STATES = ("idle", "ready", "waiting", "flushing", "retrying", "spooled", "stopped", "crashed", "closed")
+STATES = (
+    "idle",
+    "ready",
+    "waiting",
+    "flushing",
+    "retrying",
+    "spooled",
+    "stopped",
+    "crashed",
+    "closed",
+)
 BUSY_STATES = frozenset({"ready", "waiting", "flushing", "retrying"})
 
 ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good

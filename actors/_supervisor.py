@@ -207,7 +207,7 @@ class Supervisor(pykka.ThreadingActor):
         handle.busy = True
         session.idle.pop(handle, None)
         try:
-            handle.ref.tell(Flush(waits))
+            handle.ref.tell(Flush(handle, waits))
         except pykka.ActorDeadError:  # it crashed just now: a new actor takes the round
             handle.waits = waits + handle.waits
             self._forget_actor(session, handle)
@@ -218,21 +218,30 @@ class Supervisor(pykka.ThreadingActor):
         session.idle.pop(handle, None)
         session.live -= 1
 
-    def _stop_actor(self, session: Session, handle: RunHandle) -> None:
-        """Stop an actor that has no round: nothing is in flight to it or from it."""
+    def _release(self, session: Session, handle: RunHandle) -> None:
+        """The run no longer needs its idle actor: the first ready run gets it (a thread
+        saved), or it stops."""
         ref = handle.ref
         assert ref is not None and not handle.busy
         self._forget_actor(session, handle)
-        ref.stop(block=False)
+        if session.ready and not session.closed:
+            successor = session.ready.popleft()
+            successor.ready = False
+            successor.ref = ref
+            session.live += 1
+            self._send(session, successor)
+        else:
+            ref.stop(block=False)
 
     def _start_actors(self, session: Session) -> None:
         """Give the ready runs actors, first come first served, as long as places are free
-        (an idle actor's place is taken back, least recently used first)."""
+        (an idle actor is handed over, least recently used first)."""
         while session.ready and not session.closed:
             if session.live >= session.slots:
                 if not session.idle:
                     return
-                self._stop_actor(session, next(iter(session.idle)))
+                self._release(session, next(iter(session.idle)))
+                continue
             handle = session.ready.popleft()
             handle.ready = False
             handle.ref = RunActor.start(self.actor_ref, session, handle)
@@ -251,8 +260,8 @@ class Supervisor(pykka.ThreadingActor):
                 self._request(session, handle)
         elif handle.requested:
             if session.ready and not session.idle and session.live >= session.slots:
-                # Others wait for a place: this run goes behind them.
-                self._stop_actor(session, handle)
+                # Others wait for a place: its actor goes to the first, this run behind them.
+                self._release(session, handle)
                 self._request(session, handle)
             else:
                 self._send(session, handle)
@@ -260,9 +269,9 @@ class Supervisor(pykka.ThreadingActor):
             # Said here, on the supervisor's thread, not only by the actor's on_stop: a close
             # handled next must see "stopped", or it would call a finished run "closed".
             handle.record.state = "stopped"
-            self._stop_actor(session, handle)
+            self._release(session, handle)
         elif session.ready:
-            self._stop_actor(session, handle)
+            self._release(session, handle)
         else:
             session.idle[handle] = None  # parked: stopped when its place is needed
         self._start_actors(session)
