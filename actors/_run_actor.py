@@ -1,13 +1,14 @@
 """``RunActor``: one run's actor. It owns the run's queues and serializes its flushes.
 
 A flush is a *round*: take everything queued (one snapshot), plan it, hand the job to the
-executor, and wait for the job's result as a message. While a round is in flight, further
-flush requests wait for the next round, which snapshots only after the current one ends.
-So a run's operations reach the store in call order whatever the flushes do, and the
-actor's mailbox never waits on I/O: ``status()`` and new flush requests are answered at once.
+executor, and wait for the job's result as a message. The actor gets one round at a time
+from the supervisor (a :class:`Flush`) and tells it when the round has ended
+(:class:`RoundEnded`); requests that come meanwhile wait at the supervisor for the next
+round, which snapshots only after the current one ends. So a run's operations reach the
+store in call order whatever the flushes do, and the actor's mailbox never waits on I/O.
 
-A background flush (``BACKGROUND_FLUSH``: ``flush_interval``, a full batch, ``max_queued``)
-takes the same rounds, with nobody waiting. A failed round is kept in the session's
+A background flush (``flush_interval``, a full batch, ``max_queued``) is a round with no
+``flush()`` waiting on it. A failed round is kept in the session's
 :class:`~actors._failures.FailureLog` until a ``flush()`` raises it (``close()`` raises the
 rest), and logged as a warning when no ``flush()`` waits on it: never silent.
 """
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pykka
-from mlflow.exceptions import MlflowException
 
 from actors._executor import DoneHook, failed_result
 from actors._failures import FailureLog, RoundFailure
@@ -27,17 +27,20 @@ from actors._perform import Job, JobResult, JobStopped, empty_counts, failure_me
 from actors._plan import plan_snapshot
 
 if TYPE_CHECKING:
+    from actors._outcome import RunWait
     from actors._session import RunHandle, Session
-
-
-class FlushRequest:
-    """Ask a run actor to flush; the reply is a future of that flush's outcome."""
 
 
 _logger = logging.getLogger(__name__)
 
-FLUSH = FlushRequest()
-BACKGROUND_FLUSH = FlushRequest()  # told, not asked: nobody waits for its outcome
+
+@dataclass(frozen=True)
+class Flush:
+    """Told by the supervisor: start a round of ``handle``'s run, and settle ``waits`` (the
+    ``flush()`` calls that asked for it; none for a background flush) when it ends."""
+
+    handle: RunHandle
+    waits: list[RunWait]
 
 
 @dataclass(frozen=True)
@@ -48,21 +51,27 @@ class JobDone:
 
 
 @dataclass(frozen=True)
-class RunFinished:
-    """Told to the supervisor: the run is terminated and flushed, after ``seen`` flushes."""
+class RoundEnded:
+    """Told to the supervisor: the round it sent has ended (``crashed``: the actor is dead)."""
 
+    session: Session
     handle: RunHandle
     ref: pykka.ActorRef[Any]
-    seen: int
+    crashed: bool = False
 
 
-def _fail(future: pykka.ThreadingFuture[None], message: str, log: FailureLog, token: int) -> None:
-    exc = RoundFailure(message, log, token)
-    future.set_exception((MlflowException, exc, None))
+def _fail(waits: list[RunWait], message: str, log: FailureLog) -> None:
+    token = log.add(message)
+    for wait in waits:
+        wait.settle(RoundFailure(message, log, token))
 
 
 class RunActor(pykka.ThreadingActor):
-    """The actor of one run (pending or addressed by its ID)."""
+    """The actor of one run (pending or addressed by its ID) at a time.
+
+    Between rounds it holds nothing of its run, so the supervisor may hand an idle actor
+    to the next run that waits for one instead of stopping it and starting another.
+    """
 
     use_daemon_thread = True  # the exit handler, not thread joins, bounds shutdown
 
@@ -73,46 +82,40 @@ class RunActor(pykka.ThreadingActor):
         self._supervisor = supervisor
         self._session = session
         self._handle = handle
-        self._seen = 0
         self._inflight = False
         self._creating = False
-        self._waiters: list[pykka.ThreadingFuture[None]] = []
-        self._next: list[pykka.ThreadingFuture[None]] = []
-        self._next_requested = False  # a request (perhaps a background one) awaits a round
+        self._waiters: list[RunWait] = []
 
     def on_receive(self, message: Any) -> Any:
-        if message is FLUSH:
-            return self._on_flush()
-        if message is BACKGROUND_FLUSH:
-            self._on_background_flush()
+        if isinstance(message, Flush):
+            # An idle actor may be handed to another run (the supervisor saves a thread).
+            self._handle = message.handle
+            self._on_flush(message.waits)
             return None
         if isinstance(message, JobDone):
             self._on_job_done(message.result)
             return None
         raise TypeError(f"{self} got an unexpected message: {message!r}")
 
-    def _on_flush(self) -> pykka.ThreadingFuture[None]:
-        self._seen += 1
-        done: pykka.ThreadingFuture[None] = pykka.ThreadingFuture()
-        if self._inflight:
-            self._next.append(done)
-            self._next_requested = True
-        else:
-            self._start_round([done])
-        return done
+    def _on_flush(self, waits: list[RunWait]) -> None:
+        try:
+            self._start_round(waits)
+        except Exception as exc:
+            if self._inflight:  # the job may be running: the actor crashes (on_failure)
+                raise
+            # Nothing was sent (the snapshot is back in the queues): this round fails alone.
+            record = self._handle.record
+            record.state = "idle"
+            waits, self._waiters = self._waiters, []
+            message = failure_message(record.label, [f"could not start the flush: {exc!r}"])
+            if not waits:
+                _logger.warning("runactors: a background flush failed: %s", message)
+            _fail(waits, message, self._session.failures)
+            self._end_round()
 
-    def _on_background_flush(self) -> None:
-        self._seen += 1
-        if self._inflight:
-            self._next_requested = True
-        else:
-            self._start_round([])
-
-    def _start_round(self, waiters: list[pykka.ThreadingFuture[None]]) -> None:
+    def _start_round(self, waiters: list[RunWait]) -> None:
         handle, record = self._handle, self._handle.record
         self._waiters = waiters  # from here on, a crash fails them (on_failure)
-        # Busy before the queues look empty: the supervisor skips a run only when it sees
-        # both no work and no round, so a flush can never slip past a round being started.
         record.state = "waiting"
         snapshot = handle.queues.take()
         spooler = self._session.spooler
@@ -121,8 +124,8 @@ class RunActor(pykka.ThreadingActor):
             record.state = "idle"
             self._waiters = []
             for waiter in waiters:
-                waiter.set(None)
-            self._report_if_finished()
+                waiter.settle()
+            self._end_round()
             return
         try:
             calls = plan_snapshot(snapshot)
@@ -198,51 +201,48 @@ class RunActor(pykka.ThreadingActor):
         waiters, self._waiters = self._waiters, []
         if result.errors:
             message = failure_message(record.label, result.errors)
-            failures = self._session.failures
-            token = failures.add(message)
             if not waiters:
                 _logger.warning("runactors: a background flush failed: %s", message)
-            for waiter in waiters:
-                _fail(waiter, message, failures, token)
+            _fail(waiters, message, self._session.failures)
         else:
             for waiter in waiters:
-                waiter.set(None)
-        if self._next_requested:
-            waiters, self._next, self._next_requested = self._next, [], False
-            self._start_round(waiters)
-        else:
-            self._report_if_finished()
+                waiter.settle()
+        self._end_round()
 
-    def _report_if_finished(self) -> None:
-        if self._handle.record.terminated and not self._handle.queues.has_work():
-            self._supervisor.tell(RunFinished(self._handle, self.actor_ref, self._seen))
+    def _end_round(self, crashed: bool = False) -> None:
+        try:
+            self._supervisor.tell(RoundEnded(self._session, self._handle, self.actor_ref, crashed))
+        except pykka.ActorDeadError:  # the actor system stopped (at exit): nobody to tell
+            pass
 
     def _fail_waiters(self, message: str) -> None:
         pending = self._handle.pending
         if self._inflight and self._creating and pending is not None:
             # Its creation's outcome would come back to a dead actor: settle it now.
             pending._set_failed(message)
-        waiters = self._waiters + self._next
-        self._waiters, self._next, self._next_requested = [], [], False
-        if not waiters:
-            return
-        text = failure_message(self._handle.record.label, [message])
-        failures = self._session.failures
-        token = failures.add(text)
-        for waiter in waiters:
-            _fail(waiter, text, failures, token)
+        waiters, self._waiters = self._waiters, []
+        if waiters:
+            _fail(
+                waiters,
+                failure_message(self._handle.record.label, [message]),
+                self._session.failures,
+            )
 
     def on_stop(self) -> None:
-        record = self._handle.record
+        # Stopped by the supervisor: idle (it set the state), or the client is closing.
         self._fail_waiters("the client was closed before this flush completed")
-        record.state = "stopped" if record.terminated and not self._inflight else "closed"
+        if self._session.closed:
+            record = self._handle.record
+            record.state = "stopped" if record.terminated and not self._inflight else "closed"
 
     def on_failure(self, *exc_info: Any) -> None:
         record = self._handle.record
         error = f"run actor crashed: {exc_info[1]!r}"
         record.errors.add([error])
         record.state = "crashed"
-        if not (self._waiters or self._next):  # nobody waits to hear it: keep it for close()
+        if not self._waiters:  # nobody waits to hear it: keep it for close()
             self._session.failures.add(failure_message(record.label, [error]))
             _logger.warning("runactors: %s", failure_message(record.label, [error]))
         self._fail_waiters(error)
+        # The supervisor frees the actor's place and gives later requests to a new actor.
+        self._end_round(crashed=True)

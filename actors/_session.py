@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actors._budget import Budget
-from actors._executor import Executor, ThreadExecutor
+from actors._executor import Executor, ThreadExecutor, default_max_workers
 from actors._failures import FailureLog
 from actors._pending import PendingRunId
 from actors._queues import (
@@ -23,6 +24,18 @@ from actors._status import RunRecord
 
 if TYPE_CHECKING:
     import pykka
+
+    from actors._outcome import RunWait
+
+# How many of a client's runs may have a live actor (a thread) at once: more than its
+# executor can serve buy nothing, a few more keep the executor fed while actors change.
+ACTORS_PER_WORKER = 2
+MIN_ACTORS = 16
+
+
+def actor_slots(config: SessionConfig) -> int:
+    """The number of live run actors a client's session allows."""
+    return max(ACTORS_PER_WORKER * (config.max_workers or default_max_workers()), MIN_ACTORS)
 
 
 @dataclass(frozen=True)
@@ -39,17 +52,36 @@ class SessionConfig:
 
 
 class RunHandle:
-    """One run of one session: its queues, its live record and (while alive) its actor."""
+    """One run of one session: its queues, its live record and (while alive) its actor.
 
-    __slots__ = ("key", "pending", "queues", "record", "ref", "sent")
+    Besides ``ref``, the supervisor alone reads and writes the scheduling fields: whether
+    the actor has a round (``busy``), whether a round is requested and not yet sent to an
+    actor (``requested``, with the ``flush()`` waits it must settle), and whether the run
+    waits in the session's ready queue for an actor (``ready``).
+    """
+
+    __slots__ = (
+        "busy",
+        "key",
+        "pending",
+        "queues",
+        "ready",
+        "record",
+        "ref",
+        "requested",
+        "waits",
+    )
 
     def __init__(self, key: Any, pending: PendingRunId | None, queues: RunQueues) -> None:
         self.key = key
         self.pending = pending
         self.queues = queues
         self.record = RunRecord(pending=pending, run_id=None if pending else key)
-        self.ref: pykka.ActorRef[Any] | None = None  # written by the supervisor only
-        self.sent = 0  # flush messages the supervisor sent to the current actor
+        self.ref: pykka.ActorRef[Any] | None = None
+        self.busy = False
+        self.requested = False
+        self.waits: list[RunWait] = []
+        self.ready = False
 
 
 class Session:
@@ -77,6 +109,13 @@ class Session:
             self.budget = Budget(limit, config.retry_timeout)
         self.failures = FailureLog()  # failed rounds no flush() has raised yet
         self.next_flush: float | None = None  # flush_interval: the next background flush
+        # The supervisor's scheduling of run actors (its thread only): at most ``slots`` live
+        # actors (``live``); runs waiting for one, first come first served, each at most
+        # once (``ready``); live actors with no round, least recently used first (``idle``).
+        self.slots = actor_slots(config)
+        self.live = 0
+        self.ready: deque[RunHandle] = deque()
+        self.idle: dict[RunHandle, None] = {}
         # With spool_dir: the journal of what could not be delivered (opened at first use).
         self.spooler = (
             None

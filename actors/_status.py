@@ -8,6 +8,8 @@ States (``RunStatus.state``):
 
 ==========  ==================================================================
 ``idle``     nothing in flight; operations may be queued, waiting for a flush
+``ready``    a flush is requested and the run waits for its actor (a client has a bounded
+             number of live run actors; runs get one first come, first served)
 ``waiting``  a flush is planned and waits for a free executor worker
 ``flushing`` the run's calls are being made
 ``retrying`` a call failed transiently and is being retried with backoff
@@ -47,8 +49,18 @@ from actors._pending import PendingRunId
 from actors._perform import KINDS, JobResult, empty_counts
 from actors._queues import RunQueues
 
-STATES = ("idle", "waiting", "flushing", "retrying", "spooled", "stopped", "crashed", "closed")
-BUSY_STATES = frozenset({"waiting", "flushing", "retrying"})
+STATES = (
+    "idle",
+    "ready",
+    "waiting",
+    "flushing",
+    "retrying",
+    "spooled",
+    "stopped",
+    "crashed",
+    "closed",
+)
+BUSY_STATES = frozenset({"ready", "waiting", "flushing", "retrying"})
 
 ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good
 ERRORS_LATEST = 40  # and its latest ones

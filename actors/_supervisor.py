@@ -1,10 +1,18 @@
 """``Supervisor``: the one actor per process that owns the registry of sessions and runs.
 
-It assigns ``PendingRunId``s, starts a run's actor when the run first has something to
-flush (and again after the actor stopped or crashed), fans flush requests out to the run
-actors and returns their futures, and stops a run's actor once the run is terminated and
-flushed. Being the only sender of flush requests is what makes that stop safe: it stops an
-actor only when the actor has seen every request sent to it.
+It assigns ``PendingRunId``s, schedules the run actors, and sends the background flushes.
+
+**Scheduling.** A run's actor lives only while the run has a round to make (or, parked idle,
+until its place is needed): a client has at most ``Session.slots`` live actors, so 10,000
+runs flushing are a few dozen threads, not 10,000. ``flush()`` is answered at once with one
+:class:`~actors._outcome.RunWait` per run; each run's request waits at the supervisor
+(``RunHandle.waits``) until its actor can start a round: at once if the actor is live and
+idle, when its round ends if it is busy, and when a place frees if it has no actor (the run
+is then ``ready``, in the session's first-come-first-served ready queue, at most once). The
+supervisor sends an actor one round at a time (``Flush``) and hears when it has ended
+(``RoundEnded``); being the only sender, it knows exactly when an actor is idle, which is
+what makes stopping it safe. A run with a request still pending when its round ends goes to
+the back of the ready queue if other runs wait for a place (so busy runs cannot starve them).
 
 It also sends the background flushes: every ``flush_interval`` seconds (told by the
 process's one :class:`~actors._ticker.Ticker`), when a run's queue holds a full batch, and
@@ -22,15 +30,17 @@ from typing import Any
 
 import pykka
 
+from actors._failures import RoundFailure
+from actors._outcome import FlushCall, RunWait
 from actors._pending import PendingRunId
+from actors._perform import failure_message
 from actors._queues import CreateRun, WatchedRunQueues, closed_error
-from actors._run_actor import BACKGROUND_FLUSH, FLUSH, RunActor, RunFinished
+from actors._run_actor import Flush, RoundEnded, RunActor
 from actors._session import RunHandle, Session, SessionConfig
-from actors._status import BUSY_STATES
 from actors._ticker import Ticker
 
-# One flush request per run: the run's handle and the reply (a future of the outcome).
-Ticket = tuple[RunHandle, "pykka.Future[Any]"]
+# One run's part of one flush() (settled when that run's flush has ended).
+Ticket = RunWait
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,13 @@ class FlushInBackground:
     handle: RunHandle | None = None
 
 
+@dataclass(frozen=True)
+class StartActors:
+    """Told to itself after answering a flush: start actors for the ready runs of a session."""
+
+    session: Session
+
+
 def _teller(ref: pykka.ActorRef[Any], message: Any) -> Any:
     """A callable that tells ``ref`` ``message`` from any thread, and does nothing once
     ``ref`` has stopped (at exit, say)."""
@@ -103,8 +120,10 @@ class Supervisor(pykka.ThreadingActor):
             return self._register(message)
         if isinstance(message, FlushSession):
             return self._flush(message.session)
-        if isinstance(message, RunFinished):
-            return self._finished(message)
+        if isinstance(message, RoundEnded):
+            return self._round_ended(message)
+        if isinstance(message, StartActors):
+            return self._start_actors(message.session)
         if isinstance(message, FlushInBackground):
             return self._flush_in_background(message)
         if message is TICK:
@@ -145,25 +164,117 @@ class Supervisor(pykka.ThreadingActor):
             handle.queues.on_full = _teller(self.actor_ref, FlushInBackground(session, handle))
         return session.add_handle(handle)
 
-    def _actor_for(self, session: Session, handle: RunHandle) -> pykka.ActorRef[Any]:
-        if handle.ref is None or not handle.ref.is_alive():
-            handle.ref = RunActor.start(self.actor_ref, session, handle)
-            handle.sent = 0
-        return handle.ref
-
     def _flush(self, session: Session) -> list[Ticket]:
         if session.closed:
             raise closed_error()
+        call = FlushCall()
         tickets: list[Ticket] = []
+        spooler = session.spooler
         for handle in list(session.handles.values()):
-            # A spooled run's flush re-sends its spooled calls, even with nothing queued.
-            spooled = session.spooler is not None and session.spooler.holds(handle)
-            if not (handle.queues.has_work() or spooled or handle.record.state in BUSY_STATES):
+            # A run with a round in flight or requested gets a round after it, to wait for;
+            # a spooled run's flush re-sends its spooled calls, even with nothing queued.
+            if not (
+                handle.busy
+                or handle.requested
+                or handle.queues.has_work()
+                or (spooler is not None and spooler.holds(handle))
+            ):
                 continue  # nothing to send and nothing in flight to wait for
-            ref = self._actor_for(session, handle)
-            handle.sent += 1
-            tickets.append((handle, ref.ask(FLUSH, block=False)))
+            wait = RunWait(handle, call)
+            handle.waits.append(wait)
+            self._request(session, handle)
+            tickets.append(wait)
+        if session.ready:  # after this answer: starting threads takes time
+            self.actor_ref.tell(StartActors(session))
         return tickets
+
+    def _request(self, session: Session, handle: RunHandle) -> None:
+        """Ask for a round of this run: sent now if its actor is idle, when its round ends
+        if it is busy, and when a place frees if it has no actor (the run is ``ready``)."""
+        handle.requested = True
+        if handle.ref is not None:
+            if not handle.busy:
+                self._send(session, handle)
+        elif not handle.ready:
+            handle.ready = True
+            handle.record.state = "ready"
+            session.ready.append(handle)
+
+    def _send(self, session: Session, handle: RunHandle) -> None:
+        """Give the run's live, idle actor its next round, with the waits requested so far."""
+        assert handle.ref is not None
+        waits, handle.waits, handle.requested = handle.waits, [], False
+        handle.busy = True
+        session.idle.pop(handle, None)
+        try:
+            handle.ref.tell(Flush(handle, waits))
+        except pykka.ActorDeadError:  # it crashed just now: a new actor takes the round
+            handle.waits = waits + handle.waits
+            self._forget_actor(session, handle)
+            self._request(session, handle)
+
+    def _forget_actor(self, session: Session, handle: RunHandle) -> None:
+        handle.ref, handle.busy = None, False
+        session.idle.pop(handle, None)
+        session.live -= 1
+
+    def _release(self, session: Session, handle: RunHandle) -> None:
+        """The run no longer needs its idle actor: the first ready run gets it (a thread
+        saved), or it stops."""
+        ref = handle.ref
+        assert ref is not None and not handle.busy
+        self._forget_actor(session, handle)
+        if session.ready and not session.closed:
+            successor = session.ready.popleft()
+            successor.ready = False
+            successor.ref = ref
+            session.live += 1
+            self._send(session, successor)
+        else:
+            ref.stop(block=False)
+
+    def _start_actors(self, session: Session) -> None:
+        """Give the ready runs actors, first come first served, as long as places are free
+        (an idle actor is handed over, least recently used first)."""
+        while session.ready and not session.closed:
+            if session.live >= session.slots:
+                if not session.idle:
+                    return
+                self._release(session, next(iter(session.idle)))
+                continue
+            handle = session.ready.popleft()
+            handle.ready = False
+            handle.ref = RunActor.start(self.actor_ref, session, handle)
+            session.live += 1
+            self._send(session, handle)
+
+    def _round_ended(self, message: RoundEnded) -> None:
+        handle = message.handle
+        if handle.ref is not message.ref:  # an actor already forgotten (it crashed)
+            return
+        session = message.session
+        handle.busy = False
+        if message.crashed:  # its waits are failed; the next round gets a new actor
+            self._forget_actor(session, handle)
+            if handle.requested:
+                self._request(session, handle)
+        elif handle.requested:
+            if session.ready and not session.idle and session.live >= session.slots:
+                # Others wait for a place: its actor goes to the first, this run behind them.
+                self._release(session, handle)
+                self._request(session, handle)
+            else:
+                self._send(session, handle)
+        elif handle.record.terminated and not handle.queues.has_work():
+            # Said here, on the supervisor's thread, not only by the actor's on_stop: a close
+            # handled next must see "stopped", or it would call a finished run "closed".
+            handle.record.state = "stopped"
+            self._release(session, handle)
+        elif session.ready:
+            self._release(session, handle)
+        else:
+            session.idle[handle] = None  # parked: stopped when its place is needed
+        self._start_actors(session)
 
     def _flush_in_background(self, message: FlushInBackground) -> None:
         session = message.session
@@ -175,9 +286,8 @@ class Supervisor(pykka.ThreadingActor):
     def _send_background(self, session: Session, handles: Iterable[RunHandle]) -> None:
         for handle in list(handles):
             if handle.queues.has_work():  # a run with only a round in flight needs nothing
-                ref = self._actor_for(session, handle)
-                handle.sent += 1
-                ref.tell(BACKGROUND_FLUSH)
+                self._request(session, handle)
+        self._start_actors(session)
 
     def _tick(self) -> None:
         """Flush every session whose ``flush_interval`` is due; schedule the nearest next."""
@@ -194,21 +304,24 @@ class Supervisor(pykka.ThreadingActor):
         if nearest is not None and self._ticker is not None:
             self._ticker.schedule(nearest)
 
-    def _finished(self, message: RunFinished) -> None:
-        handle = message.handle
-        if handle.ref is message.ref and handle.sent == message.seen:
-            handle.ref = None
-            # Said here, on the supervisor's thread, not only by the actor's on_stop: a close
-            # handled next must see "stopped", or it would call a finished run "closed".
-            handle.record.state = "stopped"
-            message.ref.stop(block=False)
-
     def _close(self, session: Session) -> list[pykka.Future[Any]]:
         session.seal()  # already sealed by the client; not when closed at exit
         session.closed = True
         self._sessions.pop(session.id, None)
         stops: list[pykka.Future[Any]] = []
+        session.ready.clear()
+        session.idle.clear()
+        session.live = 0
         for handle in session.handles.values():
+            waits, handle.waits = handle.waits, []
+            handle.requested = handle.ready = handle.busy = False
+            if waits:  # requested, never sent: no actor will settle them
+                message = failure_message(
+                    handle.record.label, ["the client was closed before this flush completed"]
+                )
+                token = session.failures.add(message)
+                for wait in waits:
+                    wait.settle(RoundFailure(message, session.failures, token))
             if handle.ref is not None:
                 stops.append(handle.ref.stop(block=False))
                 handle.ref = None

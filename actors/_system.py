@@ -20,11 +20,9 @@ import time
 from typing import Any
 
 import pykka
-from mlflow.exceptions import MlflowException
 
 from actors._failures import RoundFailure
 from actors._pending import format_seconds
-from actors._perform import failure_message
 from actors._queues import CreateRun
 from actors._run_actor import RunActor
 from actors._session import RunHandle, Session, SessionConfig
@@ -62,25 +60,9 @@ class _Deadline:
         return None if self._end is None else max(self._end - time.monotonic(), 0.0)
 
 
-def _settled(future: pykka.Future[Any]) -> bool:
-    try:
-        future.get(timeout=0)
-    except pykka.Timeout:
-        return False
-    except Exception:
-        return True
-    return True
-
-
 def ticket_done(ticket: Ticket) -> bool:
     """Whether this run's part of a flush has finished."""
-    _, reply = ticket
-    if not _settled(reply):
-        return False
-    try:
-        return _settled(reply.get(timeout=0))
-    except Exception:
-        return True
+    return ticket.done()
 
 
 def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[str]:
@@ -88,20 +70,18 @@ def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[st
 
     Raises ``TimeoutError`` if ``timeout`` seconds pass first.
     """
-    deadline = _Deadline(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []
-    for handle, reply in tickets:
+    for ticket in tickets:
         try:
-            reply.get(timeout=deadline.remaining()).get(timeout=deadline.remaining())
-        except pykka.Timeout:
+            error = ticket.wait(deadline)
+        except TimeoutError:
             waited = format_seconds(0.0 if timeout is None else timeout)
             raise TimeoutError(f"the flush did not complete within {waited} s") from None
-        except MlflowException as exc:
-            failures.append(exc.message)
-            if isinstance(exc, RoundFailure):
-                exc.mark_raised()  # the caller raises it: close() need not raise it again
-        except Exception as exc:  # the actor died before it could take the request
-            failures.append(failure_message(handle.record.label, [repr(exc)]))
+        if error is not None:
+            failures.append(error.message)
+            if isinstance(error, RoundFailure):
+                error.mark_raised()  # the caller raises it: close() need not raise it again
     return failures
 
 
