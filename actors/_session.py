@@ -124,6 +124,10 @@ class Session:
                 config.spool_dir, config.tracking_uri, config.retry_timeout, f"runactors-{self.id}"
             )
         )
+        if config.executor == "process":
+            # Made now, at the client's first use, not at its first flush: the executor starts
+            # the worker template, whose imports (~2 s of CPU) then overlap the user's work.
+            self.executor()
 
     def new_queues(self, create: CreateRun | None = None) -> RunQueues:
         """The queues of a new run: plain, unless ``max_queued`` or ``flush_interval`` is set."""

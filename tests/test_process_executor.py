@@ -217,15 +217,21 @@ def test_a_job_that_cannot_be_sent_fails_alone_and_the_pool_stays_whole(
 def test_a_worker_that_cannot_start_fails_its_job_and_leaks_nothing(
     tracking_uri, store, experiment_id, monkeypatch
 ):
-    client = QueueingClient(tracking_uri, executor="process", max_workers=1)
-    try:
-        run = client.create_run(experiment_id)
-        client.log_metrics(run, {"m": 1.0})
-        fds = set(os.listdir("/proc/self/fd"))
-        with monkeypatch.context() as patch:
-            patch.setattr(sys, "executable", "/nonexistent/python")
+    fds = set(os.listdir("/proc/self/fd"))
+    # The session starts the worker template at the client's first use: the bad interpreter
+    # must be in place before it, so that neither the template nor a worker can start.
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", "/nonexistent/python")
+        client = QueueingClient(tracking_uri, executor="process", max_workers=1)
+        try:
+            run = client.create_run(experiment_id)
+            client.log_metrics(run, {"m": 1.0})
             with pytest.raises(MlflowException, match="could not start a worker process"):
                 client.flush(synchronous=False).await_completion(TIMEOUT)
+        except BaseException:
+            close_quietly(client)
+            raise
+    try:
         assert set(os.listdir("/proc/self/fd")) <= fds  # both ends of its socketpair closed
         # The pool is whole: the next flush starts a worker and delivers.
         other = client.create_run(experiment_id)
