@@ -7,7 +7,6 @@ call by call, so that one failed batch does not stop the ones after it (as in th
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -16,7 +15,6 @@ from functools import partial
 from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
 from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
@@ -155,43 +153,6 @@ def _invoke_fast(
             result.sql_fast_path = "on"
             return
     _invoke(client, run_id, call)
-
-
-ROUND_BATCHES = 16  # metric-only calls of a round stored in one transaction, at most
-
-
-def _write_round(
-    fast: ClientFastPath, run_id: str, calls: list[Call], retries: _Retries, result: JobResult
-) -> int:
-    """Store the metric-only calls that open ``calls`` (2 to ROUND_BATCHES of them) in ONE
-    transaction of the fast path, retried as one call; how many were stored.
-
-    0 when there is no such run of calls or the writer cannot take them: a permanent error
-    (a bad batch, a run not active) or a fallback is then met call by call, each reported on
-    its own as without grouping. A transient failure past the retries is raised: the first
-    call failed, as it would have alone. Nothing counts as done before the commit, so a
-    worker that dies mid-transaction leaves all of them to the resumed job.
-    """
-    writer = fast.writer
-    if writer is None or writer.unavailable is not None or os.environ.get("H7_NOGROUP"):
-        return 0
-    group: list[LogBatchCall] = []
-    for call in calls[:ROUND_BATCHES]:
-        if not _fast_path_call(call):
-            break
-        assert isinstance(call, LogBatchCall)
-        group.append(call)
-    if len(group) < 2:
-        return 0
-    batches = [_metrics(call) for call in group]
-    try:
-        retries(partial(writer.write_batches, run_id, batches))
-    except (FastPathUnavailable, MlflowException) as exc:
-        if is_transient(exc):
-            raise
-        return 0
-    result.sql_fast_path = "on"
-    return len(group)
 
 
 def _invoke(client: Any, run_id: str, call: Call) -> None:
@@ -340,7 +301,6 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
     result = JobResult(run_id=job.run_id)
     unavailable: str | None = None  # the store failed a call past its retries
     fast: ClientFastPath | None = None  # looked up at the first metric-only batch
-    grouped_until = 0  # calls before this index were stored in one transaction
     for index, call in enumerate(job.calls):
         error: str | None = None
         failure: Exception | None = None
@@ -359,18 +319,13 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
         else:
             if fast is None and _fast_path_call(call):
                 fast = client_fast_path(client)
-            fast_call = fast is not None and fast.database and _fast_path_call(call)
+            if fast is not None and fast.database and _fast_path_call(call):
+                assert isinstance(call, LogBatchCall)
+                attempt = partial(_invoke_fast, fast, client, run_id, call, result)
+            else:
+                attempt = partial(_invoke, client, run_id, call)
             try:
-                if fast_call and index >= grouped_until:
-                    assert fast is not None
-                    grouped = _write_round(fast, run_id, job.calls[index:], retries, result)
-                    grouped_until = index + grouped
-                if index >= grouped_until:  # not (already) stored with the calls of its round
-                    if fast_call:
-                        assert fast is not None and isinstance(call, LogBatchCall)
-                        retries(partial(_invoke_fast, fast, client, run_id, call, result))
-                    else:
-                        retries(partial(_invoke, client, run_id, call))
+                retries(attempt)
             except Exception as exc:
                 error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
                 failure = exc
