@@ -135,7 +135,9 @@ def test_a_locked_sqlite_file_is_retried_through_the_fast_path(
     """A lock held past MLflow's 20 s busy timeout fails the writer's attempt as it fails
     MLflow's log_batch, transiently: the run retries it and the batch lands through the fast
     path once the lock is gone (not through a fallback)."""
-    client = QueueingClient(tracking_uri, executor=executor, retry_timeout=90)
+    # One worker, whose store is open before the lock: the lock meets the fast path's
+    # write, not the opening of another worker's store (which is retried anyway).
+    client = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=90)
     try:
         run = client.create_run(experiment_id)
         client.log_metrics(run, {"loss": 0.5}, step=0)
