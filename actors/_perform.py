@@ -19,7 +19,12 @@ from mlflow.entities import Metric, Param, RunTag
 from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 from actors._retry import call_with_retry, is_transient
-from actors._sql_metrics import ClientFastPath, FastPathUnavailable, client_fast_path
+from actors._sql_metrics import (
+    ClientFastPath,
+    FastPathUnavailable,
+    client_fast_path,
+    log_batch_is_mlflows,
+)
 from actors._store import request_deadline
 
 KINDS = ("metrics", "params", "tags", "datasets")
@@ -319,7 +324,12 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
         else:
             if fast is None and _fast_path_call(call):
                 fast = client_fast_path(client)
-            if fast is not None and fast.database and _fast_path_call(call):
+            if (
+                fast is not None
+                and fast.database
+                and _fast_path_call(call)
+                and log_batch_is_mlflows(client)
+            ):
                 assert isinstance(call, LogBatchCall)
                 attempt = partial(_invoke_fast, fast, client, run_id, call, result)
             else:

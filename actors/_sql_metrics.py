@@ -48,6 +48,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     _validate_batch_log_data,
     _validate_batch_log_limits,
@@ -127,6 +128,20 @@ class ClientFastPath:
                 "SQL fast path unavailable, metrics go through MLflow's log_batch: %s", reason
             )
         return f"fallback: {reason}"
+
+
+# MLflow's own ``log_batch`` of the client and of the store, which the fast path stands in for.
+_MLFLOW_LOG_BATCH: Final = (MlflowClient.log_batch, SqlAlchemyStore.log_batch)
+
+
+def log_batch_is_mlflows(client: Any) -> bool:
+    """Whether ``client.log_batch`` would run MLflow's own code down to its SQL store: not
+    when that code is patched or wrapped (instrumentation, a test's fault injection, a
+    subclass), whose caller expects it to run for every batch; the fast path would skip it."""
+    store = client._tracking_client.store
+    return (type(client).log_batch, type(store).log_batch) == _MLFLOW_LOG_BATCH and not (
+        "log_batch" in vars(client) or "log_batch" in vars(store)
+    )
 
 
 _CLIENTS: weakref.WeakKeyDictionary[Any, ClientFastPath] = weakref.WeakKeyDictionary()

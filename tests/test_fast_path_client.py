@@ -154,3 +154,29 @@ def test_a_locked_sqlite_file_is_retried_through_the_fast_path(
     assert status.retries >= 1 and "database is locked" in (status.last_retry_error or "")
     assert status.sql_fast_path == "on"
     assert len(store.get_metric_history(run.resolve(), "loss")) == 1_500
+
+
+def test_a_wrapped_log_batch_still_sees_every_batch(
+    tracking_uri: str, experiment_id: str, store: MlflowClient
+) -> None:
+    """Code that wraps ``MlflowClient.log_batch`` (instrumentation, MLflow's own tests of the
+    queueing client) expects it to run for every batch: the fast path stands aside."""
+    seen: list[int] = []
+    original = MlflowClient.log_batch
+
+    def wrapped(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        seen.append(len(kwargs.get("metrics", ())))
+        original(self, *args, **kwargs)
+
+    client = QueueingClient(tracking_uri)
+    try:
+        run = client.create_run(experiment_id)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(MlflowClient, "log_batch", wrapped)
+            for step in range(1_200):
+                client.log_metrics(run, {"loss": step / 3}, step=step)
+            client.flush()
+    finally:
+        client.close()
+    assert seen == [1_000, 200]
+    assert len(store.get_metric_history(run.resolve(), "loss")) == 1_200
