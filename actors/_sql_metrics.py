@@ -25,7 +25,11 @@ error, raises :class:`FastPathUnavailable`, for the caller to send the batch thr
 API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
 are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
 
-Pure of actors and threads: a function of an engine, a run id and metrics.
+The writer is a function of an engine, a run id and metrics; :func:`client_fast_path` keeps
+one per ``MlflowClient`` (made on first use, None cached too) for ``actors._perform``, which
+sends a metric-only ``log_batch`` through it on a database store and through MLflow's API
+when it raises :class:`FastPathUnavailable`. A locked or unreachable database is raised as
+MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is retried, not a fallback.
 """
 
 from __future__ import annotations
