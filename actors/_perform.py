@@ -19,6 +19,12 @@ from mlflow.entities import Metric, Param, RunTag
 from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 from actors._retry import call_with_retry, is_transient
+from actors._sql_metrics import (
+    ClientFastPath,
+    FastPathUnavailable,
+    client_fast_path,
+    log_batch_is_mlflows,
+)
 from actors._store import request_deadline
 
 KINDS = ("metrics", "params", "tags", "datasets")
@@ -76,6 +82,9 @@ class JobResult:
     unsent_error: str | None = None
     unsent_attempted: bool = False
     spooled: bool = False  # set by the spooler once ``unsent`` is on disk
+    # On a database store, how the round's metric-only batches went: "on" (the SQL fast
+    # path), "off" (switched off or not served) or "fallback: why" (MLflow's log_batch).
+    sql_fast_path: str | None = None
 
 
 class JobStopped(Exception):
@@ -101,24 +110,61 @@ def _add(target: dict[str, int], counts: dict[str, int]) -> None:
         target[kind] += n
 
 
+def _metrics(call: LogBatchCall) -> list[Metric]:
+    return [
+        Metric(
+            key,
+            value,
+            timestamp,
+            step,
+            model_id=model_id,
+            dataset_name=dataset_name,
+            dataset_digest=dataset_digest,
+        )
+        for key, value, timestamp, step, model_id, dataset_name, dataset_digest in call.metrics
+    ]
+
+
+def _fast_path_call(call: Call) -> bool:
+    """Whether the SQL fast path may carry ``call``: a log_batch of metrics only, none of
+    them with a ``model_id`` (MLflow also writes those to the logged model)."""
+    return (
+        isinstance(call, LogBatchCall)
+        and bool(call.metrics)
+        and not call.params
+        and not call.tags
+        and all(metric[4] is None for metric in call.metrics)
+    )
+
+
+def _invoke_fast(
+    fast: ClientFastPath, client: Any, run_id: str, call: LogBatchCall, result: JobResult
+) -> None:
+    """One attempt at a metric-only batch on a database store: through the writer while it
+    serves this database, else (or when it cannot take this batch: nothing of it stored)
+    through MLflow's ``log_batch``. MLflow's errors, transient ones included, propagate as
+    from ``log_batch``, for the caller's retries."""
+    writer = fast.writer
+    if writer is None:
+        result.sql_fast_path = "off"
+    elif writer.unavailable is not None:
+        result.sql_fast_path = f"fallback: {writer.unavailable}"
+    else:
+        try:
+            writer(run_id, _metrics(call))
+        except FastPathUnavailable as exc:
+            result.sql_fast_path = fast.fell_back(str(exc))
+        else:
+            result.sql_fast_path = "on"
+            return
+    _invoke(client, run_id, call)
+
+
 def _invoke(client: Any, run_id: str, call: Call) -> None:
     if isinstance(call, LogBatchCall):
         client.log_batch(
             run_id=run_id,
-            metrics=[
-                Metric(
-                    key,
-                    value,
-                    timestamp,
-                    step,
-                    model_id=model_id,
-                    dataset_name=dataset_name,
-                    dataset_digest=dataset_digest,
-                )
-                for key, value, timestamp, step, model_id, dataset_name, dataset_digest in (
-                    call.metrics
-                )
-            ],
+            metrics=_metrics(call),
             params=[Param(key, value) for key, value in call.params],
             tags=[RunTag(key, value) for key, value in call.tags],
         )
@@ -259,6 +305,7 @@ def _spoolable(exc: BaseException) -> bool:
 def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None) -> JobResult:
     result = JobResult(run_id=job.run_id)
     unavailable: str | None = None  # the store failed a call past its retries
+    fast: ClientFastPath | None = None  # looked up at the first metric-only batch
     for index, call in enumerate(job.calls):
         error: str | None = None
         failure: Exception | None = None
@@ -275,8 +322,20 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
         elif run_id is None:
             error = f"run {job.label} has no ID: its creation failed, so this call was not sent"
         else:
+            if fast is None and _fast_path_call(call):
+                fast = client_fast_path(client)
+            if (
+                fast is not None
+                and fast.database
+                and _fast_path_call(call)
+                and log_batch_is_mlflows(client)
+            ):
+                assert isinstance(call, LogBatchCall)
+                attempt = partial(_invoke_fast, fast, client, run_id, call, result)
+            else:
+                attempt = partial(_invoke, client, run_id, call)
             try:
-                retries(partial(_invoke, client, run_id, call))
+                retries(attempt)
             except Exception as exc:
                 error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
                 failure = exc
@@ -311,6 +370,7 @@ def merge_results(done: JobResult, rest: JobResult) -> JobResult:
     merged.errors = compress_errors(done.errors + rest.errors)
     merged.unsent, merged.unsent_error = rest.unsent, rest.unsent_error
     merged.unsent_attempted = rest.unsent_attempted
+    merged.sql_fast_path = rest.sql_fast_path or done.sql_fast_path
     return merged
 
 

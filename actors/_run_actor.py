@@ -193,6 +193,8 @@ class RunActor(pykka.ThreadingActor):
                 handle.pending._set_failed(result.create_error)
         for kind, n in result.logged.items():
             record.logged[kind] += n
+        if result.sql_fast_path is not None:
+            record.sql_fast_path = result.sql_fast_path
         record.end_round(result)  # the process's totals and the round's duration
         record.inflight = empty_counts()
         record.errors.add(result.errors)

@@ -25,28 +25,44 @@ error, raises :class:`FastPathUnavailable`, for the caller to send the batch thr
 API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
 are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
 
-Pure of actors and threads: a function of an engine, a run id and metrics.
+The writer is a function of an engine, a run id and metrics; :func:`client_fast_path` keeps
+one per ``MlflowClient`` (made on first use, None cached too) for ``actors._perform``, which
+sends a metric-only ``log_batch`` through it on a database store and through MLflow's API
+when it raises :class:`FastPathUnavailable`. A locked or unreachable database is raised as
+MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is retried, not a fallback.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import sqlalchemy
 from mlflow.entities import LifecycleStage, Metric
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+)
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     _validate_batch_log_data,
     _validate_batch_log_limits,
     _validate_run_id,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+
+from actors._retry import is_transient
+
+_logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "RUNACTORS_SQL_FAST_PATH"
 
@@ -95,6 +111,60 @@ def fast_metrics_writer(store: object) -> SqlMetricsWriter | None:
         return SqlMetricsWriter(engine)
     except FastPathUnavailable:
         return None
+
+
+class ClientFastPath:
+    """The fast path of one ``MlflowClient``: its writer (None: the client's store is not a
+    database the writer serves, or the switch is off) and whether a fallback was logged."""
+
+    def __init__(self, writer: SqlMetricsWriter | None, database: bool) -> None:
+        self.writer = writer
+        self.database = database  # MLflow's SQL store: status() shows "on"/"off"/"fallback"
+        self.warned = False
+
+    def fell_back(self, reason: str) -> str:
+        """Log the client's first fallback at WARNING (later ones at DEBUG); the status text."""
+        if self.warned:
+            _logger.debug("SQL fast path fallback: %s", reason)
+        else:
+            self.warned = True
+            _logger.warning(
+                "SQL fast path unavailable, metrics go through MLflow's log_batch: %s", reason
+            )
+        return f"fallback: {reason}"
+
+
+# MLflow's own ``log_batch`` of the client and of the store, which the fast path stands in for.
+_MLFLOW_LOG_BATCH: Final = (MlflowClient.log_batch, SqlAlchemyStore.log_batch)
+
+
+def log_batch_is_mlflows(client: Any) -> bool:
+    """Whether ``client.log_batch`` would run MLflow's own code down to its SQL store: not
+    when that code is patched or wrapped (instrumentation, a test's fault injection, a
+    subclass), whose caller expects it to run for every batch; the fast path would skip it."""
+    store = client._tracking_client.store
+    return (type(client).log_batch, type(store).log_batch) == _MLFLOW_LOG_BATCH and not (
+        "log_batch" in vars(client) or "log_batch" in vars(store)
+    )
+
+
+_CLIENTS: weakref.WeakKeyDictionary[Any, ClientFastPath] = weakref.WeakKeyDictionary()
+_CLIENTS_LOCK = threading.Lock()
+
+
+def client_fast_path(client: Any) -> ClientFastPath:
+    """The fast path of ``client`` (an ``MlflowClient``), built once on first use and cached
+    with the client (also when there is none), so that every batch after the first costs a
+    dictionary look-up."""
+    with _CLIENTS_LOCK:
+        found = _CLIENTS.get(client)
+    if found is not None:
+        return found
+    tracking = getattr(client, "_tracking_client", None)
+    store = getattr(tracking, "store", None)
+    made = ClientFastPath(fast_metrics_writer(store), isinstance(store, SqlAlchemyStore))
+    with _CLIENTS_LOCK:
+        return _CLIENTS.setdefault(client, made)
 
 
 def _sanitize(value: float) -> tuple[bool, float]:
@@ -196,14 +266,30 @@ class SqlMetricsWriter:
         """Store ``metrics`` into run ``run_id`` as ``log_batch(run_id, metrics)`` would.
 
         Raises MLflow's own ``MlflowException`` for what MLflow would refuse (invalid input,
-        a run not found or not active), and :class:`FastPathUnavailable` when the batch must
-        go through MLflow's API instead (nothing of it stored).
+        a run not found or not active; a locked or unreachable database as MLflow's session
+        words it, TEMPORARILY_UNAVAILABLE), and :class:`FastPathUnavailable` when the batch
+        must go through MLflow's API instead (nothing of it stored).
         """
-        if any(metric.model_id is not None for metric in metrics):
-            raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
-        _validate_run_id(run_id)
-        self._validate(metrics)
-        rows = metric_rows(run_id, metrics)
+        self.write_batches(run_id, [metrics])
+
+    def write_batches(self, run_id: str, batches: Sequence[Sequence[Metric]]) -> None:
+        """Store several batches into run ``run_id`` in ONE transaction, as the same
+        ``log_batch`` calls in order would: each batch validated on its own (MLflow's limits
+        are per call); all stored or none (any error, as for one batch).
+
+        One transaction instead of one per batch: on SQLite each commit is an fsync, which
+        costs as much as writing the 1,000 metrics of a batch. Storing the batches' rows in
+        one statement stores what the calls in order store: the metrics are inserted with
+        conflicts ignored, and the latest value that wins over them all is the one that
+        would win the calls one after another (the rule is a strict maximum).
+        """
+        rows: list[Row] = []
+        for metrics in batches:
+            if any(metric.model_id is not None for metric in metrics):
+                raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
+            _validate_run_id(run_id)
+            self._validate(metrics)
+            rows.extend(metric_rows(run_id, metrics))
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
         try:
@@ -221,6 +307,12 @@ class SqlMetricsWriter:
                     self._upsert_latest.execute(conn, latest_rows(rows))
         except (MlflowException, FastPathUnavailable):
             raise
+        except sqlalchemy.exc.OperationalError as exc:
+            if is_transient(exc):
+                # "database is locked", a connection refused: what MLflow's session raises
+                # for it, so that the caller retries it exactly as it retries log_batch.
+                raise MlflowException(str(exc), TEMPORARILY_UNAVAILABLE) from exc
+            raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
 

@@ -144,6 +144,7 @@ class RunRecord:
     last_retry_error: str | None = None
     spooled: dict[str, int] = field(default_factory=empty_counts)
     round_started: float | None = None  # monotonic time the round in flight started
+    sql_fast_path: str | None = None  # the last round's, with metrics on a database store
 
     @property
     def label(self) -> str:
@@ -182,6 +183,7 @@ class RunRecord:
             retries=self.retries,
             last_retry_error=self.last_retry_error,
             spooled=dict(self.spooled),
+            sql_fast_path=self.sql_fast_path,
         )
 
 
@@ -200,6 +202,9 @@ class RunStatus:
     retries: int = 0  # transient failures retried so far (cumulative)
     last_retry_error: str | None = None  # the latest of them, kept after recovery
     spooled: dict[str, int] = field(default_factory=empty_counts)  # on disk, to be re-sent
+    # On a database store: "on" (metrics through the SQL fast path), "off", or "fallback:
+    # why" (through MLflow's log_batch); None before any metrics or on other stores.
+    sql_fast_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -214,6 +219,7 @@ class RunStatus:
             "retries": self.retries,
             "last_retry_error": self.last_retry_error,
             "spooled": dict(self.spooled),
+            "sql_fast_path": self.sql_fast_path,
         }
 
 

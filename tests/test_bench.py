@@ -4,12 +4,14 @@ figures (never timed assertions: the figures are the bench's, not the tests').""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from client._cli import main
+from client.bench import _postgres
 from client.bench._scenarios import SCENARIOS
 
 TINY = [
@@ -26,7 +28,8 @@ def run_bench(*args: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "scenario", [name for name in SCENARIOS if name not in ("server-thread", "scale-10k")]
+    "scenario",
+    [name for name in SCENARIOS if name not in ("server-thread", "scale-10k", "postgres-thread")],
 )
 def test_each_sqlite_scenario_reports_a_ratio_against_its_baseline(scenario):
     figures = run_bench("--scenario", scenario)
@@ -54,6 +57,30 @@ def test_server_scenario_starts_and_stops_its_own_server():
         "runactors thread / mlflow queueing client",
     ]
     assert all(r["of_best"] > 0 for r in result["ratios"])
+
+
+@pytest.mark.slow
+def test_postgres_scenario_starts_and_stops_its_own_server():
+    reason = _postgres.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    figures = run_bench("--scenario", "postgres-thread")
+    (result,) = figures["scenarios"]
+    assert result["skipped"] is None
+    assert [m["contender"] for m in result["measurements"]] == ["direct loop", "runactors thread"]
+    assert {m["points"] for m in result["measurements"]} == {2 * 3 * 2}
+    (ratio,) = result["ratios"]
+    assert ratio["name"] == "runactors thread / direct loop" and ratio["goal"] == 3.0
+    assert ratio["of_best"] > 0
+    assert not list(Path(tempfile.gettempdir()).glob("runactors-bench-pg-*"))  # removed
+
+
+def test_postgres_scenario_skips_with_a_clear_line_without_the_binaries(monkeypatch, tmp_path):
+    monkeypatch.setattr(_postgres, "PG_BIN", tmp_path)
+    result = CliRunner().invoke(main, ["bench", *TINY, "--scenario", "postgres-thread"])
+    assert result.exit_code == 0, result.output
+    assert "postgres-thread: " in result.output
+    assert f"skipped: PostgreSQL server binaries not found ({tmp_path / 'initdb'}" in result.output
 
 
 @pytest.mark.slow

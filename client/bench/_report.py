@@ -29,6 +29,8 @@ def _goal_text(meets: bool | None) -> str:
 
 def lines(result: ScenarioResult) -> list[str]:
     out = [f"{result.name}: {result.title}"]
+    if result.skipped is not None:
+        out.append(f"  skipped: {result.skipped}")
     for m in result.measurements:
         rounds = " ".join(f"{s:.2f}" for s in m.seconds)
         rate = f"  {m.points_per_second:10,.0f} points/s" if m.points else ""

@@ -66,6 +66,7 @@ class ScenarioResult:
     measurements: list[Measurement] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)  # absolute: name -> value
+    skipped: str | None = None  # why the scenario could not run here
 
     def measurement(self, contender: str) -> Measurement:
         return next(m for m in self.measurements if m.contender == contender)
@@ -100,6 +101,7 @@ class ScenarioResult:
                 for r in self.ratios
             ],
             "figures": self.figures,
+            "skipped": self.skipped,
         }
 
 
