@@ -95,15 +95,17 @@ def http_healthy(uri: str) -> bool:
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend, one uvicorn worker.
+    """A real ``mlflow server`` on 127.0.0.1, one uvicorn worker, with a SQLite backend in
+    ``root`` unless given another ``backend_store_uri`` (a PostgreSQL database, say).
 
     :meth:`stop` and :meth:`start` may be called any number of times: the server comes back
     on the same port with the same store, as a restarted tracking server does.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend_store_uri: str | None = None) -> None:
         self.root = root
         self.db_path = root / "mlflow.db"
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.db_path}"
         self.log_path = root / "server.log"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -116,7 +118,7 @@ class MlflowServer:
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{self.db_path}",
+            self.backend_store_uri,
             "--default-artifact-root",
             str(self.root / "artifacts"),
             "--host",

@@ -1,4 +1,5 @@
-"""Fixtures of the distributed tests: a real ``mlflow server`` on loopback and a local Ray.
+"""Fixtures of the distributed tests: a real ``mlflow server`` on loopback (PostgreSQL behind it)
+and a local Ray.
 
 Both are session-scoped: the server takes a few seconds to start and Ray several more, so
 every test in this folder shares them, each test working in its own experiment.
@@ -36,16 +37,30 @@ FAIL_FAST_ENV = {
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` (SQLite backend, one uvicorn worker); yields its URI.
+    """A real ``mlflow server`` (one uvicorn worker) backed by a throwaway PostgreSQL 15
+    database, the shape of a real deployment; SQLite where the PostgreSQL binaries are
+    missing. Yields its URI: every Ray worker and trial logs to it.
 
-    The server of ``tests/conftest.py`` (``servers.MlflowServer``), here for the whole session
-    and as a URI: every Ray worker and trial logs to it."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    The server of ``tests/conftest.py`` (``servers.MlflowServer``), here for the whole session.
+    """
+    import postgres
+
+    database = None if postgres.missing_binaries() else postgres.PostgresServer()
     try:
-        server.start()
-        yield server.uri
+        if database is not None:
+            database.start()
+        server = MlflowServer(
+            tmp_path_factory.mktemp("mlflow-server"),
+            backend_store_uri=None if database is None else database.uri,
+        )
+        try:
+            server.start()
+            yield server.uri
+        finally:
+            server.stop(signal.SIGTERM)
     finally:
-        server.stop(signal.SIGTERM)
+        if database is not None:
+            database.stop()
 
 
 @pytest.fixture(scope="session")
