@@ -45,6 +45,19 @@ PRELOAD = (
 )
 
 
+_STANDARD_FDS = (1, 2)  # stdout, stderr: sent with each worker request
+
+
+def _open_standard_fds() -> list[int]:
+    """stdout and stderr, if both are open (a daemon may have closed them: then neither)."""
+    try:
+        for fd in _STANDARD_FDS:
+            os.fstat(fd)
+    except OSError:
+        return []
+    return list(_STANDARD_FDS)
+
+
 def _preload() -> None:
     """Import what workers need, and do the in-memory set-up each would do on first use."""
     for name in PRELOAD:
@@ -69,7 +82,7 @@ def serve(control: socket.socket) -> int | None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(control, 1, 1)
+            data, fds, _, _ = socket.recv_fds(control, 1, 1 + len(_STANDARD_FDS))
         except OSError:
             return None
         if not data:
@@ -78,13 +91,19 @@ def serve(control: socket.socket) -> int | None:
             return None
         if not fds:
             continue
-        (fd,) = fds
+        fd, standard = fds[0], fds[1:]
         if os.fork() == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.setsid()  # its own session, as ``start_new_session`` gave fresh workers
             control.close()
+            if len(standard) == len(_STANDARD_FDS):  # else the parent has none: keep ours
+                for target, source in zip(_STANDARD_FDS, standard, strict=True):
+                    os.dup2(source, target)  # the parent's stdout and stderr of the moment
+            for source in standard:
+                os.close(source)
             return fd
-        os.close(fd)
+        for each in fds:
+            os.close(each)
 
 
 def main() -> None:
@@ -140,7 +159,10 @@ class _Template:
 
     def fork_worker(self, sock: socket.socket) -> None:
         """Ask for a worker that serves ``sock`` (raises ``OSError`` if the template died)."""
-        socket.send_fds(self.control, [b"w"], [sock.fileno()])
+        # With the parent's stdout and stderr as they are now (a fresh worker inherited them
+        # at its start): a worker's output goes where its parent's goes today, not where it
+        # went when the template started (a log file since rotated, a test's capture).
+        socket.send_fds(self.control, [b"w"], [sock.fileno(), *_open_standard_fds()])
 
     def stop(self) -> None:
         """Kill and reap the template: it holds no state, and its workers live on alone."""

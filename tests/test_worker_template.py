@@ -263,3 +263,44 @@ def test_no_process_outlives_the_program(tracking_uri, experiment_id, ending):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_worker_writes_where_its_parent_writes_now(tmp_path: Path) -> None:
+    """A worker forked after the parent moved its stderr (a log file reopened, a test's
+    capture) writes there, as a fresh interpreter started then would, not where stderr was
+    when the template started. A worker's warning here: the SQL fast path's fallback."""
+    from scripts import run_script
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    moved = tmp_path / "moved-stderr.log"
+    result = run_script(
+        f"""
+        import os
+        import sqlalchemy
+        from mlflow import MlflowClient
+        from client import QueueingClient
+
+        uri = {uri!r}
+        experiment_id = MlflowClient(uri).create_experiment("moved")
+        first = QueueingClient(uri, executor="process", max_workers=1)
+        first.create_run(experiment_id)
+        first.flush()  # the template is up, with this process's stderr of now
+        fd = os.open({str(moved)!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        client = QueueingClient(uri, executor="process", max_workers=1)
+        run = client.create_run(experiment_id)
+        client.flush()  # a new worker, forked after the move, has its store open
+        engine = sqlalchemy.create_engine(uri)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeedbeef'")
+        engine.dispose()
+        client.log_metrics(run, {{"loss": 0.5}}, step=0)
+        client.flush()  # the worker warns that the fast path is unavailable
+        client.close()
+        first.close()
+        """,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SQL fast path unavailable" in moved.read_text()
+    assert "SQL fast path unavailable" not in result.stderr
