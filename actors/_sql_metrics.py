@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import threading
 import weakref
@@ -196,9 +197,23 @@ def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[Row]:
     """
     rows: list[Row] = []
     for metric in metrics:
-        is_nan, value = _sanitize(metric.value)
-        rows.append((metric.key, value, metric.timestamp, metric.step, is_nan, run_id))
+        is_nan, value = _sanitize(_plain_number(metric.value))
+        timestamp, step = _plain_int(metric.timestamp), _plain_int(metric.step)
+        rows.append((metric.key, value, timestamp, step, is_nan, run_id))
     return rows
+
+
+def _plain_number(value: Any) -> float:
+    """A NumPy (or other) number as the Python ``int`` or ``float`` the driver binds as a
+    number, as SQLAlchemy's ORM does for MLflow: ``sqlite3`` binds a NumPy scalar by its
+    buffer, as bytes (``np.float32(0.5)`` was stored as ``b'\\x00\\x00\\x00?'``)."""
+    if type(value) is float or type(value) is int:
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _plain_int(value: Any) -> int:
+    return value if type(value) is int else int(value)
 
 
 def latest_rows(rows: Sequence[Row]) -> list[Row]:
