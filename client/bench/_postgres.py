@@ -1,9 +1,9 @@
-"""A throwaway PostgreSQL 15 server for the ``postgres-thread`` scenario: started in a temp
-folder on 127.0.0.1 (a free port), one database made, stopped and removed at the end.
+"""A throwaway PostgreSQL 15 server for the ``postgres-thread`` scenario and the tests: started
+in a temp folder on 127.0.0.1 (a free port), one database made, stopped and removed at the end.
 
 PostgreSQL refuses to run as root: as root, every server command runs as the ``postgres``
-user (``runuser -u postgres --``) in a folder owned by it. The same recipe as the tests'
-server (``tests/postgres.py``); the bench cannot import the tests.
+user (``runuser -u postgres --``) in a folder owned by it. The tests use it too
+(``tests/postgres.py``), without fsync.
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def _free_port() -> int:
 class LocalPostgres:
     """``with LocalPostgres() as pg:`` a running server, ``pg.uri`` its database."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="runactors-bench-pg-"))
+    def __init__(self, durable: bool = True, prefix: str = "runactors-bench-pg-") -> None:
+        # durable=False (``-F``, commits not fsynced): for tests, which check rows, not
+        # durability. The bench keeps durable commits: its figures are a real deployment's.
+        self.durable = durable
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.folder / "data"
         self.port = _free_port()
         self._as_root = os.geteuid() == 0
@@ -63,14 +66,16 @@ class LocalPostgres:
         if done.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
 
-    def __enter__(self) -> LocalPostgres:
+    def start(self) -> None:
+        """Initialise the cluster (trust auth, user ``postgres``), start it, make the database;
+        on any failure, stop and remove what was made."""
         try:
             self._run(
                 str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
                 "--auth=trust", "-E", "UTF8", "--no-sync",
             )  # fmt: skip
-            # Durable commits (no -F): the figures are those of a real deployment's server.
-            options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c max_connections=50"
+            fsync = "" if self.durable else " -F"
+            options = f"-h 127.0.0.1 -p {self.port} -k {self.folder}{fsync} -c max_connections=50"
             self._run(
                 str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options,
                 "-l", str(self.folder / "server.log"), "-t", str(_TIMEOUT), "-w", "start",
@@ -83,8 +88,19 @@ class LocalPostgres:
             ) as conn:  # fmt: skip
                 conn.execute(f"CREATE DATABASE {DATABASE}")
         except BaseException:
-            self._stop()
+            self.stop()
             raise
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown, waiting for it) and remove its folder."""
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> LocalPostgres:
+        self.start()
         return self
 
     def __exit__(
@@ -93,11 +109,4 @@ class LocalPostgres:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        try:
-            if (self.data / "postmaster.pid").exists():
-                self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        self.stop()
