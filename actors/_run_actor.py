@@ -121,7 +121,7 @@ class RunActor(pykka.ThreadingActor):
         spooler = self._session.spooler
         spooled = spooler is not None and spooler.holds(handle)
         if snapshot.is_empty() and not spooled:
-            record.state = "idle"
+            record.state = self._at_rest()
             self._waiters = []
             for waiter in waiters:
                 waiter.settle()
@@ -199,7 +199,7 @@ class RunActor(pykka.ThreadingActor):
         record.inflight = empty_counts()
         record.errors.add(result.errors)
         record.terminated = record.terminated or result.terminated
-        record.state, record.worker = ("spooled" if result.spooled else "idle"), None
+        record.state, record.worker = ("spooled" if result.spooled else self._at_rest()), None
         waiters, self._waiters = self._waiters, []
         if result.errors:
             message = failure_message(record.label, result.errors)
@@ -210,6 +210,14 @@ class RunActor(pykka.ThreadingActor):
             for waiter in waiters:
                 waiter.settle()
         self._end_round()
+
+    def _at_rest(self) -> str:
+        """The state a round leaves its run in, set before its waiters hear the outcome (a
+        ``flush()`` that returned sees ``stopped`` for a finished run, not a moment later)."""
+        handle = self._handle
+        if handle.record.terminated and not handle.queues.has_work():
+            return "stopped"
+        return "idle"
 
     def _end_round(self, crashed: bool = False) -> None:
         try:

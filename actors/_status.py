@@ -15,7 +15,7 @@ States (``RunStatus.state``):
 ``retrying`` a call failed transiently and is being retried with backoff
 ``spooled``  the run's last round could not be delivered and is in the spool (``spool_dir``);
              its next flush re-sends it first
-``stopped``  terminated and fully flushed; the run's actor has stopped
+``stopped``  terminated and fully flushed (as its last flush returns); its actor stops
 ``crashed``  the actor failed; the next flush starts a new one for the run
 ``closed``   the client was closed (``status()`` still answers, with the final state)
 ==========  ==================================================================
@@ -171,10 +171,13 @@ class RunRecord:
     def snapshot(self, queues: RunQueues) -> RunStatus:
         queued = queues.counts()
         inflight = self.inflight
+        state = self.state
+        if state == "stopped" and queues.has_work():  # logged to again since it finished
+            state = "idle"
         return RunStatus(
             pending_id=self.pending,
             run_id=self.run_id,
-            state=self.state,
+            state=state,
             queued={kind: queued[kind] + inflight[kind] for kind in KINDS},
             logged=dict(self.logged),
             errors=self.errors.messages(),

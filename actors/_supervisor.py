@@ -270,10 +270,13 @@ class Supervisor(pykka.ThreadingActor):
             # handled next must see "stopped", or it would call a finished run "closed".
             handle.record.state = "stopped"
             self._release(session, handle)
-        elif session.ready:
-            self._release(session, handle)
         else:
-            session.idle[handle] = None  # parked: stopped when its place is needed
+            if handle.record.state == "stopped":  # its actor said so; new entities came since
+                handle.record.state = "idle"
+            if session.ready:
+                self._release(session, handle)
+            else:
+                session.idle[handle] = None  # parked: stopped when its place is needed
         self._start_actors(session)
 
     def _flush_in_background(self, message: FlushInBackground) -> None:

@@ -197,18 +197,21 @@ def test_status_reports_every_run_with_the_documented_fields(client, experiment_
 
 
 def test_terminated_and_flushed_run_actor_stops_but_stays_in_status(client, experiment_id):
-    pending = client.create_run(experiment_id)
-    client.set_terminated(pending)
+    runs = [client.create_run(experiment_id) for _ in range(12)]
+    for run in runs:
+        client.log_metrics(run, {"m": 1.0})
+        client.set_terminated(run)
     client.flush()
-    deadline = time.monotonic() + 10
-    while client.status().runs[0].state != "stopped" and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert client.status().runs[0].state == "stopped"
+    # As flush() returns, not a moment later (the supervisor hears of the round after).
+    assert [r.state for r in client.status().runs] == ["stopped"] * len(runs)
+    pending = runs[0]
     # Logging to the finished run still works: a new actor takes over.
     client.log_metrics(pending, {"late": 1.0})
+    assert client.status().runs[0].state == "idle"  # something to send again
     client.set_terminated(pending)
     client.flush()
-    assert client.status().runs[0].logged["metrics"] == 1
+    assert client.status().runs[0].logged["metrics"] == 2
+    assert client.status().runs[0].state == "stopped"
     assert wait_for_no_run_actors() == []
 
 

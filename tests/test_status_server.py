@@ -135,6 +135,7 @@ def test_status_and_metrics_answer_while_a_flush_is_held(
     run = client.create_run(experiment_id, run_name="held")
     client.log_metrics(run, {"loss": 1.0}, step=0)
     client.flush()  # the run exists; the executor (and a worker process) has started
+    client_id = client.status().client_id
     server = serve(client)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.url)
     for step in range(1, 200):
@@ -145,7 +146,7 @@ def test_status_and_metrics_answer_while_a_flush_is_held(
         def busy_run() -> dict[str, Any] | None:
             document = get_status(server.url)
             assert document["pid"] == os.getpid()
-            mine = [c for c in document["clients"] if c["client_id"] == client.status().client_id]
+            mine = [c for c in document["clients"] if c["client_id"] == client_id]
             assert len(mine) == 1
             (run_status,) = mine[0]["runs"]
             if run_status["state"] in ("flushing", "retrying") and run_status["worker"]:
@@ -170,7 +171,8 @@ def test_status_and_metrics_answer_while_a_flush_is_held(
             assert pid != os.getpid()
             os.kill(pid, 0)  # a live process of ours: raises if there is none
     operations.await_completion(timeout=WAIT)
-    (run_status,) = get_status(server.url)["clients"][0]["runs"]
+    (mine,) = [c for c in get_status(server.url)["clients"] if c["client_id"] == client_id]
+    (run_status,) = mine["runs"]  # (other tests' clients may not be collected yet)
     assert run_status["logged"]["metrics"] == 200
     assert run_status["worker"] is None  # nobody works on it any more
 
@@ -442,13 +444,18 @@ def test_a_forked_child_leaves_the_port_to_its_parent(
     server = client.serve_status()
     port = server.port
     read, write = os.pipe()
+    up_read, up_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: hold whatever it inherited until the parent is done
         os.close(write)
+        os.write(up_write, b"u")  # its at-fork hooks have run (they run before fork returns)
         os.read(read, 1)
         os._exit(0)
     os.close(read)
+    os.close(up_write)
     try:
+        assert os.read(up_read, 1) == b"u"  # the child runs, as a long-lived child would
+        os.close(up_read)
         server.close()
         with socket.socket() as again:
             again.bind(("127.0.0.1", port))  # EADDRINUSE if the child still listened on it

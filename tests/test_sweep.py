@@ -617,7 +617,9 @@ def test_log_every_batch_logs_each_mini_batch_and_the_summary_counts_the_store(
     assert parent.data.metrics["metric_points"] == points
     delivery = re.search(r"delivery: ([\d.]+) s from flush to acknowledged", result.stdout)
     assert delivery, result.stdout
-    assert parent.data.metrics["delivery_seconds"] == pytest.approx(float(delivery.group(1)), 0.01)
+    # The summary prints two decimals: the metric is within half a hundredth of it.
+    printed = float(delivery.group(1))
+    assert parent.data.metrics["delivery_seconds"] == pytest.approx(printed, abs=0.0051)
     assert float(delivery.group(1)) > 0
     assert "tracking calls in the training loops: " in result.stdout
 
