@@ -25,6 +25,7 @@ from actors._sql_metrics import (
     client_fast_path,
     log_batch_is_mlflows,
 )
+from actors._sqlite_gate import database_gate, uri_database_key
 from actors._store import request_deadline
 
 KINDS = ("metrics", "params", "tags", "datasets")
@@ -138,7 +139,12 @@ def _fast_path_call(call: Call) -> bool:
 
 
 def _invoke_fast(
-    fast: ClientFastPath, client: Any, run_id: str, call: LogBatchCall, result: JobResult
+    fast: ClientFastPath,
+    client: Any,
+    run_id: str,
+    call: LogBatchCall,
+    result: JobResult,
+    gate: str | None,
 ) -> None:
     """One attempt at a metric-only batch on a database store: through the writer while it
     serves this database, else (or when it cannot take this batch: nothing of it stored)
@@ -157,10 +163,17 @@ def _invoke_fast(
         else:
             result.sql_fast_path = "on"
             return
-    _invoke(client, run_id, call)
+    _invoke(client, run_id, call, gate)
 
 
-def _invoke(client: Any, run_id: str, call: Call) -> None:
+def _invoke(client: Any, run_id: str, call: Call, gate: str | None) -> None:
+    """One attempt at ``call``; on a SQLite store, holding its file's gate
+    (:mod:`actors._sqlite_gate`, keyed by ``gate``)."""
+    with database_gate(gate):
+        _send(client, run_id, call)
+
+
+def _send(client: Any, run_id: str, call: Call) -> None:
     if isinstance(call, LogBatchCall):
         client.log_batch(
             run_id=run_id,
@@ -233,13 +246,14 @@ def record_outcome(result: JobResult, call: Call, error: str | None, run_id: str
             result.create_error = error
 
 
-def _create(client: Any, call: CreateRunCall) -> str:
-    run = client.create_run(
-        experiment_id=call.experiment_id,
-        start_time=call.start_time,
-        tags=dict(call.tags),
-        run_name=call.run_name,
-    )
+def _create(client: Any, call: CreateRunCall, gate: str | None) -> str:
+    with database_gate(gate):
+        run = client.create_run(
+            experiment_id=call.experiment_id,
+            start_time=call.start_time,
+            tags=dict(call.tags),
+            run_name=call.run_name,
+        )
     return str(run.info.run_id)
 
 
@@ -291,7 +305,7 @@ def _create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: _
             if found is not None:
                 return found
         attempted = True
-        return _create(client, to_send)
+        return _create(client, to_send, uri_database_key(tracking_uri))
 
     return retries(attempt)
 
@@ -306,6 +320,7 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
     result = JobResult(run_id=job.run_id)
     unavailable: str | None = None  # the store failed a call past its retries
     fast: ClientFastPath | None = None  # looked up at the first metric-only batch
+    gate = uri_database_key(job.tracking_uri)  # a SQLite file: its writers take turns
     for index, call in enumerate(job.calls):
         error: str | None = None
         failure: Exception | None = None
@@ -331,9 +346,9 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
                 and log_batch_is_mlflows(client)
             ):
                 assert isinstance(call, LogBatchCall)
-                attempt = partial(_invoke_fast, fast, client, run_id, call, result)
+                attempt = partial(_invoke_fast, fast, client, run_id, call, result, gate)
             else:
-                attempt = partial(_invoke, client, run_id, call)
+                attempt = partial(_invoke, client, run_id, call, gate)
             try:
                 retries(attempt)
             except Exception as exc:

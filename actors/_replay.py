@@ -23,6 +23,7 @@ from actors._create_key import creation_with_key, find_created_run
 from actors._perform import KINDS, RetryHook, _create, _invoke, call_counts, empty_counts
 from actors._retry import call_with_retry, is_transient
 from actors._spool import RunEntry, Spool, SpoolCorrupt, SpoolError
+from actors._sqlite_gate import uri_database_key
 
 # (run key, what the call delivered: entities per kind) after each delivered call or creation
 ProgressHook = Callable[[str, dict[str, int]], None]
@@ -102,7 +103,7 @@ def resolve_creation(
         else:
             spool.mark_create_attempted(entry.key)
             attempted = True
-        return _create(client, to_send), True
+        return _create(client, to_send, uri_database_key(tracking_uri)), True
 
     run_id, created = call_with_retry(attempt, retry_timeout, on_retry)
     spool.mark_created(entry.key, run_id)
@@ -125,6 +126,7 @@ def deliver_run(
     the whole delivery, since nothing could be removed from it.
     """
     outcome = RunDelivery(entry.key, entry.run_id)
+    gate = uri_database_key(tracking_uri)  # a SQLite file: this process's writers take turns
     step = "create_run"
     try:
         if outcome.run_id is None:
@@ -140,7 +142,7 @@ def deliver_run(
             for seq, call in batch:
                 step = type(call).__name__.removesuffix("Call")
                 call_with_retry(
-                    partial(_invoke, client, outcome.run_id, call), retry_timeout, on_retry
+                    partial(_invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
                 )
                 spool.remove([seq])
                 counts = call_counts(call)

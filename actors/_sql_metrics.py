@@ -14,7 +14,7 @@ writer stores exactly the same rows with SQLAlchemy Core, through MLflow's own t
   only when strictly greater by (step, timestamp, value), written as MLflow's ORM writes it
   (a stored value equal by ``==`` is kept: -0.0 stays).
 
-SQLite rows go through the driver's ``executemany``; PostgreSQL gets one array per column.
+SQLite rows go in multi-row ``VALUES`` statements; PostgreSQL gets one array per column.
 The MLflow names relied on: the table models above, ``LifecycleStage``, the validation
 functions ``_validate_run_id``, ``_validate_batch_log_data``, ``_validate_batch_log_limits``
 (an upgrade that moves them fails the import, and then the tests), and the alembic revision.
@@ -38,9 +38,11 @@ import logging
 import math
 import numbers
 import os
+import sqlite3
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any, Final
 
 import sqlalchemy
@@ -62,6 +64,7 @@ from mlflow.utils.validation import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from actors._retry import is_transient
+from actors._sqlite_gate import database_gate, database_key
 
 _logger = logging.getLogger(__name__)
 
@@ -232,13 +235,36 @@ def latest_rows(rows: Sequence[Row]) -> list[Row]:
     return [best[key] for key in sorted(best)]
 
 
+# One row's parameters in a compiled SQLite statement.
+_ROW_GROUP = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+
+
+def _sqlite_rows_per_statement() -> int:
+    """Rows per multi-row ``VALUES``: 500, or fewer where the linked SQLite binds fewer
+    parameters per statement (999 before SQLite 3.32)."""
+    limit = 999
+    category = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)  # Python 3.11+
+    if category is not None:
+        conn: Any = sqlite3.connect(":memory:")
+        try:
+            limit = conn.getlimit(category)
+        finally:
+            conn.close()
+    return max(1, min(500, limit // len(_COLUMNS)))
+
+
 class _Statement:
     """An insert statement of MLflow's tables compiled once, in ``engine``'s dialect, with
     positional parameters in ``_COLUMNS`` order; it takes its rows as plain tuples.
 
-    SQLite steps one prepared statement per row (the driver's ``executemany``: the fastest
-    there is). PostgreSQL gets each column as one array (``INSERT ... SELECT unnest(...)``):
-    ``executemany`` costs a statement per row, a multi-row ``VALUES`` a long parse and plan.
+    SQLite gets up to 500 rows per statement (one multi-row ``VALUES``), not the driver's
+    ``executemany``: that steps the statement once per row and lets go of the GIL around
+    each step, and while any other thread of the process runs Python (another run's job, the
+    training loop), each step waits out a GIL switch interval (5 ms) to take it back:
+    measured, 16,000 rows took 93 s next to one busy thread (62 ms alone), multi-row
+    statements 0.4 s. PostgreSQL gets each column as one array (``INSERT ... SELECT
+    unnest(...)``): ``executemany`` costs a statement per row, a multi-row ``VALUES`` a long
+    parse and plan.
     """
 
     def __init__(self, engine: sqlalchemy.engine.Engine, statement: Any) -> None:
@@ -251,6 +277,19 @@ class _Statement:
                 f"unexpected columns of MLflow's tables: {compiled.positiontup}"
             )
         self.sql = str(compiled)
+        self._texts: dict[int, str] = {}  # the SQLite statement for n rows
+        if not self.columnar:
+            head, values, tail = self.sql.partition(f"VALUES {_ROW_GROUP}")
+            if not values or "?" in tail:  # all parameters are the row's
+                raise FastPathUnavailable(f"unexpected statement: {self.sql}")
+            self._head, self._tail = f"{head}VALUES ", tail
+            self.rows_per_statement = _sqlite_rows_per_statement()
+
+    def _text(self, rows: int) -> str:
+        text = self._texts.get(rows)
+        if text is None:
+            text = self._texts[rows] = self._head + ", ".join([_ROW_GROUP] * rows) + self._tail
+        return text
 
     def execute(self, conn: sqlalchemy.engine.Connection, rows: Sequence[Row]) -> None:
         if self.columnar:
@@ -258,8 +297,13 @@ class _Statement:
             # One array has one element type: ints as the doubles PostgreSQL makes of them.
             values = [float(value) for value in values]
             conn.exec_driver_sql(self.sql, (keys, values, timestamps, steps, is_nans, run_ids))
-        else:
-            conn.exec_driver_sql(self.sql, list(rows))
+            return
+        # Rows in one statement are inserted in order, each meeting the conflict clause
+        # against those before it: what one statement per row stores.
+        step = self.rows_per_statement
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            conn.exec_driver_sql(self._text(len(chunk)), tuple(chain.from_iterable(chunk)))
 
 
 class SqlMetricsWriter:
@@ -272,6 +316,8 @@ class SqlMetricsWriter:
         self.unavailable: str | None = None
         self._revision_checked = False
         self._runs = SqlRun.__table__
+        # One writer at a time per SQLite file in this process (actors._sqlite_gate).
+        self._gate = database_key(engine.url.database) if self.dialect == "sqlite" else None
         self._insert_metrics = _Statement(engine, _insert_metrics(self.dialect))
         self._upsert_latest = _Statement(engine, _upsert_latest(self.dialect))
         # Keys that passed MLflow's name rules: checked once, not once per metric.
@@ -308,7 +354,7 @@ class SqlMetricsWriter:
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
         try:
-            with self.engine.begin() as conn:
+            with database_gate(self._gate), self.engine.begin() as conn:
                 if self.dialect == "sqlite":
                     # What MLflow's sessions set on SQLite: foreign keys checked, and a
                     # locked database waited on for 20 s (pysqlite's own default is 5 s).

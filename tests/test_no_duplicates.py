@@ -84,8 +84,8 @@ def test_a_batch_sent_twice_to_sqlite_stores_each_point_once(store, experiment_i
         [("lr", "0.1")],
         [("team", "vision")],
     )
-    _invoke(store, run_id, call)
-    _invoke(store, run_id, call)
+    _invoke(store, run_id, call, None)
+    _invoke(store, run_id, call, None)
     history: list[Metric] = store.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(STEPS))
     data = store.get_run(run_id).data

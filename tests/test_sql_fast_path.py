@@ -258,6 +258,28 @@ def test_a_resent_batch_stores_nothing_twice(
     ]
 
 
+def test_statements_cut_anywhere_store_what_mlflow_stores(
+    sql_store: SqlAlchemyStore, writer: SqlMetricsWriter
+) -> None:
+    """SQLite rows go in multi-row statements: cut at 7 rows, with repeats on both sides of
+    the cuts and in one statement, the rows are MLflow's."""
+    if writer.dialect != "sqlite":
+        pytest.skip("PostgreSQL takes a batch as one statement of arrays")
+    for statement in (writer._insert_metrics, writer._upsert_latest):
+        statement.rows_per_statement = 7
+    experiment_id = _experiment(sql_store)
+    mlflow_run = _new_run(sql_store, experiment_id, "mlflow")
+    fast_run = _new_run(sql_store, experiment_id, "fast")
+    keys = [f"k{i}" for i in range(9)]  # more keys than a statement's rows: 2 upserts
+    batch = [Metric(keys[i % 9], float(i % 5), 10 + i % 3, i % 4) for i in range(200)]
+    batch += batch[:13]  # repeats of rows from earlier statements
+    batch.insert(3, batch[2])  # a repeat within one statement
+    for part in (batch[:100], batch[100:], batch[50:150]):
+        sql_store.log_batch(mlflow_run, part, [], [])
+        writer(fast_run, part)
+    _assert_same(sql_store, mlflow_run, fast_run)
+
+
 def _mlflow_error(call: Any) -> tuple[str, str]:
     with pytest.raises(MlflowException) as caught:
         call()

@@ -397,6 +397,9 @@ def test_status_command_against_a_dead_url_is_one_line_and_status_1() -> None:
     assert lines[0].startswith(f"Error: nothing answers at {url}/status")
 
 
+WATCH = ("--watch", "--interval", "0.2")
+
+
 def test_status_watch_refreshes_and_ctrl_c_ends_it_with_0(
     experiment_id: str,
     client_factory: Callable[..., QueueingClient],
@@ -407,14 +410,23 @@ def test_status_watch_refreshes_and_ctrl_c_ends_it_with_0(
     client.flush()
     run_id = run.resolve()
     server = serve(client)
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "client._cli", "status", server.url, "--watch", "--interval", "0.2"],
-        env=script_env(COLUMNS="200"),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A child inherits an ignored SIGINT (this test run started in the background, say) and
+    # Python then never raises KeyboardInterrupt: give it Ctrl-C as a terminal's child has it.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "client._cli", "status", server.url, *WATCH],
+            env=script_env(COLUMNS="200"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         assert watch.stdout is not None
         seen = 0
