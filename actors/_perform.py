@@ -316,15 +316,82 @@ def _spoolable(exc: BaseException) -> bool:
     return isinstance(exc, JobStopped) or is_transient(exc)
 
 
+ROUND_BATCHES = 16  # consecutive metric-only batches of a job stored in one transaction
+
+
+def _fast_group(calls: list[Call], start: int) -> list[LogBatchCall]:
+    """The metric-only batches that open ``calls[start:]``, ROUND_BATCHES at most."""
+    group: list[LogBatchCall] = []
+    for call in calls[start : start + ROUND_BATCHES]:
+        if not _fast_path_call(call):
+            break
+        assert isinstance(call, LogBatchCall)
+        group.append(call)
+    return group
+
+
+def _write_group(
+    fast: ClientFastPath,
+    run_id: str,
+    group: list[LogBatchCall],
+    retries: _Retries,
+    result: JobResult,
+) -> bool:
+    """Store ``group`` (2 batches or more of one run) in ONE fast-path transaction, retried
+    as one call: one commit (an ``fsync`` on SQLite) and one run check instead of one per
+    batch. False when the writer cannot take them (nothing stored): a fallback, or a batch
+    MLflow refuses, is then met batch by batch, each reported on its own as without grouping.
+    A transient failure past the retries is raised, as the first batch's alone would be.
+    Nothing counts as done before the commit, so a worker that dies inside the transaction
+    leaves every batch of it to the resumed job (a re-sent metric is stored once)."""
+    writer = fast.writer
+    if writer is None or writer.unavailable is not None:
+        return False
+    batches = [_metrics(call) for call in group]
+    try:
+        retries(partial(writer.write_batches, run_id, batches))
+    except FastPathUnavailable as exc:  # said once, as for a single batch
+        result.sql_fast_path = fast.fell_back(str(exc))
+        return False
+    except JobStopped:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return False
+    return True
+
+
 def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None) -> JobResult:
     result = JobResult(run_id=job.run_id)
     unavailable: str | None = None  # the store failed a call past its retries
     fast: ClientFastPath | None = None  # looked up at the first metric-only batch
     gate = uri_database_key(job.tracking_uri)  # a SQLite file: its writers take turns
+    stored_until = 0  # the calls before it were stored with an earlier call's group
+    grouping = True  # until the writer refuses a group: then batch by batch
+
+    def report(index: int, call: Call, error: str | None, run_id: str | None) -> bool:
+        """Account one call's outcome; False when the job must stop (the client closes)."""
+        record_outcome(result, call, error, run_id)
+        if on_call is not None:
+            try:
+                on_call(call, error, run_id)
+            except JobStopped:
+                if not job.stop_on_transient:
+                    raise
+                result.unsent = list(job.calls[index + 1 :])
+                result.unsent_error = "the client was closed before these calls were sent"
+                return False
+        return True
+
     for index, call in enumerate(job.calls):
         error: str | None = None
         failure: Exception | None = None
         run_id = result.run_id
+        if index < stored_until:
+            if not report(index, call, None, run_id):
+                return result
+            continue
         if unavailable is not None:
             # retry_timeout bounds the round, not each of its calls: the rest would only
             # wait out the same outage once more each.
@@ -339,18 +406,23 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
         else:
             if fast is None and _fast_path_call(call):
                 fast = client_fast_path(client)
-            if (
-                fast is not None
-                and fast.database
-                and _fast_path_call(call)
-                and log_batch_is_mlflows(client)
-            ):
-                assert isinstance(call, LogBatchCall)
-                attempt = partial(_invoke_fast, fast, client, run_id, call, result, gate)
-            else:
-                attempt = partial(_invoke, client, run_id, call, gate)
             try:
-                retries(attempt)
+                if (
+                    fast is not None
+                    and fast.database
+                    and _fast_path_call(call)
+                    and log_batch_is_mlflows(client)
+                ):
+                    assert isinstance(call, LogBatchCall)
+                    group = _fast_group(job.calls, index) if grouping else []
+                    if len(group) > 1 and _write_group(fast, run_id, group, retries, result):
+                        result.sql_fast_path = "on"
+                        stored_until = index + len(group)
+                    else:
+                        grouping = grouping and len(group) < 2
+                        retries(partial(_invoke_fast, fast, client, run_id, call, result, gate))
+                else:
+                    retries(partial(_invoke, client, run_id, call, gate))
             except Exception as exc:
                 error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
                 failure = exc
@@ -360,16 +432,8 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
             return result
         if failure is not None and is_transient(failure):
             unavailable = f"the store was unavailable past retry_timeout ({failure!r})"
-        record_outcome(result, call, error, run_id)
-        if on_call is not None:
-            try:
-                on_call(call, error, run_id)
-            except JobStopped:
-                if not job.stop_on_transient:
-                    raise
-                result.unsent = list(job.calls[index + 1 :])
-                result.unsent_error = "the client was closed before these calls were sent"
-                return result
+        if not report(index, call, error, run_id):
+            return result
     return result
 
 

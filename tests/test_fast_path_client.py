@@ -17,7 +17,12 @@ from mlflow.tracking import MlflowClient
 from stores import SqliteLock
 
 import client._client as client_impl
-from actors._sql_metrics import ENV_SWITCH, PROVEN_REVISIONS
+from actors._sql_metrics import (
+    ENV_SWITCH,
+    PROVEN_REVISIONS,
+    FastPathUnavailable,
+    SqlMetricsWriter,
+)
 from client import QueueingClient
 
 # Steps out of order, repeats, equal steps with other values, NaN, infinities, -0.0, ints,
@@ -180,3 +185,38 @@ def test_a_wrapped_log_batch_still_sees_every_batch(
         client.close()
     assert seen == [1_000, 200]
     assert len(store.get_metric_history(run.resolve(), "loss")) == 1_200
+
+
+@pytest.mark.parametrize("refuse_groups", [False, True])
+def test_a_rounds_batches_of_a_run_share_one_transaction(
+    tracking_uri: str,
+    experiment_id: str,
+    store: MlflowClient,
+    monkeypatch: pytest.MonkeyPatch,
+    refuse_groups: bool,
+) -> None:
+    """A round's 3 metric batches of one run go in ONE transaction (one commit, one run
+    check); a group the writer cannot take goes batch by batch, all stored. (The writer is
+    watched in this process: the thread executor.)"""
+    real = SqlMetricsWriter.write_batches
+    seen: list[int] = []
+
+    def watched(self: SqlMetricsWriter, run_id: str, batches: Any) -> None:
+        seen.append(len(batches))
+        if refuse_groups and len(batches) > 1:
+            raise FastPathUnavailable("this group, say, cannot be taken")
+        real(self, run_id, batches)
+
+    monkeypatch.setattr(SqlMetricsWriter, "write_batches", watched)
+    with QueueingClient(tracking_uri, executor="thread") as client:
+        run = client.create_run(experiment_id)
+        for step in range(1_250):
+            client.log_metrics(run, {"loss": step / 3, "acc": -step}, step=step)
+        client.set_terminated(run)
+        client.flush()
+        (status,) = client.status().runs
+    assert status.errors == [] and status.logged["metrics"] == 2_500
+    assert seen == ([3, 1, 1, 1] if refuse_groups else [3])
+    history = store.get_metric_history(run.resolve(), "acc")
+    assert sorted(m.step for m in history) == list(range(1_250))
+    assert store.get_run(run.resolve()).info.status == "FINISHED"
