@@ -157,7 +157,7 @@ def _invoke_fast(
         result.sql_fast_path = f"fallback: {writer.unavailable}"
     else:
         try:
-            writer(run_id, _metrics(call))
+            writer.write_queued(run_id, [call.metrics])
         except FastPathUnavailable as exc:
             result.sql_fast_path = fast.fell_back(str(exc))
         else:
@@ -347,9 +347,9 @@ def _write_group(
     writer = fast.writer
     if writer is None or writer.unavailable is not None:
         return False
-    batches = [_metrics(call) for call in group]
+    batches = [call.metrics for call in group]
     try:
-        retries(partial(writer.write_batches, run_id, batches))
+        retries(partial(writer.write_queued, run_id, batches))
     except FastPathUnavailable as exc:  # said once, as for a single batch
         result.sql_fast_path = fast.fell_back(str(exc))
         return False

@@ -183,6 +183,8 @@ def _sanitize(value: float) -> tuple[bool, float]:
 # A metrics / latest_metrics row, in the order of the compiled statements' parameters.
 _COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
 Row = tuple[str, float, int, int, bool, str]
+# A metric as runactors queues it: key, value, timestamp, step, model_id, dataset name, digest.
+QueuedMetric = tuple[str, Any, int, int, "str | None", "str | None", "str | None"]
 _KEY: Final = 0
 _VALUE: Final = 1
 _TIMESTAMP: Final = 2
@@ -204,6 +206,19 @@ def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[Row]:
         timestamp, step = _plain_int(metric.timestamp), _plain_int(metric.step)
         rows.append((metric.key, value, timestamp, step, is_nan, run_id))
     return rows
+
+
+def _entity(metric: QueuedMetric) -> Metric:
+    key, value, timestamp, step, model_id, dataset_name, dataset_digest = metric
+    return Metric(
+        key,
+        value,
+        timestamp,
+        step,
+        model_id=model_id,
+        dataset_name=dataset_name,
+        dataset_digest=dataset_digest,
+    )
 
 
 def _plain_number(value: Any) -> float:
@@ -346,11 +361,53 @@ class SqlMetricsWriter:
         """
         rows: list[Row] = []
         for metrics in batches:
-            if any(metric.model_id is not None for metric in metrics):
-                raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
-            _validate_run_id(run_id)
-            self._validate(metrics)
-            rows.extend(metric_rows(run_id, metrics))
+            rows.extend(self._checked_rows(run_id, metrics))
+        self._store(run_id, rows)
+
+    def write_queued(self, run_id: str, batches: Sequence[Sequence[QueuedMetric]]) -> None:
+        """:meth:`write_batches` for batches as runactors queues them, tuples of (key, value,
+        timestamp, step, model_id, dataset_name, dataset_digest): a batch of plain numbers
+        under known keys becomes rows directly, as :meth:`_validate` lets it pass; any other
+        is made MLflow ``Metric`` entities and checked by MLflow's own validation."""
+        rows: list[Row] = []
+        for batch in batches:
+            plain = self._plain_rows(run_id, batch)
+            if plain is None:
+                plain = self._checked_rows(run_id, [_entity(metric) for metric in batch])
+            rows.extend(plain)
+        self._store(run_id, rows)
+
+    def _checked_rows(self, run_id: str, metrics: Sequence[Metric]) -> list[Row]:
+        if any(metric.model_id is not None for metric in metrics):
+            raise FastPathUnavailable("metrics with a model_id go through MLflow's API")
+        _validate_run_id(run_id)
+        self._validate(metrics)
+        return metric_rows(run_id, metrics)
+
+    def _plain_rows(self, run_id: str, batch: Sequence[QueuedMetric]) -> list[Row] | None:
+        """The rows of ``batch`` when each metric passes as in :meth:`_validate`'s first loop
+        (known key, a float or int value, int timestamp >= 0 and step, no model_id); None
+        when any needs MLflow's checks."""
+        known = self._known_keys
+        rows: list[Row] = []
+        for key, value, timestamp, step, model_id, _, _ in batch:
+            if not (
+                key in known
+                and model_id is None
+                and type(value) in (float, int)
+                and type(timestamp) is int
+                and timestamp >= 0
+                and type(step) is int
+            ):
+                return None
+            is_nan, stored = _sanitize(value)
+            rows.append((key, stored, timestamp, step, is_nan, run_id))
+        _validate_run_id(run_id)
+        _validate_batch_log_limits(rows, [], [])
+        return rows
+
+    def _store(self, run_id: str, rows: list[Row]) -> None:
+        """Check the run and store ``rows`` in one transaction (see :meth:`write_batches`)."""
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
         try:

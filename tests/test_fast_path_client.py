@@ -198,7 +198,7 @@ def test_a_rounds_batches_of_a_run_share_one_transaction(
     """A round's 3 metric batches of one run go in ONE transaction (one commit, one run
     check); a group the writer cannot take goes batch by batch, all stored. (The writer is
     watched in this process: the thread executor.)"""
-    real = SqlMetricsWriter.write_batches
+    real = SqlMetricsWriter.write_queued
     seen: list[int] = []
 
     def watched(self: SqlMetricsWriter, run_id: str, batches: Any) -> None:
@@ -207,7 +207,7 @@ def test_a_rounds_batches_of_a_run_share_one_transaction(
             raise FastPathUnavailable("this group, say, cannot be taken")
         real(self, run_id, batches)
 
-    monkeypatch.setattr(SqlMetricsWriter, "write_batches", watched)
+    monkeypatch.setattr(SqlMetricsWriter, "write_queued", watched)
     with QueueingClient(tracking_uri, executor="thread") as client:
         run = client.create_run(experiment_id)
         for step in range(1_250):

@@ -231,13 +231,22 @@ def test_fast_path_stores_what_mlflow_stores(
     experiment_id = _experiment(sql_store)
     mlflow_run = _new_run(sql_store, experiment_id, "mlflow")
     fast_run = _new_run(sql_store, experiment_id, "fast")
+    queued_run = _new_run(sql_store, experiment_id, "queued")  # as runactors' jobs send them
+
+    def queued(run_id: str, batch: list[Metric]) -> None:
+        rows = [(m.key, m.value, m.timestamp, m.step, None, None, None) for m in batch]
+        writer.write_queued(run_id, [rows])
+
     for batch in batches:
         by_mlflow = _outcome(_mlflow_log_batch(sql_store), mlflow_run, batch)
         by_fast = _outcome(writer, fast_run, batch)
+        by_queued = _outcome(queued, queued_run, batch)
         # Whatever MLflow refuses, the fast path does not store (it raises; a
         # FastPathUnavailable sends the batch to MLflow, which refuses it again).
         assert (by_mlflow is None) == (by_fast is None), (by_mlflow, by_fast)
+        assert (by_mlflow is None) == (by_queued is None), (by_mlflow, by_queued)
     _assert_same(sql_store, mlflow_run, fast_run)
+    _assert_same(sql_store, mlflow_run, queued_run)
 
 
 # -- the guard ------------------------------------------------------------------------
