@@ -30,6 +30,39 @@ from stores import SqliteLock
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
+# -- the ``slow`` marker: what ``tox -e quick`` leaves out ------------------------------
+
+# Fixtures that start a process or a server: a test that asks for one is slow.
+SPAWNING_FIXTURES = frozenset(
+    {
+        "session_mlflow_server",
+        "mlflow_server",
+        "mlflow_server_uri",
+        "mlflow_server_default_http",
+        "postgres_uri",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts a process or a server: one that asks for a
+    spawning fixture, runs on the process executor (its worker processes) or on PostgreSQL
+    (the session's server), besides the
+    tests and modules marked by hand (subprocesses of their own, long workloads).
+
+    ``tox -e quick`` runs the rest, the developer's loop; ``tox`` runs everything.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if (
+            SPAWNING_FIXTURES & fixtures
+            or params.get("executor") == "process"
+            or "postgresql" in (value for value in params.values() if isinstance(value, str))
+        ):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
