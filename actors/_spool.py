@@ -262,6 +262,29 @@ def _private_folder(spool_dir: Path) -> None:
             )
 
 
+def check_spool_dir(spool_dir: str | os.PathLike[str]) -> None:
+    """Make ``spool_dir`` (0700, parents too) and prove a journal can be created in it.
+
+    Called when a client is made, so that a folder that cannot be used (under ``/proc``,
+    below a regular file, read-only) is an error of the constructor naming the path, not a
+    loss at the first outage. The probe is a ``*.spool-new`` file, the name of a journal
+    being created: one left by a crash here holds nothing and is cleaned up as such. The
+    journal itself is still created at the first spool write.
+    """
+    folder = Path(spool_dir)
+    try:
+        _private_folder(folder)
+        probe = folder / f"{PREFIX}{uuid.uuid4().hex}{NEW_SUFFIX}"
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _bad(f"spool_dir {folder} cannot be used: {exc}") from None
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -751,6 +774,7 @@ __all__ = [
     "SpoolGone",
     "SpoolLocked",
     "SpoolVersion",
+    "check_spool_dir",
     "decode_call",
     "encode_call",
     "remove_stale_new",
