@@ -5,7 +5,10 @@ delivered, in order, together with what is needed to create the run if its creat
 among them. SQLite (standard library, WAL mode, ``synchronous=FULL``) gives what a journal
 needs without hand-rolled files: an append is one transaction that is on disk (fsync)
 before :meth:`Spool.append` returns, and "delivered, delete" is one atomic row removal; a
-torn last write is rolled back by SQLite's own recovery when the file is next opened.
+torn last write is rolled back by SQLite's own recovery when the file is next opened. That
+recovery also silently drops every commit after a damaged ``-wal`` frame: a ``totals`` row
+kept by triggers says what the journal holds, and :mod:`actors._journal_check` reads the
+``-wal`` before SQLite does, so such a journal is refused, never delivered in part.
 
 The file is private to its user (folder 0700, files 0600: it holds params and tags), and
 locked with ``flock`` for the life of its :class:`Spool`, so that a journal is never
@@ -51,12 +54,16 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
 
+from actors._journal_check import check_wal, loss_message, totals_mismatch
 from actors._perform import KINDS, call_counts
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the ``totals`` row, kept by triggers, says what the journal holds (see _wal_check).
+# Version 1 (no totals) is still read; its -wal is checked all the same.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 # PRAGMA application_id of a runactors journal ("RAJ1"): tells a journal from any other
 # SQLite database that happens to carry the journal's name.
 APPLICATION_ID = 0x52414A31
@@ -91,6 +98,26 @@ CREATE TABLE calls (
     datasets INTEGER NOT NULL
 );
 CREATE INDEX calls_by_run ON calls (run_key, seq);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    runs INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    metrics INTEGER NOT NULL,
+    params INTEGER NOT NULL,
+    tags INTEGER NOT NULL,
+    datasets INTEGER NOT NULL
+);
+INSERT INTO totals VALUES (0, 0, 0, 0, 0, 0, 0);
+CREATE TRIGGER runs_in AFTER INSERT ON runs BEGIN UPDATE totals SET runs = runs + 1; END;
+CREATE TRIGGER runs_out AFTER DELETE ON runs BEGIN UPDATE totals SET runs = runs - 1; END;
+CREATE TRIGGER calls_in AFTER INSERT ON calls BEGIN
+    UPDATE totals SET calls = calls + 1, metrics = metrics + NEW.metrics,
+        params = params + NEW.params, tags = tags + NEW.tags, datasets = datasets + NEW.datasets;
+END;
+CREATE TRIGGER calls_out AFTER DELETE ON calls BEGIN
+    UPDATE totals SET calls = calls - 1, metrics = metrics - OLD.metrics,
+        params = params - OLD.params, tags = tags - OLD.tags, datasets = datasets - OLD.datasets;
+END;
 """
 
 
@@ -327,6 +354,18 @@ def _read_header(path: Path) -> tuple[int, int]:
     return application_id, user_version
 
 
+def _check_wal(path: Path) -> None:
+    """Refuse a journal whose ``-wal`` holds commits SQLite would silently not read."""
+    try:
+        loss = check_wal(path)
+    except sqlite3.DatabaseError as exc:
+        raise SpoolCorrupt(f"Journal {path} is corrupt: {exc}") from None
+    except (OSError, struct.error) as exc:
+        raise SpoolCorrupt(f"Journal {path}: its -wal file cannot be read: {exc}") from None
+    if loss is not None:
+        raise SpoolCorrupt(loss_message(path, loss))
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     # mode=rw: SQLite must never create a journal (a missing file is an error, not a new DB).
     connection = sqlite3.connect(
@@ -432,19 +471,30 @@ class Spool:
             application_id, user_version = _read_header(path)
             if application_id != APPLICATION_ID:
                 raise SpoolCorrupt(f"{path} is an SQLite database but not a runactors journal.")
-            if user_version != FORMAT_VERSION:
+            if user_version not in READ_VERSIONS:
                 raise SpoolVersion(
                     f"Journal {path} has format version {user_version}; this runactors reads "
-                    f"version {FORMAT_VERSION}. Replay it with a matching runactors."
+                    f"versions {READ_VERSIONS[0]} to {FORMAT_VERSION}. Replay it with a "
+                    "matching runactors."
                 )
+            _check_wal(path)  # before SQLite opens it: its recovery would hide the loss
             try:
                 connection = _connect(path)
-                check = connection.execute("PRAGMA quick_check").fetchall()
-                if check != [("ok",)]:
-                    connection.close()
-                    raise SpoolCorrupt(f"Journal {path} is corrupt: {check[0][0]}")
             except sqlite3.DatabaseError as exc:
                 raise SpoolCorrupt(f"Journal {path} is corrupt: {exc}") from None
+            try:
+                check = connection.execute("PRAGMA quick_check").fetchall()
+                if check != [("ok",)]:
+                    raise SpoolCorrupt(f"Journal {path} is corrupt: {check[0][0]}")
+                mismatch = totals_mismatch(connection) if user_version >= 2 else None
+                if mismatch is not None:
+                    raise SpoolCorrupt(f"Journal {path} is damaged: {mismatch}")
+            except sqlite3.DatabaseError as exc:
+                connection.close()
+                raise SpoolCorrupt(f"Journal {path} is corrupt: {exc}") from None
+            except BaseException:
+                connection.close()
+                raise
             return cls(path, fd, connection)
         except BaseException:
             os.close(fd)
