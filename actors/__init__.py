@@ -26,6 +26,7 @@ from actors._queues import CreateRun, RunQueues, Terminate, closed_error
 from actors._retry import call_with_retry, is_transient
 from actors._run_actor import RunActor
 from actors._session import RunHandle, Session, SessionConfig
+from actors._spool import check_spool_dir
 from actors._status import STATES, ClientStatus, RunRecord, RunStatus
 from actors._supervisor import Supervisor, Ticket
 from actors._system import ActorSystem, exit_timeout, get_system, ticket_done, wait_tickets
@@ -57,6 +58,7 @@ __all__ = [
     "Ticket",
     "call_with_retry",
     "check_metrics_mapping",
+    "check_spool_dir",
     "check_status",
     "check_step",
     "closed_error",

@@ -5,7 +5,10 @@ delivered, in order, together with what is needed to create the run if its creat
 among them. SQLite (standard library, WAL mode, ``synchronous=FULL``) gives what a journal
 needs without hand-rolled files: an append is one transaction that is on disk (fsync)
 before :meth:`Spool.append` returns, and "delivered, delete" is one atomic row removal; a
-torn last write is rolled back by SQLite's own recovery when the file is next opened.
+torn last write is rolled back by SQLite's own recovery when the file is next opened. That
+recovery also silently drops every commit after a damaged ``-wal`` frame: a ``totals`` row
+kept by triggers says what the journal holds, and :mod:`actors._journal_check` reads the
+``-wal`` before SQLite does, so such a journal is refused, never delivered in part.
 
 The file is private to its user (folder 0700, files 0600: it holds params and tags), and
 locked with ``flock`` for the life of its :class:`Spool`, so that a journal is never
@@ -51,12 +54,16 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
 
+from actors._journal_check import check_wal, loss_message, totals_mismatch
 from actors._perform import KINDS, call_counts
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the ``totals`` row, kept by triggers, says what the journal holds (see _wal_check).
+# Version 1 (no totals) is still read; its -wal is checked all the same.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 # PRAGMA application_id of a runactors journal ("RAJ1"): tells a journal from any other
 # SQLite database that happens to carry the journal's name.
 APPLICATION_ID = 0x52414A31
@@ -91,6 +98,26 @@ CREATE TABLE calls (
     datasets INTEGER NOT NULL
 );
 CREATE INDEX calls_by_run ON calls (run_key, seq);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    runs INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    metrics INTEGER NOT NULL,
+    params INTEGER NOT NULL,
+    tags INTEGER NOT NULL,
+    datasets INTEGER NOT NULL
+);
+INSERT INTO totals VALUES (0, 0, 0, 0, 0, 0, 0);
+CREATE TRIGGER runs_in AFTER INSERT ON runs BEGIN UPDATE totals SET runs = runs + 1; END;
+CREATE TRIGGER runs_out AFTER DELETE ON runs BEGIN UPDATE totals SET runs = runs - 1; END;
+CREATE TRIGGER calls_in AFTER INSERT ON calls BEGIN
+    UPDATE totals SET calls = calls + 1, metrics = metrics + NEW.metrics,
+        params = params + NEW.params, tags = tags + NEW.tags, datasets = datasets + NEW.datasets;
+END;
+CREATE TRIGGER calls_out AFTER DELETE ON calls BEGIN
+    UPDATE totals SET calls = calls - 1, metrics = metrics - OLD.metrics,
+        params = params - OLD.params, tags = tags - OLD.tags, datasets = datasets - OLD.datasets;
+END;
 """
 
 
@@ -262,6 +289,29 @@ def _private_folder(spool_dir: Path) -> None:
             )
 
 
+def check_spool_dir(spool_dir: str | os.PathLike[str]) -> None:
+    """Make ``spool_dir`` (0700, parents too) and prove a journal can be created in it.
+
+    Called when a client is made, so that a folder that cannot be used (under ``/proc``,
+    below a regular file, read-only) is an error of the constructor naming the path, not a
+    loss at the first outage. The probe is a ``*.spool-new`` file, the name of a journal
+    being created: one left by a crash here holds nothing and is cleaned up as such. The
+    journal itself is still created at the first spool write.
+    """
+    folder = Path(spool_dir)
+    try:
+        _private_folder(folder)
+        probe = folder / f"{PREFIX}{uuid.uuid4().hex}{NEW_SUFFIX}"
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _bad(f"spool_dir {folder} cannot be used: {exc}") from None
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -302,6 +352,18 @@ def _read_header(path: Path) -> tuple[int, int]:
     user_version = struct.unpack(">I", header[60:64])[0]
     application_id = struct.unpack(">I", header[68:72])[0]
     return application_id, user_version
+
+
+def _check_wal(path: Path) -> None:
+    """Refuse a journal whose ``-wal`` holds commits SQLite would silently not read."""
+    try:
+        loss = check_wal(path)
+    except sqlite3.DatabaseError as exc:
+        raise SpoolCorrupt(f"Journal {path} is corrupt: {exc}") from None
+    except (OSError, struct.error) as exc:
+        raise SpoolCorrupt(f"Journal {path}: its -wal file cannot be read: {exc}") from None
+    if loss is not None:
+        raise SpoolCorrupt(loss_message(path, loss))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -409,19 +471,30 @@ class Spool:
             application_id, user_version = _read_header(path)
             if application_id != APPLICATION_ID:
                 raise SpoolCorrupt(f"{path} is an SQLite database but not a runactors journal.")
-            if user_version != FORMAT_VERSION:
+            if user_version not in READ_VERSIONS:
                 raise SpoolVersion(
                     f"Journal {path} has format version {user_version}; this runactors reads "
-                    f"version {FORMAT_VERSION}. Replay it with a matching runactors."
+                    f"versions {READ_VERSIONS[0]} to {FORMAT_VERSION}. Replay it with a "
+                    "matching runactors."
                 )
+            _check_wal(path)  # before SQLite opens it: its recovery would hide the loss
             try:
                 connection = _connect(path)
-                check = connection.execute("PRAGMA quick_check").fetchall()
-                if check != [("ok",)]:
-                    connection.close()
-                    raise SpoolCorrupt(f"Journal {path} is corrupt: {check[0][0]}")
             except sqlite3.DatabaseError as exc:
                 raise SpoolCorrupt(f"Journal {path} is corrupt: {exc}") from None
+            try:
+                check = connection.execute("PRAGMA quick_check").fetchall()
+                if check != [("ok",)]:
+                    raise SpoolCorrupt(f"Journal {path} is corrupt: {check[0][0]}")
+                mismatch = totals_mismatch(connection) if user_version >= 2 else None
+                if mismatch is not None:
+                    raise SpoolCorrupt(f"Journal {path} is damaged: {mismatch}")
+            except sqlite3.DatabaseError as exc:
+                connection.close()
+                raise SpoolCorrupt(f"Journal {path} is corrupt: {exc}") from None
+            except BaseException:
+                connection.close()
+                raise
             return cls(path, fd, connection)
         except BaseException:
             os.close(fd)
@@ -751,6 +824,7 @@ __all__ = [
     "SpoolGone",
     "SpoolLocked",
     "SpoolVersion",
+    "check_spool_dir",
     "decode_call",
     "encode_call",
     "remove_stale_new",

@@ -25,6 +25,7 @@ from actors import (
     SessionConfig,
     Terminate,
     check_metrics_mapping,
+    check_spool_dir,
     check_status,
     check_step,
     closed_error,
@@ -92,8 +93,9 @@ def _release(session: Session) -> None:
 
 
 def _check_spool_dir(spool_dir: Any) -> str | None:
-    """The spool folder as an absolute path (a pickled copy must write to the same one);
-    it need not exist yet (it is created 0700 at the first spool write)."""
+    """The spool folder as an absolute path (a pickled copy must write to the same one),
+    made (0700) and proven writable now: a folder that cannot be used fails here, naming
+    it, not at the first outage. The journal itself is created at the first spool write."""
     if spool_dir is None:
         return None
     if not isinstance(spool_dir, str | os.PathLike) or not os.fspath(spool_dir):
@@ -101,6 +103,7 @@ def _check_spool_dir(spool_dir: Any) -> str | None:
     path = os.path.abspath(os.fspath(spool_dir))
     if os.path.exists(path) and not os.path.isdir(path):
         raise _invalid(f"Invalid spool_dir {path!r}: it exists and is not a folder.")
+    check_spool_dir(path)
     return path
 
 

@@ -7,8 +7,11 @@ delivered by ``python -m client._cli replay`` into a real SQLite store or a real
 
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -444,3 +447,80 @@ def test_an_unreachable_store_keeps_the_journal_with_a_clear_error(
     assert done.returncode == 0, done.stderr + done.stdout
     (run,) = runs_of(store, experiment_id)
     assert_delivered_once(store, run.info.run_id, 30)
+
+
+# -- a journal damaged on disk ------------------------------------------------------------------
+
+SPOOL_THEN_DIE = """
+    import os, signal, sys
+    from client import QueueingClient
+
+    uri, experiment_id, spool_dir = sys.argv[1:4]
+    client = QueueingClient(uri, retry_timeout=0, spool_dir=spool_dir)
+    run = client.create_run(experiment_id, run_name="damaged")
+    for chunk in range(20):  # 20 flushes that fail: 20 appends to the journal
+        for step in range(chunk * 1000, (chunk + 1) * 1000):
+            client.log_metrics(run, {"loss": 1 / (step + 1)}, step=step)
+        try:
+            client.flush()
+        except Exception:
+            pass  # the store is down: the batch is spooled
+    print(len(os.listdir(spool_dir)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no exit: the -wal is not checkpointed
+"""
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_a_journal_with_a_damaged_wal_is_refused_untouched_with_its_loss_named(
+    tmp_path: Path, tracking_uri: str, store: MlflowClient, experiment_id: str
+) -> None:
+    folder = tmp_path / "spool"
+    # The store is down: a port bound by this test, not listening, refuses every connection.
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{down.getsockname()[1]}"
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(SPOOL_THEN_DIE),
+                uri,
+                experiment_id,
+                str(folder),
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (journal,) = folder.glob("*.spool")
+    wal = Path(f"{journal}-wal")
+    assert wal.stat().st_size > 100_000  # 20 appends, all in the -wal
+    intact = tmp_path / "intact"
+    shutil.copytree(folder, intact)
+
+    data = bytearray(wal.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped in the middle of the -wal
+    wal.write_bytes(bytes(data))
+    before = files_digest(folder)
+    done = replay(folder, "--tracking-uri", tracking_uri)
+    assert done.returncode == 1, done.stderr + done.stdout
+    assert files_digest(folder) == before  # journal, -wal and -shm as they were
+    assert "unreadable" in done.stdout and "│ delivered" not in done.stdout  # its status
+    assert "calls delivered" not in done.stderr  # no progress line either
+    message = " ".join(done.stderr.split())
+    assert f"{journal.name} is damaged: its -wal file is damaged at byte" in message
+    assert "Its header promises 1 runs, 20 calls (20000 metrics)" in message
+    assert "what can be read holds 1 runs," in message and "lost: 0 runs," in message
+    assert runs_of(store, experiment_id) == []  # nothing delivered, nothing claimed
+
+    done = replay(intact, "--tracking-uri", tracking_uri)  # the same journal, undamaged
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "20000 metrics" in done.stdout and list(intact.iterdir()) == []
+    (run,) = runs_of(store, experiment_id)
+    history = store.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(20_000))

@@ -274,15 +274,45 @@ def full_journal(folder: Path) -> Path:
 def test_other_format_version_is_refused_untouched(tmp_path: Path) -> None:
     path = full_journal(tmp_path)
     with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version=2")
+        db.execute("PRAGMA user_version=7")
     db.close()
     before = digest(path)
     with pytest.raises(
-        SpoolVersion, match=rf"{path.name} has format version 2; .* reads version 1"
+        SpoolVersion, match=rf"{path.name} has format version 7; .* reads versions 1 to 2"
     ):
         Spool.open(path)
     assert digest(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_version_1_journal_without_totals_is_still_read(tmp_path: Path) -> None:
+    path = full_journal(tmp_path)
+    with sqlite3.connect(path) as db:  # what version 1 wrote: no totals row, no triggers
+        for trigger in ("runs_in", "runs_out", "calls_in", "calls_out"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("DROP TABLE totals")
+        db.execute("PRAGMA user_version=1")
+    db.close()
+    with Spool.open(path) as spool:
+        assert len(spool.calls("p")) == 20
+
+
+def test_rows_that_disagree_with_the_totals_are_refused(tmp_path: Path) -> None:
+    path = full_journal(tmp_path)
+    with Spool.open(path) as spool:  # the totals follow every write and delete
+        assert spool._db.execute("SELECT runs, calls, params FROM totals").fetchone() == (1, 20, 20)
+        spool.remove([seq for seq, _ in spool.calls("p", limit=5)])
+        assert spool._db.execute("SELECT runs, calls, params FROM totals").fetchone() == (1, 15, 15)
+    with sqlite3.connect(path) as db:  # rows lost behind the totals' back
+        db.execute("DROP TRIGGER calls_out")
+        db.execute("DELETE FROM calls WHERE seq > 10")
+    db.close()
+    with pytest.raises(
+        SpoolCorrupt,
+        match=r"header promises 1 runs, 15 calls \(15 params\); what can be read holds "
+        r"1 runs, 5 calls \(5 params\)",
+    ):
+        Spool.open(path)
 
 
 @pytest.mark.parametrize(
@@ -424,3 +454,16 @@ def test_a_fork_child_neither_uses_nor_holds_the_parents_journal(spool: Spool) -
     spool.append("p", [SetTerminatedCall(None, None)])  # the parent's journal still works
     with pytest.raises(SpoolLocked):
         Spool.open(spool.path)  # and is still locked by the parent
+
+
+def test_a_flipped_byte_mid_wal_is_refused_untouched_naming_the_loss(tmp_path: Path) -> None:
+    path = killed_after_appends(tmp_path, 9)
+    wal = Path(f"{path}-wal")
+    data = bytearray(wal.read_bytes())
+    data[len(data) // 2] ^= 0x01  # SQLite's recovery would stop here and drop the rest
+    wal.write_bytes(bytes(data))
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    with pytest.raises(SpoolCorrupt, match="its -wal file is damaged at byte") as caught:
+        Spool.open(path)
+    assert "Its header promises 1 runs, 9 calls (9 metrics)" in caught.value.message
+    assert {p.name: digest(p) for p in tmp_path.iterdir()} == before

@@ -242,6 +242,28 @@ def test_spool_dir_that_is_a_file_raises_at_the_constructor(
         QueueingClient(tracking_uri, spool_dir=path)
 
 
+def test_a_spool_dir_that_cannot_be_used_raises_at_the_constructor_naming_it(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    bad = {
+        f"/proc/runactors-nope-{os.getpid()}": "No such file or directory",
+        str(a_file / "spool"): "Not a directory",
+    }
+    for path, os_error in bad.items():
+        with pytest.raises(MlflowException) as raised:
+            QueueingClient(tracking_uri, spool_dir=path)
+        assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert path in raised.value.message and os_error in raised.value.message
+    # (a read-only folder is not tried: the tests run as root, whom chmod does not stop)
+    good = tmp_path / "a" / "b" / "spool"
+    client = QueueingClient(tracking_uri, spool_dir=good)
+    client.close()
+    assert good.is_dir() and stat.S_IMODE(good.stat().st_mode) == 0o700
+    assert list(good.iterdir()) == []  # the folder is checked; no journal is made eagerly
+
+
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_bounded_close_stops_retrying_and_spools_what_is_in_flight(
     mlflow_server: Any, executor: str, tmp_path: Path
