@@ -29,9 +29,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
-from mlflow.protos.service_pb2 import LogBatch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.service_pb2 import CreateRun, LogBatch
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
@@ -120,6 +122,20 @@ class BoundedRestStore(RestStore):
         dict that ``message_to_json`` makes of the ``LogBatch`` message (see
         :func:`log_batch_body`), which cost about 85% of the client's time per batch."""
         self._request(LogBatch, log_batch_body(run_id, metrics, params, tags))
+
+    def create_run(self, *args: Any, **kwargs: Any) -> Run:
+        """``RestStore.create_run``, refusing an answer without a run ID: a ``200 {}`` (a
+        stub, a misrouted proxy) would otherwise be a run with the ID ``''`` that every later
+        call of the run is sent to."""
+        run: Run = super().create_run(*args, **kwargs)
+        if not run.info.run_id:
+            endpoint, method = self._METHOD_TO_INFO[CreateRun]
+            raise MlflowException(
+                f"{method} {self.get_host_creds().host.rstrip('/')}{endpoint} answered without"
+                " a run ID: the run was not created (is this a tracking server?)",
+                error_code=INTERNAL_ERROR,
+            )
+        return run
 
 
 def _double(value: float) -> float | str:
