@@ -40,6 +40,8 @@ from mlflow.tracking._tracking_service.client import TrackingServiceClient
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from actors._new_sqlite import create_sqlite_store
+
 # A request gets at least this long to be answered, even when the call's retry_timeout is
 # (nearly) spent: shorter would fail a healthy but loaded server's answers, and the overshoot
 # past retry_timeout is at most this.
@@ -195,7 +197,9 @@ class _TrackingClient(TrackingServiceClient):
 
 def make_client(tracking_uri: str) -> MlflowClient:
     """An ``MlflowClient`` for runactors' own calls: on a tracking server (a plain
-    ``RestStore``), one on :class:`BoundedRestStore`; elsewhere MLflow's own."""
+    ``RestStore``), one on :class:`BoundedRestStore`; elsewhere MLflow's own. A SQLite store
+    that does not exist yet is created whole first (:mod:`actors._new_sqlite`)."""
+    create_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     store = client._tracking_client.store
     if type(store) is RestStore:
