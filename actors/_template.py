@@ -38,6 +38,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 PRELOAD = (
     "actors._worker",
     "actors._store",
+    "actors._sql_metrics",  # the SQL fast path, imported on first use elsewhere
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.tracking.sqlalchemy_workspace_store",
     "sqlalchemy.dialects.sqlite",
