@@ -12,6 +12,7 @@ from actors._inputs import (
     param_pairs,
     tag_pairs,
 )
+from actors._new_sqlite import create_sqlite_store
 from actors._pending import PendingRunId
 from actors._perform import Job, JobResult, failure_message, perform_job
 from actors._plan import (
@@ -62,6 +63,7 @@ __all__ = [
     "check_status",
     "check_step",
     "closed_error",
+    "create_sqlite_store",
     "default_max_workers",
     "exit_timeout",
     "failure_message",

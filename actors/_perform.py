@@ -12,21 +12,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 
 from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
+from actors._fast_path import FastPathUnavailable, client_fast_path, log_batch_is_mlflows
 from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 from actors._retry import call_with_retry, is_transient
-from actors._sql_metrics import (
-    ClientFastPath,
-    FastPathUnavailable,
-    client_fast_path,
-    log_batch_is_mlflows,
-)
 from actors._sqlite_gate import database_gate, uri_database_key
 from actors._store import request_deadline
+
+if TYPE_CHECKING:
+    from actors._sql_metrics import ClientFastPath
 
 KINDS = ("metrics", "params", "tags", "datasets")
 

@@ -17,7 +17,9 @@ writer stores exactly the same rows with SQLAlchemy Core, through MLflow's own t
 SQLite rows go in multi-row ``VALUES`` statements; PostgreSQL gets one array per column.
 The MLflow names relied on: the table models above, ``LifecycleStage``, the validation
 functions ``_validate_run_id``, ``_validate_batch_log_data``, ``_validate_batch_log_limits``
-(an upgrade that moves them fails the import, and then the tests), and the alembic revision.
+(an upgrade that moves them fails the import of this module: :mod:`actors._fast_path`
+imports it on first use, and turns the fast path off with one warning if it fails), and the
+alembic revision.
 
 Guarded: the writer only runs on the MLflow schema revisions it was proven identical on
 (``tests/test_sql_fast_path.py``), on SQLite and PostgreSQL; anything else, and any database
@@ -63,6 +65,7 @@ from mlflow.utils.validation import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from actors._fast_path import FastPathUnavailable
 from actors._retry import is_transient
 from actors._sqlite_gate import database_gate, database_key
 
@@ -85,13 +88,6 @@ _INSERTS: dict[str, Callable[..., Any]] = {
 _MAX_DOUBLE = 1.7976931348623157e308
 
 MetricsWriter = Callable[[str, Sequence[Metric]], None]
-
-
-class FastPathUnavailable(Exception):
-    """This batch cannot go through the fast path: send it through MLflow's API instead.
-
-    Nothing of the batch was stored (the transaction was rolled back or never begun).
-    """
 
 
 def enabled() -> bool:

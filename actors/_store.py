@@ -29,14 +29,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
-from mlflow.protos.service_pb2 import LogBatch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.service_pb2 import CreateRun, LogBatch
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+from actors._new_sqlite import create_sqlite_store
 
 # A request gets at least this long to be answered, even when the call's retry_timeout is
 # (nearly) spent: shorter would fail a healthy but loaded server's answers, and the overshoot
@@ -121,6 +125,20 @@ class BoundedRestStore(RestStore):
         :func:`log_batch_body`), which cost about 85% of the client's time per batch."""
         self._request(LogBatch, log_batch_body(run_id, metrics, params, tags))
 
+    def create_run(self, *args: Any, **kwargs: Any) -> Run:
+        """``RestStore.create_run``, refusing an answer without a run ID: a ``200 {}`` (a
+        stub, a misrouted proxy) would otherwise be a run with the ID ``''`` that every later
+        call of the run is sent to."""
+        run: Run = super().create_run(*args, **kwargs)
+        if not run.info.run_id:
+            endpoint, method = self._METHOD_TO_INFO[CreateRun]
+            raise MlflowException(
+                f"{method} {self.get_host_creds().host.rstrip('/')}{endpoint} answered without"
+                " a run ID: the run was not created (is this a tracking server?)",
+                error_code=INTERNAL_ERROR,
+            )
+        return run
+
 
 def _double(value: float) -> float | str:
     # Protobuf's JSON mapping of a double: numbers, and these three as strings.
@@ -179,7 +197,9 @@ class _TrackingClient(TrackingServiceClient):
 
 def make_client(tracking_uri: str) -> MlflowClient:
     """An ``MlflowClient`` for runactors' own calls: on a tracking server (a plain
-    ``RestStore``), one on :class:`BoundedRestStore`; elsewhere MLflow's own."""
+    ``RestStore``), one on :class:`BoundedRestStore`; elsewhere MLflow's own. A SQLite store
+    that does not exist yet is created whole first (:mod:`actors._new_sqlite`)."""
+    create_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     store = client._tracking_client.store
     if type(store) is RestStore:

@@ -232,8 +232,15 @@ def _forget_inherited_engines() -> None:
     store = getattr(module, "SqlAlchemyStore", None)
     if store is None:
         return
+    engines = getattr(store, "_engine_map", None)  # MLflow's engine per URI (private)
+    if not isinstance(engines, dict):
+        _logger.warning(
+            "runactors: MLflow has no SqlAlchemyStore._engine_map; a forked child"
+            " may share its parent's database connections"
+        )
+        return
     store._engine_map_lock = threading.Lock()
-    for engine in list(store._engine_map.values()):
+    for engine in list(engines.values()):
         try:
             engine.dispose(close=False)
         except Exception:  # pragma: no cover - best effort

@@ -21,6 +21,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from mlflow.utils.autologging_utils import MlflowAutologgingQueueingClient as SeedClient
 
+from actors import create_sqlite_store
 from client._client import QueueingClient
 from client.bench import _postgres
 from client.bench._contenders import Contender, DirectLoop, Queueing, Workload
@@ -52,9 +53,10 @@ def _runactors(executor: str, options: Options) -> Callable[[str], QueueingClien
 
 
 def _new_sqlite_store(folder: str, name: str) -> str:
-    """A fresh SQLite store with MLflow's tables made (untimed: every contender pays it)."""
+    """A fresh SQLite store with MLflow's tables made (untimed: every contender pays it),
+    without MLflow's "Creating initial MLflow database tables" lines among the bench's."""
     uri = f"sqlite:///{folder}/{name}.db"
-    MlflowClient(uri).search_experiments(max_results=1)
+    create_sqlite_store(uri)
     return uri
 
 

@@ -13,6 +13,7 @@ import click
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from actors import create_sqlite_store
 from client import _tracking_uri as tracking_uris
 from client.sweep.options import DEFAULT_DB, one_line
 
@@ -81,6 +82,8 @@ def prepare_experiment(uri: str, name: str) -> str:
 
     _prepare_sqlite_folder(uri)
     try:
+        # A new SQLite store whole or not at all: a Ctrl-C now must not leave a broken one.
+        create_sqlite_store(uri)
         with _fail_fast_http():
             store = MlflowClient(tracking_uri=uri)
             store.search_experiments(max_results=1)

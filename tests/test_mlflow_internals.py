@@ -1,0 +1,131 @@
+"""What runactors does with MLflow's private names: a release that renames one the SQL fast
+path needs turns the fast path off with one warning (``import client`` and logging keep
+working), and a forked child never uses the connections of MLflow's engines it inherited."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from scripts import REPO
+
+TIMEOUT = 180
+
+# Loaded by every interpreter started with this folder first on PYTHONPATH (the client's,
+# the worker template's): an MLflow that renamed a private function the fast path imports
+# (its own stores, imported first, have it under the new name).
+SITECUSTOMIZE = """
+import mlflow.store.tracking.sqlalchemy_store
+import mlflow.utils.validation as validation
+validation._validate_batch_log_data_renamed = validation._validate_batch_log_data
+del validation._validate_batch_log_data
+"""
+
+
+def test_a_renamed_private_mlflow_name_turns_the_fast_path_off_with_one_warning(
+    tmp_path: Path, tracking_uri: str, store: MlflowClient, experiment_id: str, executor: str
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    script = textwrap.dedent(
+        f"""
+        import client
+        from client import QueueingClient
+
+        c = QueueingClient({tracking_uri!r}, executor={executor!r}, max_workers=1)
+        run = c.create_run({experiment_id!r}, run_name="renamed")
+        for step in range(3):
+            c.log_metrics(run, {{"loss": 1.0 / (step + 1)}}, step=step)
+        c.flush()
+        c.log_metrics(run, {{"loss": 0.1}}, step=3)
+        c.flush()
+        print(run.resolve())
+        c.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), REPO])},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("SQL fast path off") == 1, done.stderr
+    run_id = done.stdout.split()[-1]
+    history = store.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
+FORK = """
+import json, os, sys
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.tracking import MlflowClient
+from client import QueueingClient
+
+uri, experiment_id = sys.argv[1], sys.argv[2]
+client = QueueingClient(uri)  # the thread executor: its clients share MLflow's engine
+run = client.create_run(experiment_id)
+client.log_metrics(run, {"parent": 1.0}, step=0)
+client.flush()
+engine = SqlAlchemyStore._engine_map[uri]
+pooled = engine.pool.checkedin()
+connections = [engine.connect() for _ in range(pooled)]  # every pooled one, marked
+for conn in connections:
+    conn.info["owner"] = os.getpid()
+for conn in connections:
+    conn.close()
+
+pid = os.fork()
+if pid == 0:
+    try:
+        engine = SqlAlchemyStore._engine_map[uri]
+        with engine.connect() as conn:
+            inherited = conn.info.get("owner")
+        child = QueueingClient(uri)
+        child.log_metrics(run.resolve(), {"child": 2.0}, step=0)
+        child.flush()
+        child.close()
+        MlflowClient(uri).log_metric(run.resolve(), "child_direct", 3.0)
+        print(json.dumps({"inherited": inherited, "pool": engine.pool.checkedin()}), flush=True)
+        code = 0
+    except BaseException as exc:
+        print(json.dumps({"error": repr(exc)}), flush=True)
+        code = 1
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+client.log_metrics(run, {"parent": 4.0}, step=1)
+client.flush()
+with engine.connect() as conn:
+    still_ours = conn.info.get("owner") == os.getpid()
+client.close()
+print(json.dumps({"status": status, "pooled": pooled, "still_ours": still_ours,
+                  "run": run.resolve()}), flush=True)
+"""
+
+
+def test_a_forked_child_opens_its_own_connections_and_both_write(
+    tracking_uri: str, store: MlflowClient, experiment_id: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORK, tracking_uri, experiment_id],
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    child, parent = (json.loads(line) for line in done.stdout.splitlines()[-2:])
+    assert "error" not in child, child
+    assert parent["pooled"] >= 1  # the parent had a pooled connection to inherit
+    assert child["inherited"] is None, "the child used the parent's pooled connection"
+    assert parent["status"] == 0 and parent["still_ours"]  # the parent's pool is intact
+    metrics = store.get_run(parent["run"]).data.metrics
+    assert metrics == {"parent": 4.0, "child": 2.0, "child_direct": 3.0}
