@@ -4,11 +4,15 @@ address is warned about."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from scripts import script_env
 
 from client import QueueingClient
 
@@ -50,3 +54,40 @@ def _close(client: QueueingClient) -> None:
         client.close()
     except MlflowException:
         pass
+
+
+_EXIT_SCRIPT = """
+import sys
+from client import QueueingClient
+
+client = QueueingClient(sys.argv[1], retry_timeout=60, spool_dir=sys.argv[3])
+run = client.create_run(sys.argv[2])
+client.log_metrics(run, {"loss": 1.0})
+# no close(): the exit handler flushes, and gives up after RUNACTORS_EXIT_TIMEOUT seconds
+"""
+
+
+def test_the_exit_warning_says_how_long_the_flush_really_waited(
+    tracking_uri, experiment_id, lock_store, tmp_path
+):
+    # The store locked throughout: the last flush cannot complete. With a spool, a quarter of
+    # the 2 s bound is kept for spooling, so the flush waits about 1.5 s, not 2.
+    with lock_store():
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_SCRIPT, tracking_uri, experiment_id, tmp_path / "spool"],
+            env=script_env(RUNACTORS_EXIT_TIMEOUT="2"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = re.search(
+        r"closing before the last flush completed: it had not completed after (\S+) s "
+        r"\(close waits at most (\S+) s, (\S+) s of it kept for spooling\)",
+        done.stderr,
+    )
+    assert said is not None, done.stderr[-3000:]
+    waited, bound, kept = (float(said.group(i)) for i in (1, 2, 3))
+    assert 1.5 <= bound <= 2 and kept == 0.5, said.group(0)
+    # What it says it waited is what it waited: the bound less the part kept for spooling.
+    assert bound - kept - 0.1 <= waited < bound, said.group(0)
