@@ -4,6 +4,7 @@ address is warned about."""
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -91,3 +92,26 @@ def test_the_exit_warning_says_how_long_the_flush_really_waited(
     assert 1.5 <= bound <= 2 and kept == 0.5, said.group(0)
     # What it says it waited is what it waited: the bound less the part kept for spooling.
     assert bound - kept - 0.1 <= waited < bound, said.group(0)
+
+
+def test_a_truncation_warning_quotes_only_the_start_of_the_value(
+    tracking_uri, experiment_id, store, caplog
+):
+    long_value = "v" * 8000 + "END"
+    client = QueueingClient(tracking_uri)
+    try:
+        run = client.create_run(experiment_id)
+        with caplog.at_level(logging.WARNING):
+            client.log_params(run, {"p": long_value})
+            client.set_tags(run, {"t": long_value})
+        client.flush()
+        run_id = run.resolve()
+    finally:
+        client.close()
+    stored = store.get_run(run_id).data
+    assert stored.params["p"].startswith("vvv") and len(stored.params["p"]) < len(long_value)
+    warnings = [r.getMessage() for r in caplog.records if "Truncated the value" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    for message in warnings:
+        assert len(message) < 300, message
+        assert "v" * 100 in message and "v" * 101 not in message, message
