@@ -115,3 +115,35 @@ def test_a_truncation_warning_quotes_only_the_start_of_the_value(
     for message in warnings:
         assert len(message) < 300, message
         assert "v" * 100 in message and "v" * 101 not in message, message
+
+
+@pytest.mark.parametrize(
+    ("uri", "meant"),
+    [
+        ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("127.0.0.1:5000/", "http://127.0.0.1:5000/"),
+        ("10.1.2.3:80", "http://10.1.2.3:80"),
+        ("localhost", "http://localhost"),
+        ("127.0.0.1", "http://127.0.0.1"),
+    ],
+)
+def test_a_server_address_without_a_scheme_is_warned_about(
+    uri, meant, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        client = QueueingClient(uri)
+    client.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    message = warnings[0].getMessage()
+    assert repr(meant) in message and str(tmp_path / uri.rstrip("/")) in message, message
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "./127.0.0.1:5000", "runs/5000", "sqlite:///x.db"])
+def test_a_folder_or_database_is_not_warned_about(uri, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        client = QueueingClient(uri)
+    client.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
