@@ -8,6 +8,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -147,3 +148,38 @@ def test_a_folder_or_database_is_not_warned_about(uri, tmp_path, monkeypatch, ca
         client = QueueingClient(uri)
     client.close()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_status_never_counts_a_finished_round_twice(tracking_uri, experiment_id, store):
+    """A round's entities move from ``queued`` (in flight) to ``logged`` at once: a status()
+    taken while the run actor accounts the round sees them in one or the other, not both."""
+    client = QueueingClient(tracking_uri)
+    sent = 0
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            runs = client.status().runs
+            if runs:
+                counted = runs[0].queued["metrics"] + runs[0].logged["metrics"]
+                if counted > sent:  # read after the snapshot: ``sent`` only grows
+                    seen.append((counted, sent))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: hit the window
+    poller = threading.Thread(target=poll, daemon=True)
+    try:
+        run = client.create_run(experiment_id)
+        poller.start()
+        for step in range(300):
+            sent += 1
+            client.log_metrics(run, {"m": float(step)}, step=step)
+            client.flush()
+    finally:
+        stop.set()
+        poller.join(10)
+        sys.setswitchinterval(interval)
+        client.close()
+    assert seen == [], seen[:5]
+    assert len(store.get_metric_history(run.resolve(), "m")) == 300
