@@ -156,6 +156,26 @@ def test_example_runs_as_written(block: Block, page_folder: Path) -> None:
     )
 
 
+@pytest.mark.slow
+def test_the_service_example_runs_again_in_the_same_folder(page_folder: Path) -> None:
+    """A reader runs an example more than once: the second run finds what the first made
+    (its experiment, say) instead of failing on it."""
+    (block,) = [
+        b for b in python_blocks(REPO / "docs" / "operations.md") if "flush_interval=" in b.code
+    ]
+    (page_folder / "service.py").write_text(block.code, encoding="utf-8")
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "service.py"],
+            cwd=page_folder,
+            env=_environment(page_folder),
+            capture_output=True,
+            text=True,
+            timeout=BLOCK_TIMEOUT,
+        )
+        assert done.returncode == 0, (attempt, done.stderr[-3000:])
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_links_stay_inside_the_repository(page: Path) -> None:
     """Users have the repository only: a relative link must name one of its files."""
