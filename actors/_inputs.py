@@ -133,8 +133,15 @@ def _pairs(
             key, _ = _checked_key(key, kind, validate, valid)
         text = value if type(value) is str else str(value)
         if len(text) > max_value_length:
-            text = _ellipsize(text, max_value_length)
-            _logger.warning("Truncated the value of the key `%s`. Truncated value: `%s`", key, text)
+            length, text = len(text), _ellipsize(text, max_value_length)
+            # The start of the value is quoted, not the whole of it (thousands of characters).
+            _logger.warning(
+                "Truncated the value of the key `%s` from %d to %d characters; it begins `%s...`",
+                key,
+                length,
+                len(text),
+                text[:100],
+            )
         pairs[key] = text
     return list(pairs.items())
 

@@ -283,6 +283,22 @@ class _Retries:
                 self.on_retry_end()
 
 
+class CreationFailed(Exception):
+    """A ``create_run`` that failed past its retries, named: which run in which experiment,
+    the creation's own last error, and the look-up's if an attempt ended in one. Its cause
+    is the last error raised, so that it is as transient as that one."""
+
+
+def _creation_failed(
+    call: CreateRunCall, created: BaseException | None, looked_up: BaseException | None
+) -> CreationFailed:
+    name = "a run" if call.run_name is None else f"run {call.run_name!r}"
+    text = f"creating {name} in experiment {call.experiment_id} failed: {created!r}"
+    if looked_up is not None:
+        text += f"; looking up whether an earlier attempt made the run also failed: {looked_up!r}"
+    return CreationFailed(text)
+
+
 def _create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: _Retries) -> str:
     """Create the run, retrying transient failures without ever making a second run.
 
@@ -290,22 +306,40 @@ def _create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: _
     and an attempt after one whose outcome is unknown (any transient failure: the request
     may have landed and only its answer been lost) first looks the run up by that key. In a
     local database a failed creation is a rolled-back transaction: it is simply sent again.
+    A failure is raised as :class:`CreationFailed`, naming the creation (not only the look-up
+    that the last attempt may have ended in).
     """
     key = call.create_key or str(uuid.uuid4())
     to_send = creation_with_key(tracking_uri, call, key)
     look_up = uses_create_key_tag(tracking_uri)
     attempted = False
+    created: BaseException | None = None  # the creation's last error
+    looked_up: BaseException | None = None  # the look-up's, if the last attempt ended in it
 
     def attempt() -> str:
-        nonlocal attempted
+        nonlocal attempted, created, looked_up
+        looked_up = None
         if attempted and look_up:
-            found = find_created_run(client, tracking_uri, to_send, key)
+            try:
+                found = find_created_run(client, tracking_uri, to_send, key)
+            except Exception as exc:
+                looked_up = exc
+                raise
             if found is not None:
                 return found
         attempted = True
-        return _create(client, to_send, uri_database_key(tracking_uri))
+        try:
+            return _create(client, to_send, uri_database_key(tracking_uri))
+        except Exception as exc:
+            created = exc
+            raise
 
-    return retries(attempt)
+    try:
+        return retries(attempt)
+    except JobStopped:
+        raise
+    except Exception as exc:
+        raise _creation_failed(call, created or exc, looked_up) from exc
 
 
 def _spoolable(exc: BaseException) -> bool:
@@ -398,7 +432,8 @@ def _perform(client: Any, job: Job, retries: _Retries, on_call: CallHook | None)
             try:
                 run_id = _create_once(client, job.tracking_uri, call, retries)
             except Exception as exc:
-                error, failure = f"create_run failed: {exc!r}", exc
+                said = str(exc) if isinstance(exc, CreationFailed) else repr(exc)
+                error, failure = f"create_run failed: {said}", exc
         elif run_id is None:
             error = f"run {job.label} has no ID: its creation failed, so this call was not sent"
         else:

@@ -1,9 +1,10 @@
 """``ProcessExecutor``: the tracking calls in worker processes, past the GIL.
 
-Up to ``max_workers`` pool threads in this process each own one worker process (a fresh
-interpreter running :mod:`actors._worker`, started on first use and reused). A pool thread takes
-a job, sends it cloudpickled, relays the worker's progress to the run's record, and returns
-the result. If the worker dies mid-job, the pool thread starts a fresh one and resumes the job
+Up to ``max_workers`` pool threads in this process each own one worker process (a fork of the
+pre-imported worker template, :mod:`actors._template`, never of this process, running
+:mod:`actors._worker`; started on first use and reused). A pool thread takes a job, sends it
+cloudpickled, relays the worker's progress to the run's record, and returns the result. If
+the worker dies mid-job, the pool thread starts a new one and resumes the job
 after the last call that completed; only the run of that job is affected. A ``create_run``
 that was in flight when its worker died is not resent (it may have landed: resending could
 make a second run); it is reported as failed instead.
@@ -218,7 +219,7 @@ class _Slot:
         self._busy = False  # a job is in flight: its pool thread owns the worker's socket
 
     def _live_worker(self) -> _Worker:
-        """The slot's worker, a fresh one if it has none or it died."""
+        """The slot's worker, a new one (forked by the template) if it has none or it died."""
         with self._lock:
             if self._closed:
                 raise _SlotClosed

@@ -145,15 +145,17 @@ class RunActor(pykka.ThreadingActor):
         self._inflight = True
         record.start_round()  # runactors_flush_seconds measures from here
         self._creating = snapshot.create is not None
-        record.inflight = snapshot.counts()
+        with record.lock:  # taken from the queues, now counted in flight
+            record.inflight = snapshot.counts()
         ref = self.actor_ref
         budget, held = self._session.budget, snapshot.held()
 
         def on_state(state: str, worker: str | None, detail: str | None = None) -> None:
-            # Called on the executor's thread; only this run's job writes these fields.
-            if state == "retrying":
-                record.note_retry(detail)  # counts it for status() and the endpoint
-            record.state, record.worker = state, worker
+            # Called on the executor's thread, while only this run's job writes these fields.
+            with record.lock:
+                if state == "retrying":
+                    record.note_retry(detail)  # counts it for status() and the endpoint
+                record.state, record.worker = state, worker
 
         def on_done(result: JobResult) -> None:
             if budget is not None:  # the round's entities leave memory, delivered or not
@@ -191,15 +193,17 @@ class RunActor(pykka.ThreadingActor):
             record.create_error = result.create_error
             if handle.pending is not None:
                 handle.pending._set_failed(result.create_error)
-        for kind, n in result.logged.items():
-            record.logged[kind] += n
-        if result.sql_fast_path is not None:
-            record.sql_fast_path = result.sql_fast_path
-        record.end_round(result)  # the process's totals and the round's duration
-        record.inflight = empty_counts()
-        record.errors.add(result.errors)
-        record.terminated = record.terminated or result.terminated
-        record.state, record.worker = ("spooled" if result.spooled else self._at_rest()), None
+        at_rest = "spooled" if result.spooled else None
+        with record.lock:  # a snapshot sees the round in flight or accounted, never both
+            for kind, n in result.logged.items():
+                record.logged[kind] += n
+            if result.sql_fast_path is not None:
+                record.sql_fast_path = result.sql_fast_path
+            record.end_round(result)  # the process's totals and the round's duration
+            record.inflight = empty_counts()
+            record.errors.add(result.errors)
+            record.terminated = record.terminated or result.terminated
+            record.state, record.worker = at_rest or self._at_rest(), None
         waiters, self._waiters = self._waiters, []
         if result.errors:
             message = failure_message(record.label, result.errors)

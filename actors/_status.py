@@ -1,8 +1,13 @@
 """What every run actor is doing: the live record an actor keeps, and the snapshots callers get.
 
-A :class:`RunRecord` is written only by its run's actor (and the executor working for it)
-and read by anyone, without locks or messages, so ``status()`` answers at once even while
-the actor's flush is waiting on a slow store.
+A :class:`RunRecord` is written by its run's actor (and the executor thread working for it),
+by the supervisor (``ready``, ``stopped``, ``closed``) and by the spooler (``spooled``, its
+spooled counts, a failed creation), and read by anyone. Writes that change several fields
+together, or read and change one, hold the record's ``lock``; so does :meth:`RunRecord.snapshot`,
+which thus never sees half of such a change (a round's entities both still in flight and
+already logged, say). The lock is only ever held for a few assignments, never around a call
+to the store, so ``status()`` answers at once even while the actor's flush is waiting on a
+slow store; the ``log_*`` calls never take it.
 
 States (``RunStatus.state``):
 
@@ -145,6 +150,8 @@ class RunRecord:
     spooled: dict[str, int] = field(default_factory=empty_counts)
     round_started: float | None = None  # monotonic time the round in flight started
     sql_fast_path: str | None = None  # the last round's, with metrics on a database store
+    # Held by compound writes and by snapshot() (reentrant: a holder may call note_retry).
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -153,8 +160,9 @@ class RunRecord:
 
     def note_retry(self, detail: str | None) -> None:
         """A call of this run failed transiently and is retried (on the executor's thread)."""
-        self.retries += 1
-        self.last_retry_error = detail
+        with self.lock:
+            self.retries += 1
+            self.last_retry_error = detail
         TOTALS.add_retry()
 
     def start_round(self) -> None:
@@ -164,30 +172,32 @@ class RunRecord:
     def end_round(self, result: JobResult) -> None:
         """A flush round ended with ``result`` (called by the run actor once it is accounted):
         one observation of ``runactors_flush_seconds``, the round's entities logged."""
-        started, self.round_started = self.round_started, None
+        with self.lock:
+            started, self.round_started = self.round_started, None
         seconds = 0.0 if started is None else time.monotonic() - started
         TOTALS.add_round(result.logged, seconds)
 
     def snapshot(self, queues: RunQueues) -> RunStatus:
-        queued = queues.counts()
-        inflight = self.inflight
-        state = self.state
-        if state == "stopped" and queues.has_work():  # logged to again since it finished
-            state = "idle"
-        return RunStatus(
-            pending_id=self.pending,
-            run_id=self.run_id,
-            state=state,
-            queued={kind: queued[kind] + inflight[kind] for kind in KINDS},
-            logged=dict(self.logged),
-            errors=self.errors.messages(),
-            worker=self.worker,
-            errors_dropped=self.errors.dropped,
-            retries=self.retries,
-            last_retry_error=self.last_retry_error,
-            spooled=dict(self.spooled),
-            sql_fast_path=self.sql_fast_path,
-        )
+        with self.lock:  # the queues are read without their lock: a lock-free estimate
+            queued = queues.counts()
+            inflight = self.inflight
+            state = self.state
+            if state == "stopped" and queues.has_work():  # logged to again since it finished
+                state = "idle"
+            return RunStatus(
+                pending_id=self.pending,
+                run_id=self.run_id,
+                state=state,
+                queued={kind: queued[kind] + inflight[kind] for kind in KINDS},
+                logged=dict(self.logged),
+                errors=self.errors.messages(),
+                worker=self.worker,
+                errors_dropped=self.errors.dropped,
+                retries=self.retries,
+                last_retry_error=self.last_retry_error,
+                spooled=dict(self.spooled),
+                sql_fast_path=self.sql_fast_path,
+            )
 
 
 @dataclass(frozen=True)

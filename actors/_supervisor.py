@@ -271,8 +271,9 @@ class Supervisor(pykka.ThreadingActor):
             handle.record.state = "stopped"
             self._release(session, handle)
         else:
-            if handle.record.state == "stopped":  # its actor said so; new entities came since
-                handle.record.state = "idle"
+            with handle.record.lock:  # the spooler may write the state meanwhile
+                if handle.record.state == "stopped":  # its actor said so; new entities came
+                    handle.record.state = "idle"
             if session.ready:
                 self._release(session, handle)
             else:

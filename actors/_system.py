@@ -85,6 +85,17 @@ def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[st
     return failures
 
 
+def _late_flush_message(waited: float, timeout: float | None, reserve: float) -> str:
+    """What a close whose last flush ran out of time says: how long it really waited, and
+    the caller's bound (of which ``reserve`` seconds were kept for spooling)."""
+    bound = format_seconds(0.0 if timeout is None else timeout)
+    kept = f", {format_seconds(reserve)} s of it kept for spooling" if reserve > 0 else ""
+    return (
+        f"closing before the last flush completed: it had not completed after "
+        f"{format_seconds(waited)} s (close waits at most {bound} s{kept})"
+    )
+
+
 class ActorSystem:
     """The supervisor of this process and the calls clients make on it."""
 
@@ -135,13 +146,12 @@ class ActorSystem:
         flush_deadline = _Deadline(None if timeout is None else max(timeout - reserve, 0.0))
         failures: list[str] = []
         late = False
+        began = time.monotonic()
         try:
             failures = wait_tickets(self.flush(session, flush_deadline), flush_deadline.remaining())
         except (TimeoutError, pykka.Timeout):
             late = True
-            # Name the caller's bound, not what was left of it when the wait began.
-            waited = format_seconds(0.0 if timeout is None else timeout)
-            failures = [f"closing before the last flush completed: it took longer than {waited} s"]
+            failures = [_late_flush_message(time.monotonic() - began, timeout, reserve)]
         finally:
             try:
                 stops = self._ask(CloseSession(session), deadline)

@@ -258,6 +258,8 @@ def replay(spool_dir: Path, tracking_uri: str | None, retry_timeout: float) -> N
     # does the retrying, and looks a creation up before sending it again, where MLflow's
     # HTTP layer would re-send a creation blindly, and for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # MLflow prints "View run ... at: URL" per run terminated on a server: not replay's output.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     reports = replay_folder(spool_dir, tracking_uri, retry_timeout)
     if any(report.failed for report in reports):
         sys.exit(1)

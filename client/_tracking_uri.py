@@ -10,7 +10,9 @@ here opens or creates the store.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import urllib.parse
 from typing import Any
 from urllib.request import pathname2url
@@ -23,6 +25,11 @@ _DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
 # URIs that MLflow's registry takes whole, as their own scheme.
 _NAMED_STORES = ("databricks", "databricks-uc", "uc")
 _EXAMPLES = "e.g. sqlite:///mlflow.db, http://HOST:PORT or a folder for a file store"
+# A path that reads as a server's address: HOST:PORT (a host MLflow takes as a path: one
+# starting with a digit), or a bare localhost or IPv4 address, with an optional path.
+_SERVER_ADDRESS = re.compile(r"^(?:[\w.-]+:\d{1,5}|localhost|\d{1,3}(?:\.\d{1,3}){3})(?:/.*)?$")
+
+_logger = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -45,7 +52,17 @@ def resolve_tracking_uri(uri: str | None) -> str:
         check_tracking_uri(resolved)
     except MlflowException as exc:
         raise _invalid(exc.message + origin) from None
-    return absolute_tracking_uri(resolved)
+    absolute = absolute_tracking_uri(resolved)
+    if _scheme_or_none(resolved) == "" and _SERVER_ADDRESS.match(resolved):
+        # MLflow takes it for a folder: a file store, silently, where a server was meant.
+        _logger.warning(
+            "The tracking URI %r has no scheme, so it is a file store in the folder %s; "
+            "for the tracking server at that address, use %r.",
+            resolved,
+            absolute,
+            f"http://{resolved}",
+        )
+    return absolute
 
 
 def check_tracking_uri(uri: str) -> None:

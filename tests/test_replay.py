@@ -378,6 +378,8 @@ def test_replay_to_a_server_tags_the_creation_and_delivers_once(
         (entry,) = spool.runs()
     done = replay(folder)
     assert done.returncode == 0, done.stderr + done.stdout
+    # Only replay's own lines: not MLflow's "View run ... at: ..." per terminated run.
+    assert "View run" not in done.stdout + done.stderr, done.stdout
     remote = MlflowClient(mlflow_server_uri)
     (run,) = runs_of(remote, server_experiment)
     assert run.data.tags[CREATE_KEY_TAG] == entry.create_key

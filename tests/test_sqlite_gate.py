@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -92,9 +93,31 @@ def test_a_call_that_waited_gate_wait_goes_ahead_without_it(
         holder.join(10)
 
 
-def test_the_gate_is_reentrant_in_one_thread(tmp_path: Path) -> None:
+def test_the_gate_is_reentrant_in_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GATE_WAIT far longer than the test waits: a gate that is not reentrant would make the
+    # nested acquisition wait it out (and then go ahead without the gate), not return at once.
+    monkeypatch.setattr(_sqlite_gate, "GATE_WAIT", 600.0)
     uri = f"sqlite:///{tmp_path}/a.db"
-    with sqlite_gate(uri), sqlite_gate(uri):
+    nested_wait: list[float] = []
+
+    def nest() -> None:
+        with sqlite_gate(uri):
+            started = time.monotonic()
+            with sqlite_gate(uri):
+                nested_wait.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=nest, daemon=True)
+    thread.start()
+    thread.join(5)
+    alive = thread.is_alive()
+    if alive:  # free it so that the thread ends (a plain lock can be released by anyone)
+        with contextlib.suppress(RuntimeError):
+            _sqlite_gate._gate(str(database_key(f"{tmp_path}/a.db"))).release()
+        thread.join(5)
+    assert not alive and nested_wait and nested_wait[0] < 0.5, nested_wait
+    with sqlite_gate(uri):  # and nothing is left held
         pass
 
 
