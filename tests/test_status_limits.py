@@ -287,11 +287,6 @@ def test_piped_status_prints_whole_run_ids_and_headers(
     with client.serve_status() as server:
         result = run_status(server.url)
         as_json = run_status(server.url, "--json")
-    assert as_json.returncode == 0, as_json.stderr
-    assert as_json.stdout.count("\n") == 1, as_json.stdout  # one object, one line
-    assert {run.resolve() for run in runs} <= {
-        run["run_id"] for c in json.loads(as_json.stdout)["clients"] for run in c["runs"]
-    }
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for run in runs:
@@ -302,6 +297,11 @@ def test_piped_status_prints_whole_run_ids_and_headers(
     for name in ("run", "state", "queued", "logged", "spooled", "errors", "retries", "worker"):
         assert f" {name} " in header, header
     assert result.stderr == ""
+    assert as_json.returncode == 0, as_json.stderr
+    assert as_json.stdout.count("\n") == 1, as_json.stdout  # one object, one line
+    assert {run.resolve() for run in runs} <= {
+        run["run_id"] for c in json.loads(as_json.stdout)["clients"] for run in c["runs"]
+    }
 
 
 def test_piped_watch_json_against_a_refused_port_keeps_stdout_json(
