@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from scripts import REPO, script_env
 
 from client import QueueingClient, StatusServer
@@ -217,6 +218,31 @@ def test_stalled_connections_are_cut_and_the_server_answers(
         finally:
             for sock in stalled:
                 sock.close()
+
+
+def test_close_ends_open_connections_at_once(client: QueueingClient) -> None:
+    """``close()`` ends a stalled connection (and so its handler thread) at once, neither
+    waiting out its time limit nor leaving it open behind a closed server."""
+    server = StatusServer(timeout=WAIT * 10)
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=30.0)
+    try:
+        stalled.sendall(b"GET /sta")
+        assert status_of(server.port)["pid"] == os.getpid()  # the stalled one is accepted
+        closer = threading.Thread(target=server.close)
+        closer.start()
+        closer.join(30.0)
+        assert not closer.is_alive(), "close() waits on a stalled connection"
+        assert read_to_eof(stalled) == b""
+    finally:
+        stalled.close()
+        server.close()
+
+
+def test_a_bad_connection_timeout_is_a_clear_error() -> None:
+    for timeout in (0, -1.0, float("nan"), "5", True):
+        with pytest.raises(MlflowException, match="Invalid timeout") as info:
+            StatusServer(timeout=timeout)  # type: ignore[arg-type]
+        assert info.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
 # -- 13: a closing client stays visible -------------------------------------------------
