@@ -53,10 +53,11 @@ STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a stat
 
 
 def open_clients() -> list[QueueingClient]:
-    """Every open client of this process (what a status server serves)."""
+    """Every open client of this process, and those still closing (what a status server
+    serves: a client leaves ``_live`` when its ``close()`` returns)."""
     while True:
         try:
-            return [client for client in list(_live) if not client._closed]
+            return list(_live)
         except RuntimeError:  # a client was made while we read the set: read it again
             continue
 
@@ -179,6 +180,8 @@ class QueueingClient:
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if not self._closed:
             _live.add(self)
+        else:  # a forked child of a process where it was closing: nothing of it is here
+            _live.discard(self)
 
     @property
     def tracking_uri(self) -> str:
@@ -374,13 +377,16 @@ class QueueingClient:
             self._closed_session = session
             if self._finalizer is not None:
                 self._finalizer.detach()
-        _live.discard(self)
         if session is None:
+            _live.discard(self)
             return
         # Sealed before the last flush: a log_* call that got past the closed check above
         # either appended before this (and is flushed) or raises closed_error().
         session.seal()
-        failures = get_system().close_session(session, timeout)
+        try:
+            failures = get_system().close_session(session, timeout)
+        finally:
+            _live.discard(self)  # on status servers until here, with its runs' progress
         if failures:
             raise MlflowException(
                 "The following failures occurred while closing the client: " + "\n".join(failures)

@@ -3,7 +3,9 @@
 One table of every client and run of the process at ``URL`` (its ``/status`` JSON); with
 ``--watch`` it is redrawn every ``--interval`` seconds (rich's live display on a terminal,
 one table per interval otherwise) until Ctrl-C, which ends it with status 0. Nothing
-answering at ``URL`` is a one-line error and exit status 1.
+answering at ``URL`` is a one-line error on stderr and exit status 1. Without a terminal
+(a pipe, a file) nothing is cut or wrapped, so ``| grep RUN_ID`` finds a run's row;
+``--json`` is one JSON object per line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from actors._perform import KINDS
 
 FETCH_TIMEOUT = 5.0  # seconds a status server has to answer
 ERROR_CHARS = 160  # of a run's latest error, under the table
+PIPE_WIDTH = 1_000_000  # columns of a console that is no terminal: no line is ever wrapped
 
 
 class StatusUnavailable(Exception):
@@ -88,7 +91,8 @@ def status_view(document: dict[str, Any], url: str, problem: str | None = None) 
         f"{len(runs)} run(s){': ' + summary if summary else ''}"
     )
     # Text, never str: a served value is not rich markup ("worker-0[pid 42]", "[::1]").
-    table = Table(title=Text(title), title_justify="left", expand=False)
+    # The title is a line of its own: a table's title is wrapped to the table's width.
+    table = Table(expand=False)
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("client", "right"),
         ("run", "left"),
@@ -131,7 +135,7 @@ def status_view(document: dict[str, Any], url: str, problem: str | None = None) 
             if len(last) > ERROR_CHARS:
                 last = last[:ERROR_CHARS] + "..."
             notes.append(Text(f"{label}: {last}", style="red"))
-    parts: list[RenderableType] = [table, *notes]
+    parts: list[RenderableType] = [Text(title), table, *notes]
     if problem:
         parts.append(Text(problem, style="bold red"))
     return Group(*parts)
@@ -159,12 +163,14 @@ def status(url: str, watch: bool, as_json: bool, interval: float) -> None:
     except StatusUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     console = Console()
+    if not console.is_terminal:  # whole values, whatever COLUMNS says: a pipe has no width
+        console = Console(width=PIPE_WIDTH)
     try:
         if watch and not as_json and console.is_terminal:
             _watch_live(address, base, interval, console, document)
             return
         if as_json:
-            _print_json(document, watch)
+            _print_json(document)
         else:
             console.print(status_view(document, base))
         if watch:
@@ -173,9 +179,9 @@ def status(url: str, watch: bool, as_json: bool, interval: float) -> None:
         pass  # Ctrl-C is how a watch ends: exit status 0
 
 
-def _print_json(document: dict[str, Any], one_line: bool) -> None:
-    # --watch prints one line per refresh (a stream for jq); once, it is indented.
-    click.echo(json.dumps(document) if one_line else json.dumps(document, indent=2))
+def _print_json(document: dict[str, Any]) -> None:
+    # One object per line, also with --watch: a stream for jq and line-based tools.
+    click.echo(json.dumps(document))
 
 
 def _watch_plain(address: str, base: str, interval: float, console: Console, as_json: bool) -> None:
@@ -184,11 +190,12 @@ def _watch_plain(address: str, base: str, interval: float, console: Console, as_
         time.sleep(interval)
         try:
             document = fetch_status(address)
-        except StatusUnavailable as exc:
-            console.print(Text(f"{time.strftime('%H:%M:%S')} {exc}", style="bold red"))
+        except StatusUnavailable as exc:  # on stderr, one line: stdout stays tables or JSON
+            message = " ".join(str(exc).split())
+            click.echo(f"{time.strftime('%H:%M:%S')} {message}", err=True)
             continue
         if as_json:
-            _print_json(document, True)
+            _print_json(document)
         else:
             console.print(status_view(document, base))
 

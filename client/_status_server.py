@@ -7,9 +7,11 @@ records as ``status()`` does: no actor is asked anything, so a request never wai
 and the ``log_*`` path pays nothing for being watched. The counters come from
 :data:`actors._status.TOTALS`, which keeps what closed clients did: they never go down.
 
-Each server listens on a daemon thread (one more thread per request) until ``close()`` or
-interpreter exit. ``RUNACTORS_STATUS_PORT`` starts one with the process's first client
-(host ``RUNACTORS_STATUS_HOST``, default 127.0.0.1); if that fails it warns and the client
+Each server listens on a daemon thread (one more thread per connection, at most
+``MAX_CONNECTIONS``, each connection closed after ``CONNECTION_TIMEOUT`` s) until
+``close()`` or interpreter exit; its port can be bound again at once after it closes.
+``RUNACTORS_STATUS_PORT`` starts one with the process's first client (host
+``RUNACTORS_STATUS_HOST``, default 127.0.0.1); if that fails it warns and the client
 works on. There is no authentication: binding beyond loopback is the caller's choice.
 """
 
@@ -22,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -46,6 +49,9 @@ _logger = logging.getLogger(__name__)
 
 STATUS_HOST_ENV = "RUNACTORS_STATUS_HOST"
 DEFAULT_HOST = "127.0.0.1"
+CONNECTION_TIMEOUT = 5.0  # seconds a connection may last, whatever it does
+MAX_CONNECTIONS = 64  # connections handled at once (a thread each); others wait
+LISTEN_BACKLOG = 1024  # connections waiting to be accepted (the stdlib's is 5)
 
 
 def client_statuses() -> list[ClientStatus]:
@@ -135,18 +141,105 @@ def _per_kind(family: GaugeMetricFamily | CounterMetricFamily, counts: dict[str,
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a slow scraper never holds the process at exit
-    allow_reuse_address = False  # a port in use is an error, not shared
+    """A threaded HTTP server whose connections are bounded in number and in time.
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+    At most ``max_connections`` handler threads; further connections wait in the listen
+    queue (``request_queue_size``; the kernel caps it at ``net.core.somaxconn``) rather
+    than being dropped. Each connection is closed after ``timeout`` seconds whatever it
+    does (idle, half a request, a byte at a time): a stalled client pins a thread that long
+    at most. ``close_all`` ends every connection at once, so a close never waits on one.
+    """
+
+    daemon_threads = True  # a slow scraper never holds the process at exit
+    # SO_REUSEADDR: a restarted service binds its port again although the connections of
+    # the last scrapes sit in TIME_WAIT. Linux still refuses a second listener on the port
+    # (SO_REUSEPORT, which would share it, is not set).
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        timeout: float,
+        max_connections: int,
+    ) -> None:
         self.registry = registry
+        self.connection_timeout = timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._connections: dict[socket.socket, float] = {}  # open ones, and their deadlines
+        self._connections_lock = threading.Lock()
+        self._closing = False
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # On the serving thread: wait for a free handler slot (each is given back within
+        # ``timeout`` s); meanwhile new connections wait in the listen queue.
+        while not self._slots.acquire(timeout=0.2):
+            if self._closing:
+                self.shutdown_request(request)
+                return
+            self.service_actions()  # the connections holding the slots still time out
+        with self._connections_lock:
+            self._connections[request] = time.monotonic() + self.connection_timeout
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._forget(request)  # the caller closes the request
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._connections_lock:
+            known = self._connections.pop(request, None) is not None
+        if known:
+            self._slots.release()
+
+    def service_actions(self) -> None:
+        """Every poll interval, on the serving thread: end connections past their time."""
+        now = time.monotonic()
+        with self._connections_lock:
+            late = [sock for sock, deadline in self._connections.items() if deadline <= now]
+        for sock in late:
+            _cut(sock)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A connection cut (its time was up, or the server closes) or reset by its client:
+        # nothing to report beyond a debug line, never a traceback on stderr.
+        _logger.debug("runactors status: connection from %s ended", client_address, exc_info=True)
+
+    def close_all(self) -> None:
+        """End every open connection now (their handler threads then finish at once)."""
+        self._closing = True
+        with self._connections_lock:
+            connections = list(self._connections)
+        for sock in connections:
+            _cut(sock)
+
+
+def _cut(sock: socket.socket) -> None:
+    # shutdown, not close: the handler thread blocked in recv/send on it wakes up (EOF or
+    # EPIPE), ends, and closes the socket itself.
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by its handler
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Per read and write too, a backstop for the server's cut at the connection's end.
+        self.connection.settimeout(self.server.connection_timeout)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
@@ -199,15 +292,23 @@ class StatusServer:
     """An HTTP server of this process's status: ``GET /status`` and ``GET /metrics``.
 
     Made by ``QueueingClient.serve_status()``; serves every open client of the process (not
-    only the one that made it) until :meth:`close`, also as a context manager.
+    only the one that made it) until :meth:`close`, also as a context manager. Each
+    connection is closed after ``timeout`` seconds, answered or not.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = 0) -> None:
+    def __init__(
+        self, host: str = DEFAULT_HOST, port: int = 0, *, timeout: float = CONNECTION_TIMEOUT
+    ) -> None:
         host, port = _check_address(host, port)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise MlflowException(
+                f"Invalid timeout {timeout!r}: expected a number of seconds > 0.",
+                INVALID_PARAMETER_VALUE,
+            )
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StatusCollector())
         try:
-            self._server = _Server((host, port), registry)
+            self._server = _Server((host, port), registry, float(timeout), MAX_CONNECTIONS)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise MlflowException(
@@ -247,9 +348,10 @@ class StatusServer:
             self._closed = True
         with _servers_lock:
             _servers.discard(self)
+        self._server.close_all()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._server.shutdown()
-        self._server.server_close()
+        self._server.server_close()  # joins the handler threads, ended by close_all
 
     def _forget_in_child(self) -> None:
         # A forked child has no serving thread: close its copy of the listening socket so
