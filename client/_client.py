@@ -389,7 +389,7 @@ class QueueingClient:
         if session is None:
             return
         for handle in list(session.handles.values()):
-            snapshot = handle.queues.discard()
+            snapshot = handle.queues.drop()
             if snapshot.create is not None and handle.pending is not None:
                 handle.pending._set_failed("dropped: the client's context exited with an error")
 
