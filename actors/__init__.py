@@ -5,9 +5,12 @@ Users import :mod:`client`; this package never imports it.
 
 from actors._executor import Executor, ThreadExecutor, default_max_workers
 from actors._inputs import (
+    check_dataset_input,
     check_metrics_mapping,
     check_status,
     check_step,
+    check_text,
+    check_timestamp,
     metric_rows,
     param_pairs,
     tag_pairs,
@@ -56,9 +59,12 @@ __all__ = [
     "ThreadExecutor",
     "Ticket",
     "call_with_retry",
+    "check_dataset_input",
     "check_metrics_mapping",
     "check_status",
     "check_step",
+    "check_text",
+    "check_timestamp",
     "closed_error",
     "default_max_workers",
     "exit_timeout",

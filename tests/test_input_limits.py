@@ -9,13 +9,19 @@ point and param of the run was stored and that the run ended as requested.
 from __future__ import annotations
 
 import threading
+from fractions import Fraction
 
+import mlflow
+import numpy as np
 import pytest
+from mlflow.entities import Dataset, DatasetInput, InputTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from stores import run_data
 
 from client import QueueingClient
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @pytest.fixture
@@ -35,6 +41,10 @@ def raises_naming(name: str, call, *args, **kwargs) -> None:
 
 def history(store, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in store.get_metric_history(run_id, key))
+
+
+def runs_of(store, experiment_id: str) -> list:
+    return store.search_runs([experiment_id], run_view_type=ViewType.ALL)
 
 
 # -- 1. a param logged again ------------------------------------------------------------
@@ -130,3 +140,68 @@ def test_a_param_dropped_by_an_exception_can_be_logged_again(tracking_uri, store
     finally:
         client.close()
     assert run_data(store, run_id)[0] == {"lr": "0.2"}
+
+
+# -- 2. numbers no store can hold -------------------------------------------------------
+
+
+def test_numbers_no_store_can_hold_raise_naming_the_key(client, store, experiment_id):
+    run = client.create_run(experiment_id)
+    for step in range(20):
+        client.log_metrics(run, {"loss": float(step)}, step=step)
+    raises_naming("step", client.log_metrics, run, {"loss": 1.0}, step=INT64_MAX + 1)
+    raises_naming("step", client.log_metrics, run, {"loss": 1.0}, step=INT64_MIN - 1)
+    raises_naming("step", client.log_metrics, run, {"loss": 1.0}, step=np.uint64(2**64 - 1))
+    raises_naming("'huge'", client.log_metrics, run, {"loss": 1.0, "huge": 10**400}, step=3)
+    raises_naming("'frac'", client.log_metrics, run, {"frac": Fraction(10**400)}, step=3)
+    raises_naming("start_time", client.create_run, experiment_id, start_time=INT64_MAX + 1)
+    raises_naming("end_time", client.set_terminated, run, "FAILED", end_time=INT64_MIN - 1)
+    # The limits themselves, NaN and NumPy numbers are fine.
+    client.log_metrics(run, {"edge": 10**300, "np": np.float64(1e308)}, step=INT64_MAX)
+    client.log_metrics(run, {"edge": -1.5, "np": np.int64(-7)}, step=INT64_MIN)
+    client.log_metrics(run, {"nan": float("nan")}, step=1)
+    client.set_terminated(run, "FINISHED")
+    client.flush()
+    run_id = run.resolve()
+    assert history(store, run_id, "loss") == [(step, float(step)) for step in range(20)]
+    assert history(store, run_id, "edge") == [(INT64_MIN, -1.5), (INT64_MAX, 1e300)]
+    assert history(store, run_id, "np") == [(INT64_MIN, -7.0), (INT64_MAX, 1e308)]
+    assert set(run_data(store, run_id)[1]) == {"loss", "edge", "np", "nan"}
+    assert store.get_run(run_id).info.status == "FINISHED"
+    assert len(runs_of(store, experiment_id)) == 1  # the bad create_run queued nothing
+
+
+# -- 3. strings that cannot be encoded --------------------------------------------------
+
+
+def test_strings_that_cannot_be_encoded_raise_naming_the_key(client, store, experiment_id):
+    lone = "\ud800"
+    run = client.create_run(experiment_id, tags={"team": "a"}, run_name="good")
+    client.log_metrics(run, {"m": 1.0}, step=0)
+    client.log_params(run, {"p": "ok"})
+    client.set_tags(run, {"t": "ok"})
+    raises_naming("'bad'", client.log_params, run, {"q": "ok", "bad": "x" + lone})
+    raises_naming("'bad'", client.set_tags, run, {"u": "ok", "bad": lone})
+    raises_naming("'bad", client.log_params, run, {"bad" + lone: "x"})
+    raises_naming("'m", client.log_metrics, run, {"m" + lone: 1.0})
+    raises_naming("'bad'", client.create_run, experiment_id, tags={"bad": lone})
+    raises_naming("run_name", client.create_run, experiment_id, run_name=lone)
+    raises_naming("experiment_id", client.create_run, lone)
+    dataset = Dataset(lone, "d1g3st", "local", "{}")
+    raises_naming("name", client.log_inputs, run, [DatasetInput(dataset)])
+    dataset = Dataset("digits", "d1g3st", "local", "{}")
+    tagged = DatasetInput(dataset, [InputTag("mlflow.data.context", lone)])
+    raises_naming("mlflow.data.context", client.log_inputs, run, [tagged])
+    named = mlflow.data.from_numpy(np.zeros(3), name=lone)
+    raises_naming("dataset", client.log_metrics, run, {"m": 2.0}, step=1, dataset=named)
+    raises_naming("model_id", client.log_metrics, run, {"m": 2.0}, step=1, model_id=lone)
+    client.log_metrics(run, {"m": 3.0}, step=2)
+    client.set_terminated(run, "FINISHED")
+    client.flush()
+    (stored,) = runs_of(store, experiment_id)  # no bad create_run left a run behind
+    run_id = run.resolve()
+    assert stored.info.run_id == run_id and stored.info.run_name == "good"
+    assert run_data(store, run_id) == ({"p": "ok"}, {"m": 3.0}, {"team": "a", "t": "ok"})
+    assert history(store, run_id, "m") == [(0, 1.0), (2, 3.0)]
+    assert store.get_run(run_id).inputs.dataset_inputs == []
+    assert stored.info.status == "FINISHED"
