@@ -5,9 +5,12 @@ Users import :mod:`client`; this package never imports it.
 
 from actors._executor import Executor, ThreadExecutor, default_max_workers
 from actors._inputs import (
+    check_dataset_input,
     check_metrics_mapping,
     check_status,
     check_step,
+    check_text,
+    check_timestamp,
     metric_rows,
     param_pairs,
     tag_pairs,
@@ -58,10 +61,13 @@ __all__ = [
     "ThreadExecutor",
     "Ticket",
     "call_with_retry",
+    "check_dataset_input",
     "check_metrics_mapping",
     "check_spool_dir",
     "check_status",
     "check_step",
+    "check_text",
+    "check_timestamp",
     "closed_error",
     "create_sqlite_store",
     "default_max_workers",

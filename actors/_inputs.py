@@ -5,12 +5,17 @@ checked with MLflow's own validation (``mlflow.utils.validation``); a rejected k
 value raises :class:`~mlflow.exceptions.MlflowException` naming it before anything is queued.
 A training loop logs the same few keys every step, so a key that passed once is remembered
 and costs one set lookup afterwards.
+
+What no store can hold is refused here too, since at the flush it would fail the whole batch
+(every good point of the run with it) with a message naming no key: a step or timestamp
+outside int64, a metric value beyond a double, a string that cannot be encoded as UTF-8.
 """
 
 from __future__ import annotations
 
 import logging
 import numbers
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +35,14 @@ from actors._queues import MetricRow, Pair
 
 _logger = logging.getLogger(__name__)
 
+# What every store can hold: steps and timestamps are int64 (SQL BIGINT, protobuf int64),
+# metric values doubles. An int within _MAX_DOUBLE converts to a double; beyond it, float()
+# decides (it rounds a little past it down, and overflows past that).
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_MAX_DOUBLE = int(sys.float_info.max)
+_MIN_DOUBLE = -_MAX_DOUBLE  # kept: -_MAX_DOUBLE makes a 1024-bit int each time
+
 # Keys seen valid and not needing truncation, per kind. Bounded: cleared when full.
 _CACHE_LIMIT = 65_536
 _VALID_METRIC_KEYS: set[Any] = set()
@@ -42,6 +55,33 @@ def _ellipsize(value: str, max_length: int) -> str:
     return value[: max_length - 3] + "..." if len(value) > max_length else value
 
 
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (no lone surrogate); cheap for ASCII."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unencodable(what: str) -> MlflowException:
+    return MlflowException(
+        f"Invalid {what}: it cannot be encoded as UTF-8 (a lone surrogate?), so no store can "
+        "hold it.",
+        INVALID_PARAMETER_VALUE,
+    )
+
+
+def check_text(value: Any, what: str) -> None:
+    """Raise naming ``what`` if ``value`` is a string that cannot be encoded as UTF-8."""
+    if type(value) is str and value.isascii():
+        return
+    if isinstance(value, str) and not encodable(value):
+        raise _unencodable(f"{what} {value!r}")
+
+
 def _checked_key(
     key: Any, kind: str, validate: Callable[..., None], valid: set[Any]
 ) -> tuple[str, bool]:
@@ -51,6 +91,8 @@ def _checked_key(
             f"Invalid {kind} key {key!r}: keys must be strings, got {type(key).__name__}.",
             INVALID_PARAMETER_VALUE,
         )
+    if not encodable(key):
+        raise _unencodable(f"{kind} key {key!r}")
     new_key = _ellipsize(key, MAX_ENTITY_KEY_LENGTH)
     try:
         validate(new_key)
@@ -79,19 +121,73 @@ def _check_metric_value(key: str, value: Any) -> None:
             "(NaN and infinities are allowed).",
             INVALID_PARAMETER_VALUE,
         )
+    try:
+        float(value)  # type: ignore[arg-type]  # a Real, or float() raises: both handled
+    except (OverflowError, ValueError, TypeError) as exc:
+        # Not the value itself: an int of thousands of digits has no repr.
+        raise MlflowException(
+            f"Invalid value for metric {key!r}: the {type(value).__name__} does not convert to "
+            f"a double ({type(exc).__name__}; a double holds up to about +/-1.8e308), so no "
+            "store can hold it.",
+            INVALID_PARAMETER_VALUE,
+        ) from None
+
+
+def _outside_int64(what: str, value: Any) -> MlflowException:
+    # An int of thousands of digits has no repr: show the small ones only.
+    large = isinstance(value, int) and value.bit_length() > 128
+    shown = "a very large integer" if large else repr(value)
+    return MlflowException(
+        f"Invalid {what} {shown}: not within the int64 range {INT64_MIN} .. {INT64_MAX} "
+        "that stores hold.",
+        INVALID_PARAMETER_VALUE,
+    )
 
 
 def check_step(step: Any) -> int:
-    """``step or 0``, as the seed does, after checking that it is an integer."""
+    """``step or 0``, as the seed does, after checking that it is an int64 integer."""
     if step is None:
         return 0
-    if type(step) is int:
-        return step
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise MlflowException(
             f"Invalid step {step!r}: steps must be integers.", INVALID_PARAMETER_VALUE
         )
-    return int(step) or 0
+    step = int(step)
+    if not INT64_MIN <= step <= INT64_MAX:
+        raise _outside_int64("step", step)
+    return step or 0
+
+
+def check_timestamp(value: Any, name: str) -> None:
+    """Raise naming ``name`` unless ``value`` is ``None`` or a number of ms within int64."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MlflowException(
+            f"Invalid {name} {value!r}: expected milliseconds since the epoch (an integer).",
+            INVALID_PARAMETER_VALUE,
+        )
+    if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]  # NaN fails it too
+        raise _outside_int64(name, value)
+
+
+def check_metric_context(
+    model_id: str | None, dataset_name: str | None, dataset_digest: str | None
+) -> None:
+    """The strings ``log_metrics`` takes besides keys (rare: only with a model or dataset)."""
+    check_text(model_id, "model_id")
+    check_text(dataset_name, "dataset name")
+    check_text(dataset_digest, "dataset digest")
+
+
+def check_dataset_input(dataset_input: Any) -> None:
+    """Every string of a ``DatasetInput`` (the dataset's fields, its tags) must encode."""
+    dataset = dataset_input.dataset
+    for field in ("name", "digest", "source_type", "source", "schema", "profile"):
+        check_text(getattr(dataset, field, None), f"dataset {field}")
+    for tag in dataset_input.tags or ():
+        check_text(tag.key, "dataset input tag key")
+        check_text(tag.value, f"value of the dataset input tag {tag.key!r}")
 
 
 def metric_rows(
@@ -103,6 +199,8 @@ def metric_rows(
     dataset_digest: str | None,
 ) -> list[MetricRow]:
     """Rows for ``log_metrics``; raises ``MlflowException`` on a bad key or value."""
+    if model_id is not None or dataset_name is not None or dataset_digest is not None:
+        check_metric_context(model_id, dataset_name, dataset_digest)
     valid = _VALID_METRIC_KEYS
     rows: list[MetricRow] = []
     truncated = False
@@ -111,7 +209,9 @@ def metric_rows(
             key, changed = _checked_key(key, "metric", _validate_metric_name, valid)
             truncated = truncated or changed
         value_type = type(value)
-        if value_type is not float and value_type is not int:
+        if value_type is not float and (
+            value_type is not int or not _MIN_DOUBLE <= value <= _MAX_DOUBLE
+        ):
             _check_metric_value(key, value)
         rows.append((key, value, timestamp, step, model_id, dataset_name, dataset_digest))
     if truncated:
@@ -132,6 +232,8 @@ def _pairs(
         if key not in valid:
             key, _ = _checked_key(key, kind, validate, valid)
         text = value if type(value) is str else str(value)
+        if not encodable(text):
+            raise _unencodable(f"value of the {kind} {key!r}")
         if len(text) > max_value_length:
             length, text = len(text), _ellipsize(text, max_value_length)
             # The start of the value is quoted, not the whole of it (thousands of characters).

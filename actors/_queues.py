@@ -5,6 +5,12 @@ trip per ``log_*`` call); the run's actor takes from it, a whole snapshot at a t
 the only taker that sends. (The one other taker is ``__exit__`` after an exception, which
 discards the queues under the same lock.) So the order in which a run's operations reach the
 store is the order in which they were appended.
+
+A run's queues also remember every param this client queued for the run, flushed or not
+(:attr:`RunQueues.param_values`): MLflow refuses a batch with a param key twice, and a param
+whose value changes, so a repeat of the same value is dropped at the append (never sent twice,
+never counted against ``max_queued``) and a changed value raises there, naming the key, with
+nothing of that call queued.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_STATE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from actors._budget import Budget
@@ -30,6 +36,20 @@ Pair = tuple[str, str]
 def closed_error() -> MlflowException:
     """What every call on a closed client raises."""
     return MlflowException("This QueueingClient is closed.", INVALID_STATE)
+
+
+def _quoted(value: str, limit: int = 100) -> str:
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
+def param_changed(key: str, old: str, new: str) -> MlflowException:
+    """What logging ``key`` again with another value raises."""
+    return MlflowException(
+        f"Invalid param {key!r}: this client already queued or logged the value {_quoted(old)} "
+        f"for this run, and MLflow does not allow changing a param's value (got "
+        f"{_quoted(new)}). Nothing of this call was queued.",
+        INVALID_PARAMETER_VALUE,
+    )
 
 
 class CreateRun(NamedTuple):
@@ -109,6 +129,7 @@ class RunQueues:
         "create",
         "datasets",
         "metrics",
+        "param_values",
         "params",
         "sealed",
         "tags",
@@ -124,6 +145,8 @@ class RunQueues:
         self.metrics: list[MetricRow] = []
         self.datasets: list[Any] = []
         self.sealed = False
+        # Every param queued for this run, flushed or not: key -> value (as MLflow stores it).
+        self.param_values: dict[str, str] = {}
 
     def seal(self) -> None:
         """Refuse every later append (the client is closing); what is queued stays."""
@@ -136,11 +159,29 @@ class RunQueues:
                 raise closed_error()
             self.metrics += rows
 
+    def _new_params(self, pairs: list[Pair]) -> list[Pair]:
+        """Under the lock: the pairs whose key this run has no value for yet; raises
+        ``param_changed`` (and nothing changes) if one has another value already."""
+        known = self.param_values
+        new: list[Pair] = []
+        for key, value in pairs:
+            old = known.get(key)
+            if old is None:
+                new.append((key, value))
+            elif old != value:
+                raise param_changed(key, old, value)
+        return new
+
+    def _append_params(self, new: list[Pair]) -> None:
+        # Under the lock, with the pairs _new_params returned.
+        self.param_values.update(new)
+        self.params += new
+
     def add_params(self, pairs: list[Pair]) -> None:
         with self._lock:
             if self.sealed:
                 raise closed_error()
-            self.params += pairs
+            self._append_params(self._new_params(pairs))
 
     def add_tags(self, pairs: list[Pair]) -> None:
         with self._lock:
@@ -184,6 +225,16 @@ class RunQueues:
     def discard(self) -> Snapshot:
         """Remove and return everything queued, which will never be sent from memory."""
         snapshot = self.take()
+        self.release(snapshot)
+        return snapshot
+
+    def drop(self) -> Snapshot:
+        """:meth:`discard` what will never be sent at all (``__exit__`` after an exception):
+        its params were never logged, so they are forgotten, free to be logged again."""
+        with self._lock:
+            snapshot = self._take_locked()
+            for key, _ in snapshot.params:
+                self.param_values.pop(key, None)
         self.release(snapshot)
         return snapshot
 
@@ -266,10 +317,22 @@ class BoundedRunQueues(RunQueues):
             budget.room = room
             self.metrics += rows
 
+    def _admit_params(self, pairs: list[Pair]) -> list[Pair]:
+        """Under self._lock: :meth:`_new_params`, counted. Waiting for room releases the
+        lock, and another call may log the same keys meanwhile: then look again."""
+        budget = self._budget
+        while True:
+            if self.sealed:
+                raise closed_error()
+            new = self._new_params(pairs)
+            if budget.room >= len(new):
+                budget.room -= len(new)
+                return new
+            budget.wait_for_room(len(new))
+
     def add_params(self, pairs: list[Pair]) -> None:
         with self._lock:
-            self._admit(len(pairs))
-            self.params += pairs
+            self._append_params(self._admit_params(pairs))
 
     def add_tags(self, pairs: list[Pair]) -> None:
         with self._lock:
@@ -322,8 +385,7 @@ class WatchedRunQueues(BoundedRunQueues):
 
     def add_params(self, pairs: list[Pair]) -> None:
         with self._lock:
-            self._admit(len(pairs))
-            self.params += pairs
+            self._append_params(self._admit_params(pairs))
             full = self._pairs_full()
         if full:
             self.on_full()
@@ -336,9 +398,8 @@ class WatchedRunQueues(BoundedRunQueues):
         if full:
             self.on_full()
 
-    def take(self) -> Snapshot:
-        with self._lock:
-            snapshot = self._take_locked()
-            self._metrics_mark = MAX_METRICS_PER_BATCH
-            self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH
+    def _take_locked(self) -> Snapshot:
+        snapshot = super()._take_locked()
+        self._metrics_mark = MAX_METRICS_PER_BATCH
+        self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH
         return snapshot

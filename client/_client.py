@@ -24,10 +24,13 @@ from actors import (
     Session,
     SessionConfig,
     Terminate,
+    check_dataset_input,
     check_metrics_mapping,
     check_spool_dir,
     check_status,
     check_step,
+    check_text,
+    check_timestamp,
     closed_error,
     exit_timeout,
     get_system,
@@ -243,10 +246,14 @@ class QueueingClient:
             raise _invalid("Invalid experiment_id None: expected an experiment ID.")
         if run_name is not None and not isinstance(run_name, str):
             raise _invalid(f"Invalid run_name {run_name!r}: expected a string.")
+        check_text(run_name, "run_name")
+        experiment_id = str(experiment_id)
+        check_text(experiment_id, "experiment_id")
+        check_timestamp(start_time, "start_time")
         pairs = tag_pairs(tags) if tags else []
         if start_time is None:  # fixed now: a spooled creation is re-sent identical
             start_time = get_current_time_millis()
-        create = CreateRun(str(experiment_id), start_time, pairs, run_name, str(uuid.uuid4()))
+        create = CreateRun(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
         handle = get_system().register_run(self._get_session(), None, create)
         with self._lock:
             self._runs[handle.key] = handle
@@ -259,6 +266,7 @@ class QueueingClient:
         """Queue the termination of a run; it is sent after everything queued before it."""
         handle = self._handle(run_id)
         check_status(status)
+        check_timestamp(end_time, "end_time")
         if end_time is None:  # fixed now, as MLflow's own client would at the call
             end_time = get_current_time_millis()
         if not handle.queues.set_terminate(Terminate(status, end_time)):
@@ -300,7 +308,8 @@ class QueueingClient:
         rows = metric_rows(
             metrics,
             get_current_time_millis(),
-            step if type(step) is int else check_step(step),
+            # A plain int step within int64 (constants folded) skips the call.
+            step if type(step) is int and -(2**63) <= step < 2**63 else check_step(step),
             model_id,
             None if dataset is None else dataset.name,
             None if dataset is None else dataset.digest,
@@ -318,6 +327,7 @@ class QueueingClient:
                 raise _invalid(
                     f"Invalid dataset {dataset!r}: expected mlflow.entities.DatasetInput."
                 )
+            check_dataset_input(dataset)
         handle.queues.add_datasets(list(datasets))
 
     def flush(self, synchronous: bool = True) -> RunOperations:
@@ -398,7 +408,7 @@ class QueueingClient:
         if session is None:
             return
         for handle in list(session.handles.values()):
-            snapshot = handle.queues.discard()
+            snapshot = handle.queues.drop()
             if snapshot.create is not None and handle.pending is not None:
                 handle.pending._set_failed("dropped: the client's context exited with an error")
 
