@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if (
             SPAWNING_FIXTURES & fixtures
             or params.get("executor") == "process"
-            or "postgresql" in (value for value in params.values() if isinstance(value, str))
+            or any(isinstance(value, str) and "postgres" in value for value in params.values())
         ):
             item.add_marker(pytest.mark.slow)
 

@@ -98,6 +98,7 @@ def test_scale_scenario_reports_absolute_figures():
     assert result["figures"]["peak_rss_mb"] > 10  # MLflow alone is more than this
 
 
+@pytest.mark.slow
 def test_text_report_and_plot(tmp_path: Path):
     png = tmp_path / "ratios.png"
     result = CliRunner().invoke(

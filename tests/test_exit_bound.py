@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from liveness import alive
 from scripts import run_script
+
+pytestmark = pytest.mark.slow  # each test runs a program to its exit
+
 
 EXIT_TIMEOUT = 2.0
 # Interpreter shutdown and a loaded machine: generous, still far below the default of 30 s

@@ -134,6 +134,7 @@ def test_an_unproven_schema_revision_falls_back_stores_everything_and_says_so(
     assert logged.count("SQL fast path unavailable") == 1
 
 
+@pytest.mark.slow
 def test_a_locked_sqlite_file_is_retried_through_the_fast_path(
     tracking_uri: str, experiment_id: str, executor: str, store: MlflowClient
 ) -> None:

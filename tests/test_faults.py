@@ -37,6 +37,7 @@ def steps(store: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in store.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_a_locked_database_is_retried_within_retry_timeout_and_fails_past_it(
     tracking_uri, store, experiment_id, lock_store, executor
 ):
@@ -93,6 +94,7 @@ def test_a_locked_database_is_retried_within_retry_timeout_and_fails_past_it(
         hasty.close()
 
 
+@pytest.mark.slow
 def test_a_store_opened_while_the_database_is_locked_is_retried(
     tracking_uri, store, experiment_id, lock_store, executor
 ):

@@ -69,6 +69,7 @@ client.log_metrics(run, {"loss": 1.0})
 """
 
 
+@pytest.mark.slow
 def test_the_exit_warning_says_how_long_the_flush_really_waited(
     tracking_uri, experiment_id, lock_store, tmp_path
 ):
@@ -150,6 +151,7 @@ def test_a_folder_or_database_is_not_warned_about(uri, tmp_path, monkeypatch, ca
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+@pytest.mark.slow
 def test_status_never_counts_a_finished_round_twice(tracking_uri, experiment_id, store):
     """A round's entities move from ``queued`` (in flight) to ``logged`` at once: a status()
     taken while the run actor accounts the round sees them in one or the other, not both."""

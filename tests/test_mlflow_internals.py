@@ -11,8 +11,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 from scripts import REPO
+
+pytestmark = pytest.mark.slow  # each test runs a fork or a program of its own
+
 
 TIMEOUT = 180
 

@@ -21,6 +21,8 @@ from stores import run_data
 
 from client import QueueingClient
 
+pytestmark = pytest.mark.slow  # every test starts worker processes
+
 
 def workload(client: QueueingClient, experiment_id: str) -> list:
     """A bit of everything: names, tags on creation, params, tags, metric histories on

@@ -17,6 +17,8 @@ from stores import run_data
 
 from client import QueueingClient
 
+pytestmark = pytest.mark.slow  # each test starts processes: spawned, forked, joblib's
+
 
 @pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
 def test_round_trip_carries_configuration_only(tracking_uri, store, experiment_id, dumps):

@@ -30,6 +30,9 @@ from actors._create_key import CREATE_KEY_TAG, find_created_run
 from actors._plan import CreateRunCall, LogBatchCall, SetTerminatedCall
 from actors._spool import Spool
 
+pytestmark = pytest.mark.slow  # most tests run `runactors replay` or a killed client as processes
+
+
 ENV = script_env(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
 START = 1_700_000_000_000
 TAGS = [("team", "vision")]

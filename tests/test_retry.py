@@ -123,6 +123,7 @@ def _real_http_failure(uri: str) -> Exception:
     raise AssertionError(f"{uri} answered")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["refused", "reset", "no answer"])
 def test_real_connection_failures_are_transient(fault, fail_fast_http):
     """MLflow's REST client against a closed port, a reset and a server that never answers."""

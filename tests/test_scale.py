@@ -10,6 +10,9 @@ import pytest
 
 from client import QueueingClient
 
+pytestmark = pytest.mark.slow  # thousands of runs
+
+
 RUNS = 2000
 THREAD_BOUND = 150  # a thread per run would be 2,000; the bound is a few dozen actors
 

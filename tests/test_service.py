@@ -249,6 +249,7 @@ MILLION_CALLS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_million_calls_against_a_dead_backend_stay_bounded_in_memory(dead_uri, tmp_path):
     script = tmp_path / "million.py"
     script.write_text(MILLION_CALLS)

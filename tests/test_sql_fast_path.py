@@ -437,6 +437,7 @@ print("fallbacks", fallbacks)
 """
 
 
+@pytest.mark.slow
 def test_many_writer_processes_lose_nothing(sql_store: SqlAlchemyStore) -> None:
     """4 processes x 5 runs on one database, written at once: every row stored, once."""
     experiment_id = _experiment(sql_store)
@@ -470,6 +471,7 @@ def test_many_writer_processes_lose_nothing(sql_store: SqlAlchemyStore) -> None:
         ]
 
 
+@pytest.mark.slow
 def test_a_locked_sqlite_file_is_waited_on_as_mlflow_waits(
     tracking_uri: str, experiment_id: str, store: Any
 ) -> None:

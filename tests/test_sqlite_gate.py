@@ -143,6 +143,7 @@ def test_a_forked_child_finds_the_gate_free(tmp_path: Path) -> None:
         holder.join(10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_writers_of_one_file_lose_nothing_while_taking_turns(tmp_path: Path, executor: str) -> None:
     """Two clients of one process (and their pool threads) write one SQLite file at once:

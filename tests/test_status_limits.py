@@ -90,6 +90,7 @@ def test_the_port_binds_again_right_after_a_scrape(client: QueueingClient) -> No
         again.close()
 
 
+@pytest.mark.slow
 def test_a_restarted_service_serves_on_its_port_again(
     experiment_id: str, client: QueueingClient
 ) -> None:
@@ -303,6 +304,7 @@ def run_status(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_piped_status_prints_whole_run_ids_and_headers(
     experiment_id: str, client: QueueingClient
 ) -> None:
@@ -330,6 +332,7 @@ def test_piped_status_prints_whole_run_ids_and_headers(
     }
 
 
+@pytest.mark.slow
 def test_piped_watch_json_against_a_refused_port_keeps_stdout_json(
     client: QueueingClient,
 ) -> None:

@@ -314,6 +314,7 @@ def stop_service(service: subprocess.Popen[str]) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.slow
 def test_environment_variable_starts_it_in_an_unmodified_service(experiment_id: str) -> None:
     port = free_port()
     service = start_service(experiment_id, RUNACTORS_STATUS_PORT=str(port))
@@ -338,6 +339,7 @@ def test_environment_variable_starts_it_in_an_unmodified_service(experiment_id: 
     assert out.startswith("logged ")
 
 
+@pytest.mark.slow
 def test_environment_variable_with_a_port_in_use_warns_and_the_service_goes_on(
     experiment_id: str,
 ) -> None:
@@ -400,6 +402,7 @@ def test_status_command_against_a_dead_url_is_one_line_and_status_1() -> None:
 WATCH = ("--watch", "--interval", "0.2")
 
 
+@pytest.mark.slow
 def test_status_watch_refreshes_and_ctrl_c_ends_it_with_0(
     experiment_id: str,
     client_factory: Callable[..., QueueingClient],

@@ -33,6 +33,9 @@ from client.sweep.plain import PlainView
 from client.sweep.store import resolve_tracking_uri
 from client.sweep.view import choose_view
 
+pytestmark = pytest.mark.slow  # each test runs the sweep command or its trial processes
+
+
 EXPECTED_METRICS = ("train_accuracy", "val_accuracy", "val_loss")
 
 

@@ -22,6 +22,9 @@ from scripts import script_env
 from actors import _template
 from client import QueueingClient
 
+pytestmark = pytest.mark.slow  # each test starts worker processes or a program of its own
+
+
 TIMEOUT = 120
 
 
