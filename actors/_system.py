@@ -169,14 +169,20 @@ class ActorSystem:
             _logger.warning("runactors: the actor system did not answer at exit")
             return
         for session in sessions:
-            try:
-                failures = self.close_session(session, deadline.remaining())
-            except Exception:
-                _logger.exception("runactors: closing a client at exit failed")
-                continue
-            for failure in failures:
-                _logger.warning("runactors: at exit: %s", failure)
+            self.close_unattended(session, deadline.remaining(), "at exit")
         self.supervisor.stop(block=False)
+
+    def close_unattended(self, session: Session, timeout: float | None, when: str) -> None:
+        """Close a session that no caller waits on (at exit, or a client the garbage
+        collector dropped): what :meth:`close_session` would have raised is logged as
+        warnings, each line saying ``when``, since there is nobody to raise it to."""
+        try:
+            failures = self.close_session(session, timeout)
+        except Exception:
+            _logger.exception("runactors: closing a client %s failed", when)
+            return
+        for failure in failures:
+            _logger.warning("runactors: %s: %s", when, failure)
 
 
 _system: ActorSystem | None = None

@@ -72,7 +72,8 @@ def _invalid(message: str) -> MlflowException:
 
 
 def _release(session: Session) -> None:
-    """Finalizer of a client dropped without ``close()``: send what it queued, then stop.
+    """Finalizer of a client dropped without ``close()``: send what it queued, then stop;
+    what is lost is logged (warnings), as the exit handler logs it.
 
     Runs on its own short-lived thread, since garbage collection may happen anywhere, and
     within ``RUNACTORS_EXIT_TIMEOUT`` seconds, as at exit: a hung store must not keep the
@@ -82,11 +83,8 @@ def _release(session: Session) -> None:
         return
 
     def close() -> None:
-        try:
-            session.seal()
-            get_system().close_session(session, exit_timeout())
-        except Exception:  # pragma: no cover - nothing to report to at this point
-            pass
+        # Nobody to raise to: what close() would raise is logged, as at exit.
+        get_system().close_unattended(session, exit_timeout(), "a client dropped without close()")
 
     threading.Thread(target=close, name="runactors-release", daemon=True).start()
 
