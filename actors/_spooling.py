@@ -38,6 +38,7 @@ from actors._perform import (
     JobStopped,
     call_counts,
     empty_counts,
+    failure_message,
     merge_results,
     record_outcome,
 )
@@ -132,11 +133,12 @@ class Spooler:
                     self._spool_unsent(handle, result)
             except BaseException:  # pragma: no cover - never lose the round's answer
                 _logger.exception("runactors: spooling a round failed")
+            try:
+                on_done(result)  # before close() goes on: what the round lost is known
             finally:
                 with self._idle:
                     self._outstanding -= 1
                     self._idle.notify_all()
-            on_done(result)
 
         return done
 
@@ -180,7 +182,7 @@ class Spooler:
                 record_outcome(result, call, f"{_kind(call)} {why}", None)
             result.unsent = []
             return
-        result.errors.append(
+        result.spool_notes.append(  # not lost: the flush that waits hears it, close() not
             f"{result.unsent_error}; {len(calls)} calls spooled to {spool.path} for redelivery"
         )
         result.unsent, result.spooled = [], True
@@ -278,8 +280,8 @@ class Spooler:
                     result.run_id, result.created = outcome.run_id, True
                 if outcome.error is None:
                     continue  # the loop ends: delivered runs leave the journal
-                if outcome.transient or self._closed:
-                    result.errors.append(f"re-sending spooled calls failed: {outcome.error}")
+                if outcome.transient or self._closed:  # they stay spooled: nothing lost
+                    result.spool_notes.append(f"re-sending spooled calls failed: {outcome.error}")
                     return
                 result.errors.append(outcome.error)
                 if outcome.run_id is None:  # its creation failed for good: nothing can go
@@ -305,27 +307,29 @@ class Spooler:
     def close(self, handles: list[RunHandle], timeout: float | None) -> list[str]:
         """Wait (up to ``timeout`` s) for the rounds still being reported, spool what is
         still queued, fail the pending runs whose creation is spooled, and close the
-        journal (deleted if empty). Returns a line for the operator if anything is left."""
+        journal (deleted if empty). What is left in it is not lost: one warning says where
+        it is and how to deliver it. Returns what is lost (rounds still being sent at the
+        bound: what they had not sent is not in the spool)."""
         end = None if timeout is None else time.monotonic() + timeout
+        lost: list[str] = []
         with self._idle:
             while self._outstanding:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
-                    _logger.warning(
-                        "runactors: %d rounds were still being sent when the client closed; "
-                        "what they had not sent is not in the spool",
-                        self._outstanding,
+                    lost.append(
+                        f"{self._outstanding} rounds were still being sent when the client "
+                        "closed; what they had not sent is not in the spool"
                     )
                     break
                 self._idle.wait(left)
         with self._lock:
             self._work.put(None)
             for handle in handles:
-                self._spool_queued(handle)
+                lost += self._spool_queued(handle)
             self._closed = True
             spool, self._spool = self._spool, None
         if spool is None:
-            return []
+            return lost
         left = spool.pending_calls()
         runs = 0
         for handle in handles:
@@ -342,18 +346,23 @@ class Spooler:
                 )
         path = spool.path
         spool.close()
-        if not left:
-            return []
-        return [
-            f"{left} calls of {runs} runs are in the spool {path}: "
-            f"runactors replay {self.spool_dir} delivers them"
-        ]
+        if left:  # safe on disk: said once, not raised
+            _logger.warning(
+                "runactors: %d calls of %d runs were not delivered and are in the spool %s; "
+                "run `runactors replay %s` once the store is back to deliver them",
+                left,
+                runs,
+                path,
+                self.spool_dir,
+            )
+        return lost
 
-    def _spool_queued(self, handle: RunHandle) -> None:
+    def _spool_queued(self, handle: RunHandle) -> list[str]:
         """At close: what a run still has queued (the close's flush did not take it, or
-        stopped at its bound) goes to the journal, behind what is spooled of the run."""
+        stopped at its bound) goes to the journal, behind what is spooled of the run;
+        returns what could not go there (lost)."""
         if not handle.queues.has_work():
-            return
+            return []
         snapshot = handle.queues.discard()  # to disk, or lost: it leaves memory either way
         calls = plan_snapshot(snapshot)
         try:
@@ -363,9 +372,10 @@ class Spooler:
             for call in calls:
                 for kind, n in call_counts(call).items():
                     counts[kind] += n
-            message = f"queued at close, not sent and could not be spooled: {exc!r}"
+            message = f"queued at close, not sent and could not be spooled: {exc!r} ({counts})"
             handle.record.errors.add([message])
-            _logger.warning("runactors: run %s: %s (%s)", handle.record.label, message, counts)
+            return [failure_message(handle.record.label, [message])]
+        return []
 
 
 def _stopped(job: Job, exc: BaseException) -> JobResult:

@@ -356,9 +356,12 @@ class QueueingClient:
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, wait up to ``timeout`` s, and stop this client's actors.
 
-        Raises ``MlflowException`` if that last flush failed. Calling it again does nothing;
-        any other method but ``status()`` raises once the client is closed. A call racing
-        ``close()`` in another thread either returns and is in that last flush, or raises.
+        Raises ``MlflowException`` for what is lost: operations that failed permanently or
+        could be neither delivered nor spooled, and that no ``flush()`` raised. What is in
+        the spool (``spool_dir``) is not lost: one warning names it and ``runactors replay``.
+        Calling it again does nothing; any other method but ``status()`` raises once the
+        client is closed. A call racing ``close()`` in another thread either returns and is
+        in that last flush, or raises.
         """
         with self._lock:
             if self._closed:
