@@ -118,10 +118,11 @@ class RunActor(pykka.ThreadingActor):
     def _start_round(self, waiters: list[RunWait]) -> None:
         handle, record = self._handle, self._handle.record
         self._waiters = waiters  # from here on, a crash fails them (on_failure)
-        record.state = "waiting"
         snapshot = handle.queues.take()
         spooler = self._session.spooler
         spooled = spooler is not None and spooler.holds(handle)
+        # Waiting for an executor worker, or (its work on disk) for a re-sending thread.
+        record.state = "spooled" if spooled else "waiting"
         if snapshot.is_empty() and not spooled:
             record.state = self._at_rest()
             self._waiters = []

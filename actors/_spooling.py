@@ -9,13 +9,17 @@ at the first such write, one per client session), in one durable transaction, be
 run's actor hears of the round: so the flush reports only once they are on disk, and they
 leave memory. Permanent failures are reported as before, never spooled.
 
-While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on the
-spooler's one thread, the journal's calls of that run are delivered in order
+While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on one
+of the spooler's threads (up to the client's ``max_workers``, started on demand, so that runs
+are re-sent in parallel as they are flushed), the journal's calls of that run are delivered
+in order
 (:func:`~actors._replay.deliver_run`: each removed once delivered, a creation of unknown
 outcome looked up first), then the round's new calls go to the executor as usual; if
 re-sending fails transiently again, the new calls are appended behind the spooled ones, so
 nothing is ever sent ahead of them. A spooled call that fails permanently is reported and
-dropped, as a live round reports a call and goes on.
+dropped, as a live round reports a call and goes on. A run whose round waits for one of
+those threads reads ``spooled`` (its work is on disk), not ``waiting`` (which is for an
+executor worker).
 
 At close (:meth:`Spooler.close`) whatever is still queued goes to the journal too, pending
 runs whose creation is spooled fail, and the journal is closed (deleted if empty), for
@@ -68,13 +72,16 @@ def _kind(call: Call) -> str:
 
 
 class Spooler:
-    """One client session's journal, and the thread that re-sends spooled runs.
+    """One client session's journal, and the threads (``workers`` at most) that re-send
+    spooled runs.
 
     Runs are keyed in the journal by their pending label (``pending-<session>-<n>``) or
     their run ID string: stable for the session's life, unique within it.
     """
 
-    def __init__(self, spool_dir: str, tracking_uri: str, retry_timeout: float, name: str) -> None:
+    def __init__(
+        self, spool_dir: str, tracking_uri: str, retry_timeout: float, name: str, workers: int = 1
+    ) -> None:
         self.spool_dir = spool_dir
         self.tracking_uri = tracking_uri
         self.retry_timeout = retry_timeout
@@ -85,7 +92,10 @@ class Spooler:
         self._idle = threading.Condition(threading.Lock())
         self._outstanding = 0  # rounds tracked and not yet reported
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self.workers = max(workers, 1)
+        self._threads: list[threading.Thread] = []
+        self._started = 0
+        self._client_lock = threading.Lock()
         self._client: Any = None
         self._closed = False
 
@@ -199,16 +209,22 @@ class Spooler:
     ) -> None:
         """Re-send the run's spooled calls, then hand ``job`` (the round's new calls) to
         the executor; or, if re-sending fails transiently, append its calls behind."""
+        on_state("spooled", None)  # on disk, waiting for a re-sending thread
         self._submit(lambda: self._resend(handle, job, executor, on_state, on_done))
 
     def _submit(self, work: Callable[[], None]) -> None:
+        """Queue ``work`` for the re-sending threads, starting one more (up to ``workers``)
+        as the executor's pool does."""
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"{self.name}-spool", daemon=True
+            self._work.put(work)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) < self.workers:
+                index, self._started = self._started, self._started + 1
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}-spool-{index}", daemon=True
                 )
-                self._thread.start()
-        self._work.put(work)
+                self._threads.append(thread)
+                thread.start()
 
     def _serve(self) -> None:
         while (work := self._work.get()) is not None:
@@ -254,8 +270,10 @@ class Spooler:
         failure (they stay spooled), report and drop a call that fails permanently."""
         with self._lock:
             spool = self._journal()
-        if self._client is None:  # as the executors make theirs: one HTTP attempt per call
-            self._client = make_client(self.tracking_uri)
+        # Not under self._lock: opening a store can wait on a locked database, close() not.
+        with self._client_lock:
+            if self._client is None:  # as the executors make theirs: one HTTP attempt per call
+                self._client = make_client(self.tracking_uri)
 
         def on_retry(exc: BaseException, delay: float) -> None:
             if self._closed:
@@ -323,7 +341,8 @@ class Spooler:
                     break
                 self._idle.wait(left)
         with self._lock:
-            self._work.put(None)
+            for _ in self._threads:
+                self._work.put(None)
             for handle in handles:
                 lost += self._spool_queued(handle)
             self._closed = True
