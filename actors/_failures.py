@@ -1,10 +1,12 @@
-"""``FailureLog``: the failed rounds of one client that no ``flush()`` has raised yet.
+"""``FailureLog``: what the rounds of one client lost and no ``flush()`` has raised yet.
 
 A background flush has nobody waiting on it, and a ``flush(synchronous=False)`` may never be
-awaited; their failures are kept here until a caller raises them (``await_completion()``
-marks each failure it raises) and ``close()`` raises whatever is left. Bounded: past
-``KEPT`` failures the oldest are dropped and counted, so a service failing for days does
-not grow in memory.
+awaited; what their rounds lost (calls that failed permanently, or could be neither
+delivered nor spooled) is kept here until a caller raises it (``await_completion()`` marks
+each failure it raises) and ``close()`` raises whatever is left. A round whose undelivered
+calls are safe in the spool lost nothing: its waiter still hears of it, the log keeps
+nothing of it. Bounded: past ``KEPT`` failures the oldest are dropped and counted, so a
+service failing for days does not grow in memory.
 """
 
 from __future__ import annotations
@@ -18,15 +20,30 @@ KEPT = 50
 
 
 class RoundFailure(MlflowException):
-    """A failed round, as raised to a flush's waiter; knows its entry in the log."""
+    """A failed round, as raised to a flush's waiter; knows its entry in the log.
 
-    def __init__(self, message: str, log: FailureLog, token: int) -> None:
+    ``lost`` is the part of ``message`` that names what the round lost (None: everything
+    it could not deliver is in the spool), as the log keeps it and ``close()`` raises it.
+    """
+
+    def __init__(
+        self, message: str, log: FailureLog, token: int | None, lost: str | None = None
+    ) -> None:
         super().__init__(message)
         self._log = log
         self._token = token
+        self.lost = lost
 
     def mark_raised(self) -> None:
-        self._log.raised(self._token)
+        if self._token is not None:
+            self._log.raised(self._token)
+
+
+def round_failure(log: FailureLog, message: str, lost: str | None) -> RoundFailure:
+    """The failure a round's waiters are settled with; what it ``lost`` (if anything) is
+    kept in ``log`` until a ``flush()`` or ``close()`` raises it."""
+    token = None if lost is None else log.add(lost)
+    return RoundFailure(message, log, token, lost)
 
 
 class FailureLog:

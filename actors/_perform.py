@@ -81,6 +81,9 @@ class JobResult:
     unsent_error: str | None = None
     unsent_attempted: bool = False
     spooled: bool = False  # set by the spooler once ``unsent`` is on disk
+    # Why calls of the round are in the spool (not delivered, not lost): raised to a flush
+    # that waits on the round, as ``errors`` are, but nothing that ``close()`` raises.
+    spool_notes: list[str] = field(default_factory=list)
     # On a database store, how the round's metric-only batches went: "on" (the SQL fast
     # path), "off" (switched off or not served) or "fallback: why" (MLflow's log_batch).
     sql_fast_path: str | None = None
@@ -480,6 +483,7 @@ def merge_results(done: JobResult, rest: JobResult) -> JobResult:
     for kind in merged.logged:
         merged.logged[kind] = done.logged[kind] + rest.logged[kind]
     merged.errors = compress_errors(done.errors + rest.errors)
+    merged.spool_notes = compress_errors(done.spool_notes + rest.spool_notes)
     merged.unsent, merged.unsent_error = rest.unsent, rest.unsent_error
     merged.unsent_attempted = rest.unsent_attempted
     merged.sql_fast_path = rest.sql_fast_path or done.sql_fast_path

@@ -8,9 +8,10 @@ round, which snapshots only after the current one ends. So a run's operations re
 store in call order whatever the flushes do, and the actor's mailbox never waits on I/O.
 
 A background flush (``flush_interval``, a full batch, ``max_queued``) is a round with no
-``flush()`` waiting on it. A failed round is kept in the session's
+``flush()`` waiting on it. A failed round is logged as a warning when no ``flush()`` waits
+on it: never silent. What it lost is kept in the session's
 :class:`~actors._failures.FailureLog` until a ``flush()`` raises it (``close()`` raises the
-rest), and logged as a warning when no ``flush()`` waits on it: never silent.
+rest); calls it put in the spool are not lost, and are not kept there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actors._executor import DoneHook, failed_result
-from actors._failures import FailureLog, RoundFailure
+from actors._failures import FailureLog, round_failure
 from actors._perform import Job, JobResult, JobStopped, empty_counts, failure_message
 from actors._plan import plan_snapshot
 
@@ -60,10 +61,11 @@ class RoundEnded:
     crashed: bool = False
 
 
-def _fail(waits: list[RunWait], message: str, log: FailureLog) -> None:
-    token = log.add(message)
+def _fail(waits: list[RunWait], message: str, log: FailureLog, lost: str | None) -> None:
+    """Settle ``waits`` with ``message``; ``lost`` (what is lost of it) is kept in ``log``."""
+    failure = round_failure(log, message, lost)
     for wait in waits:
-        wait.settle(RoundFailure(message, log, token))
+        wait.settle(failure)
 
 
 class RunActor(pykka.ThreadingActor):
@@ -110,16 +112,17 @@ class RunActor(pykka.ThreadingActor):
             message = failure_message(record.label, [f"could not start the flush: {exc!r}"])
             if not waits:
                 _logger.warning("runactors: a background flush failed: %s", message)
-            _fail(waits, message, self._session.failures)
+            _fail(waits, message, self._session.failures, message)
             self._end_round()
 
     def _start_round(self, waiters: list[RunWait]) -> None:
         handle, record = self._handle, self._handle.record
         self._waiters = waiters  # from here on, a crash fails them (on_failure)
-        record.state = "waiting"
         snapshot = handle.queues.take()
         spooler = self._session.spooler
         spooled = spooler is not None and spooler.holds(handle)
+        # Waiting for an executor worker, or (its work on disk) for a re-sending thread.
+        record.state = "spooled" if spooled else "waiting"
         if snapshot.is_empty() and not spooled:
             record.state = self._at_rest()
             self._waiters = []
@@ -157,13 +160,16 @@ class RunActor(pykka.ThreadingActor):
                     record.note_retry(detail)  # counts it for status() and the endpoint
                 record.state, record.worker = state, worker
 
+        session = self._session
+
         def on_done(result: JobResult) -> None:
             if budget is not None:  # the round's entities leave memory, delivered or not
                 budget.release(held)
             try:
                 ref.tell(JobDone(result))
             except pykka.ActorDeadError:  # stopped or crashed meanwhile: nobody to tell
-                pass
+                if result.errors:  # but what it lost is kept, for close() to raise
+                    session.failures.add(failure_message(job.label, result.errors))
 
         done: DoneHook = on_done
         if spooler is not None:  # undelivered calls go to the spool (actors._spooling)
@@ -193,7 +199,6 @@ class RunActor(pykka.ThreadingActor):
             record.create_error = result.create_error
             if handle.pending is not None:
                 handle.pending._set_failed(result.create_error)
-        at_rest = "spooled" if result.spooled else None
         with record.lock:  # a snapshot sees the round in flight or accounted, never both
             for kind, n in result.logged.items():
                 record.logged[kind] += n
@@ -201,15 +206,16 @@ class RunActor(pykka.ThreadingActor):
                 record.sql_fast_path = result.sql_fast_path
             record.end_round(result)  # the process's totals and the round's duration
             record.inflight = empty_counts()
-            record.errors.add(result.errors)
+            record.errors.add(result.errors + result.spool_notes)
             record.terminated = record.terminated or result.terminated
-            record.state, record.worker = at_rest or self._at_rest(), None
+            record.state, record.worker = ("spooled" if result.spooled else self._at_rest()), None
         waiters, self._waiters = self._waiters, []
-        if result.errors:
-            message = failure_message(record.label, result.errors)
+        if result.errors or result.spool_notes:
+            message = failure_message(record.label, result.errors + result.spool_notes)
             if not waiters:
                 _logger.warning("runactors: a background flush failed: %s", message)
-            _fail(waiters, message, self._session.failures)
+            lost = failure_message(record.label, result.errors) if result.errors else None
+            _fail(waiters, message, self._session.failures, lost)
         else:
             for waiter in waiters:
                 waiter.settle()
@@ -229,22 +235,24 @@ class RunActor(pykka.ThreadingActor):
         except pykka.ActorDeadError:  # the actor system stopped (at exit): nobody to tell
             pass
 
-    def _fail_waiters(self, message: str) -> None:
+    def _fail_waiters(self, message: str, lost: bool = True) -> None:
+        """Fail the round's waiters with ``message``; ``lost``: it names a loss (kept for
+        ``close()``), not a round whose outcome is still accounted elsewhere."""
         pending = self._handle.pending
         if self._inflight and self._creating and pending is not None:
             # Its creation's outcome would come back to a dead actor: settle it now.
             pending._set_failed(message)
         waiters, self._waiters = self._waiters, []
         if waiters:
-            _fail(
-                waiters,
-                failure_message(self._handle.record.label, [message]),
-                self._session.failures,
-            )
+            text = failure_message(self._handle.record.label, [message])
+            _fail(waiters, text, self._session.failures, text if lost else None)
 
     def on_stop(self) -> None:
         # Stopped by the supervisor: idle (it set the state), or the client is closing.
-        self._fail_waiters("the client was closed before this flush completed")
+        # With a spool, a round cut short here is not lost: the spooler spools what it did
+        # not send, and what it lost reaches the failure log (on_done, above).
+        spooled = self._session.spooler is not None
+        self._fail_waiters("the client was closed before this flush completed", not spooled)
         if self._session.closed:
             record = self._handle.record
             record.state = "stopped" if record.terminated and not self._inflight else "closed"

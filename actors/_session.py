@@ -121,7 +121,11 @@ class Session:
             None
             if config.spool_dir is None
             else Spooler(
-                config.spool_dir, config.tracking_uri, config.retry_timeout, f"runactors-{self.id}"
+                config.spool_dir,
+                config.tracking_uri,
+                config.retry_timeout,
+                f"runactors-{self.id}",
+                workers=config.max_workers or default_max_workers(),  # re-sent in parallel
             )
         )
         if config.executor == "process":

@@ -9,13 +9,17 @@ at the first such write, one per client session), in one durable transaction, be
 run's actor hears of the round: so the flush reports only once they are on disk, and they
 leave memory. Permanent failures are reported as before, never spooled.
 
-While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on the
-spooler's one thread, the journal's calls of that run are delivered in order
+While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on one
+of the spooler's threads (up to the client's ``max_workers``, started on demand, so that runs
+are re-sent in parallel as they are flushed), the journal's calls of that run are delivered
+in order
 (:func:`~actors._replay.deliver_run`: each removed once delivered, a creation of unknown
 outcome looked up first), then the round's new calls go to the executor as usual; if
 re-sending fails transiently again, the new calls are appended behind the spooled ones, so
 nothing is ever sent ahead of them. A spooled call that fails permanently is reported and
-dropped, as a live round reports a call and goes on.
+dropped, as a live round reports a call and goes on. A run whose round waits for one of
+those threads reads ``spooled`` (its work is on disk), not ``waiting`` (which is for an
+executor worker).
 
 At close (:meth:`Spooler.close`) whatever is still queued goes to the journal too, pending
 runs whose creation is spooled fail, and the journal is closed (deleted if empty), for
@@ -38,6 +42,7 @@ from actors._perform import (
     JobStopped,
     call_counts,
     empty_counts,
+    failure_message,
     merge_results,
     record_outcome,
 )
@@ -67,13 +72,16 @@ def _kind(call: Call) -> str:
 
 
 class Spooler:
-    """One client session's journal, and the thread that re-sends spooled runs.
+    """One client session's journal, and the threads (``workers`` at most) that re-send
+    spooled runs.
 
     Runs are keyed in the journal by their pending label (``pending-<session>-<n>``) or
     their run ID string: stable for the session's life, unique within it.
     """
 
-    def __init__(self, spool_dir: str, tracking_uri: str, retry_timeout: float, name: str) -> None:
+    def __init__(
+        self, spool_dir: str, tracking_uri: str, retry_timeout: float, name: str, workers: int = 1
+    ) -> None:
         self.spool_dir = spool_dir
         self.tracking_uri = tracking_uri
         self.retry_timeout = retry_timeout
@@ -84,7 +92,10 @@ class Spooler:
         self._idle = threading.Condition(threading.Lock())
         self._outstanding = 0  # rounds tracked and not yet reported
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self.workers = max(workers, 1)
+        self._threads: list[threading.Thread] = []
+        self._started = 0
+        self._client_lock = threading.Lock()
         self._client: Any = None
         self._closed = False
 
@@ -132,11 +143,12 @@ class Spooler:
                     self._spool_unsent(handle, result)
             except BaseException:  # pragma: no cover - never lose the round's answer
                 _logger.exception("runactors: spooling a round failed")
+            try:
+                on_done(result)  # before close() goes on: what the round lost is known
             finally:
                 with self._idle:
                     self._outstanding -= 1
                     self._idle.notify_all()
-            on_done(result)
 
         return done
 
@@ -180,7 +192,7 @@ class Spooler:
                 record_outcome(result, call, f"{_kind(call)} {why}", None)
             result.unsent = []
             return
-        result.errors.append(
+        result.spool_notes.append(  # not lost: the flush that waits hears it, close() not
             f"{result.unsent_error}; {len(calls)} calls spooled to {spool.path} for redelivery"
         )
         result.unsent, result.spooled = [], True
@@ -197,16 +209,22 @@ class Spooler:
     ) -> None:
         """Re-send the run's spooled calls, then hand ``job`` (the round's new calls) to
         the executor; or, if re-sending fails transiently, append its calls behind."""
+        on_state("spooled", None)  # on disk, waiting for a re-sending thread
         self._submit(lambda: self._resend(handle, job, executor, on_state, on_done))
 
     def _submit(self, work: Callable[[], None]) -> None:
+        """Queue ``work`` for the re-sending threads, starting one more (up to ``workers``)
+        as the executor's pool does."""
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"{self.name}-spool", daemon=True
+            self._work.put(work)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) < self.workers:
+                index, self._started = self._started, self._started + 1
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}-spool-{index}", daemon=True
                 )
-                self._thread.start()
-        self._work.put(work)
+                self._threads.append(thread)
+                thread.start()
 
     def _serve(self) -> None:
         while (work := self._work.get()) is not None:
@@ -252,8 +270,10 @@ class Spooler:
         failure (they stay spooled), report and drop a call that fails permanently."""
         with self._lock:
             spool = self._journal()
-        if self._client is None:  # as the executors make theirs: one HTTP attempt per call
-            self._client = make_client(self.tracking_uri)
+        # Not under self._lock: opening a store can wait on a locked database, close() not.
+        with self._client_lock:
+            if self._client is None:  # as the executors make theirs: one HTTP attempt per call
+                self._client = make_client(self.tracking_uri)
 
         def on_retry(exc: BaseException, delay: float) -> None:
             if self._closed:
@@ -278,8 +298,8 @@ class Spooler:
                     result.run_id, result.created = outcome.run_id, True
                 if outcome.error is None:
                     continue  # the loop ends: delivered runs leave the journal
-                if outcome.transient or self._closed:
-                    result.errors.append(f"re-sending spooled calls failed: {outcome.error}")
+                if outcome.transient or self._closed:  # they stay spooled: nothing lost
+                    result.spool_notes.append(f"re-sending spooled calls failed: {outcome.error}")
                     return
                 result.errors.append(outcome.error)
                 if outcome.run_id is None:  # its creation failed for good: nothing can go
@@ -305,27 +325,30 @@ class Spooler:
     def close(self, handles: list[RunHandle], timeout: float | None) -> list[str]:
         """Wait (up to ``timeout`` s) for the rounds still being reported, spool what is
         still queued, fail the pending runs whose creation is spooled, and close the
-        journal (deleted if empty). Returns a line for the operator if anything is left."""
+        journal (deleted if empty). What is left in it is not lost: one warning says where
+        it is and how to deliver it. Returns what is lost (rounds still being sent at the
+        bound: what they had not sent is not in the spool)."""
         end = None if timeout is None else time.monotonic() + timeout
+        lost: list[str] = []
         with self._idle:
             while self._outstanding:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
-                    _logger.warning(
-                        "runactors: %d rounds were still being sent when the client closed; "
-                        "what they had not sent is not in the spool",
-                        self._outstanding,
+                    lost.append(
+                        f"{self._outstanding} rounds were still being sent when the client "
+                        "closed; what they had not sent is not in the spool"
                     )
                     break
                 self._idle.wait(left)
         with self._lock:
-            self._work.put(None)
+            for _ in self._threads:
+                self._work.put(None)
             for handle in handles:
-                self._spool_queued(handle)
+                lost += self._spool_queued(handle)
             self._closed = True
             spool, self._spool = self._spool, None
         if spool is None:
-            return []
+            return lost
         left = spool.pending_calls()
         runs = 0
         for handle in handles:
@@ -342,18 +365,23 @@ class Spooler:
                 )
         path = spool.path
         spool.close()
-        if not left:
-            return []
-        return [
-            f"{left} calls of {runs} runs are in the spool {path}: "
-            f"runactors replay {self.spool_dir} delivers them"
-        ]
+        if left:  # safe on disk: said once, not raised
+            _logger.warning(
+                "runactors: %d calls of %d runs were not delivered and are in the spool %s; "
+                "run `runactors replay %s` once the store is back to deliver them",
+                left,
+                runs,
+                path,
+                self.spool_dir,
+            )
+        return lost
 
-    def _spool_queued(self, handle: RunHandle) -> None:
+    def _spool_queued(self, handle: RunHandle) -> list[str]:
         """At close: what a run still has queued (the close's flush did not take it, or
-        stopped at its bound) goes to the journal, behind what is spooled of the run."""
+        stopped at its bound) goes to the journal, behind what is spooled of the run;
+        returns what could not go there (lost)."""
         if not handle.queues.has_work():
-            return
+            return []
         snapshot = handle.queues.discard()  # to disk, or lost: it leaves memory either way
         calls = plan_snapshot(snapshot)
         try:
@@ -363,9 +391,10 @@ class Spooler:
             for call in calls:
                 for kind, n in call_counts(call).items():
                     counts[kind] += n
-            message = f"queued at close, not sent and could not be spooled: {exc!r}"
+            message = f"queued at close, not sent and could not be spooled: {exc!r} ({counts})"
             handle.record.errors.add([message])
-            _logger.warning("runactors: run %s: %s (%s)", handle.record.label, message, counts)
+            return [failure_message(handle.record.label, [message])]
+        return []
 
 
 def _stopped(job: Job, exc: BaseException) -> JobResult:

@@ -18,7 +18,8 @@ States (``RunStatus.state``):
 ``waiting``  a flush is planned and waits for a free executor worker
 ``flushing`` the run's calls are being made
 ``retrying`` a call failed transiently and is being retried with backoff
-``spooled``  the run's last round could not be delivered and is in the spool (``spool_dir``);
+``spooled``  the run's work is in the spool (``spool_dir``) and not being re-sent right now
+             (between flushes, or waiting for one of the spooler's re-sending threads);
              its next flush re-sends it first
 ``stopped``  terminated and fully flushed (as its last flush returns); its actor stops
 ``crashed``  the actor failed; the next flush starts a new one for the run

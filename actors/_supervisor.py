@@ -30,7 +30,7 @@ from typing import Any
 
 import pykka
 
-from actors._failures import RoundFailure
+from actors._failures import round_failure
 from actors._outcome import FlushCall, RunWait
 from actors._pending import PendingRunId
 from actors._perform import failure_message
@@ -288,8 +288,13 @@ class Supervisor(pykka.ThreadingActor):
         self._send_background(session, handles)
 
     def _send_background(self, session: Session, handles: Iterable[RunHandle]) -> None:
+        spooler = session.spooler
         for handle in list(handles):
-            if handle.queues.has_work():  # a run with only a round in flight needs nothing
+            # A run with only a round in flight needs nothing; a spooled run is re-sent even
+            # with nothing queued, so that a service recovers by itself once the store is back.
+            if handle.queues.has_work() or (
+                spooler is not None and not handle.busy and spooler.holds(handle)
+            ):
                 self._request(session, handle)
         self._start_actors(session)
 
@@ -323,9 +328,11 @@ class Supervisor(pykka.ThreadingActor):
                 message = failure_message(
                     handle.record.label, ["the client was closed before this flush completed"]
                 )
-                token = session.failures.add(message)
+                # Lost, unless the spooler puts what the run still has queued on disk.
+                lost = message if session.spooler is None else None
+                failure = round_failure(session.failures, message, lost)
                 for wait in waits:
-                    wait.settle(RoundFailure(message, session.failures, token))
+                    wait.settle(failure)
             if handle.ref is not None:
                 stops.append(handle.ref.stop(block=False))
                 handle.ref = None

@@ -65,8 +65,11 @@ def ticket_done(ticket: Ticket) -> bool:
     return ticket.done()
 
 
-def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[str]:
-    """Wait for every run's part of a flush; return one failure message per failed run.
+def wait_tickets(
+    tickets: list[Ticket], timeout: float | None = None, lost_only: bool = False
+) -> list[str]:
+    """Wait for every run's part of a flush; return one failure message per failed run
+    (``lost_only``: only what each run lost, leaving out calls that are safe in the spool).
 
     Raises ``TimeoutError`` if ``timeout`` seconds pass first.
     """
@@ -78,10 +81,15 @@ def wait_tickets(tickets: list[Ticket], timeout: float | None = None) -> list[st
         except TimeoutError:
             waited = format_seconds(0.0 if timeout is None else timeout)
             raise TimeoutError(f"the flush did not complete within {waited} s") from None
-        if error is not None:
+        if error is None:
+            continue
+        if not isinstance(error, RoundFailure):
             failures.append(error.message)
-            if isinstance(error, RoundFailure):
-                error.mark_raised()  # the caller raises it: close() need not raise it again
+            continue
+        message = error.lost if lost_only else error.message
+        if message is not None:
+            failures.append(message)
+        error.mark_raised()  # the caller raises it: close() need not raise it again
     return failures
 
 
@@ -134,8 +142,9 @@ class ActorSystem:
 
     def close_session(self, session: Session, timeout: float | None = None) -> list[str]:
         """Flush what the session queued, wait up to ``timeout`` s, stop its actors and
-        executor; return the failure messages of that last flush, after those of earlier
-        rounds that no ``flush()`` raised (background flushes, say)."""
+        executor; return what is lost: the failure messages of that last flush, after those
+        of earlier rounds that no ``flush()`` raised (background flushes, say). What is safe
+        in the spool is not lost: the spooler says where it is, in one warning."""
         if session.closed:
             return []
         session.seal()  # from here a racing call raises, or is in the flush below
@@ -148,10 +157,12 @@ class ActorSystem:
         late = False
         began = time.monotonic()
         try:
-            failures = wait_tickets(self.flush(session, flush_deadline), flush_deadline.remaining())
+            tickets = self.flush(session, flush_deadline)
+            failures = wait_tickets(tickets, flush_deadline.remaining(), lost_only=True)
         except (TimeoutError, pykka.Timeout):
             late = True
-            failures = [_late_flush_message(time.monotonic() - began, timeout, reserve)]
+            if spooler is None:  # with a spool, what the rounds had not sent is spooled below
+                failures = [_late_flush_message(time.monotonic() - began, timeout, reserve)]
         finally:
             try:
                 stops = self._ask(CloseSession(session), deadline)
@@ -179,14 +190,20 @@ class ActorSystem:
             _logger.warning("runactors: the actor system did not answer at exit")
             return
         for session in sessions:
-            try:
-                failures = self.close_session(session, deadline.remaining())
-            except Exception:
-                _logger.exception("runactors: closing a client at exit failed")
-                continue
-            for failure in failures:
-                _logger.warning("runactors: at exit: %s", failure)
+            self.close_unattended(session, deadline.remaining(), "at exit")
         self.supervisor.stop(block=False)
+
+    def close_unattended(self, session: Session, timeout: float | None, when: str) -> None:
+        """Close a session that no caller waits on (at exit, or a client the garbage
+        collector dropped): what :meth:`close_session` would have raised is logged as
+        warnings, each line saying ``when``, since there is nobody to raise it to."""
+        try:
+            failures = self.close_session(session, timeout)
+        except Exception:
+            _logger.exception("runactors: closing a client %s failed", when)
+            return
+        for failure in failures:
+            _logger.warning("runactors: %s: %s", when, failure)
 
 
 _system: ActorSystem | None = None

@@ -77,7 +77,8 @@ def _invalid(message: str) -> MlflowException:
 
 
 def _release(session: Session) -> None:
-    """Finalizer of a client dropped without ``close()``: send what it queued, then stop.
+    """Finalizer of a client dropped without ``close()``: send what it queued, then stop;
+    what is lost is logged (warnings), as the exit handler logs it.
 
     Runs on its own short-lived thread, since garbage collection may happen anywhere, and
     within ``RUNACTORS_EXIT_TIMEOUT`` seconds, as at exit: a hung store must not keep the
@@ -87,11 +88,8 @@ def _release(session: Session) -> None:
         return
 
     def close() -> None:
-        try:
-            session.seal()
-            get_system().close_session(session, exit_timeout())
-        except Exception:  # pragma: no cover - nothing to report to at this point
-            pass
+        # Nobody to raise to: what close() would raise is logged, as at exit.
+        get_system().close_unattended(session, exit_timeout(), "a client dropped without close()")
 
     threading.Thread(target=close, name="runactors-release", daemon=True).start()
 
@@ -374,9 +372,12 @@ class QueueingClient:
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, wait up to ``timeout`` s, and stop this client's actors.
 
-        Raises ``MlflowException`` if that last flush failed. Calling it again does nothing;
-        any other method but ``status()`` raises once the client is closed. A call racing
-        ``close()`` in another thread either returns and is in that last flush, or raises.
+        Raises ``MlflowException`` for what is lost: operations that failed permanently or
+        could be neither delivered nor spooled, and that no ``flush()`` raised. What is in
+        the spool (``spool_dir``) is not lost: one warning names it and ``runactors replay``.
+        Calling it again does nothing; any other method but ``status()`` raises once the
+        client is closed. A call racing ``close()`` in another thread either returns and is
+        in that last flush, or raises.
         """
         with self._lock:
             if self._closed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import sys
 import threading
 import time
@@ -193,3 +194,25 @@ def test_a_dropped_client_on_a_hung_store_is_released_within_the_exit_timeout(
         time.sleep(0.05)
     assert session.closed, "the dropped client's session was not closed"
     assert _release_threads() == [], "the finalizer's thread is still waiting on the store"
+
+
+def test_a_dropped_client_logs_what_it_lost(tracking_uri, executor, caplog):
+    """A client the garbage collector drops has nobody to raise its failures to: they are
+    logged, as the exit handler logs them (a run in an experiment that does not exist)."""
+    client = QueueingClient(tracking_uri, executor=executor)
+    pending = client.create_run("424242", run_name="lost-run")
+    client.log_metrics(pending, {"loss": 1.0}, step=0)
+    label = str(pending)
+    session = client._session
+    assert session is not None
+    with caplog.at_level(logging.WARNING):
+        del client
+        gc.collect()
+        deadline = time.monotonic() + 60  # a worker process starts within it, on a loaded machine
+        while (not session.closed or _release_threads()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert session.closed, "the dropped client's session was not closed"
+    lost = [r for r in caplog.records if label in r.getMessage()]
+    assert lost, [r.getMessage() for r in caplog.records]
+    assert all(r.levelno >= logging.WARNING for r in lost)
+    assert any("424242" in r.getMessage() for r in lost), [r.getMessage() for r in lost]

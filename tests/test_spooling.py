@@ -7,6 +7,7 @@ back from the server's store: every run once, every param once, every metric poi
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -117,6 +118,14 @@ def test_outage_spools_then_next_flush_delivers_once(
     assert store.get_run(run_ids[1]).data.params == {"lr": str(0.1 * 2), "depth": "1"}
 
 
+def _one_spool_warning(caplog: pytest.LogCaptureFixture, spool_dir: Path) -> None:
+    """close() said once, as a warning, where the spool is and how to deliver it."""
+    said = [r for r in caplog.records if "runactors replay" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert said[0].levelno == logging.WARNING
+    assert f"runactors replay {spool_dir}" in said[0].getMessage(), said[0].getMessage()
+
+
 def replay(folder: Path, uri: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
     return subprocess.run(
@@ -130,8 +139,9 @@ def replay(folder: Path, uri: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_close_with_backend_down_spools_and_replay_delivers(
-    mlflow_server: Any, executor: str, tmp_path: Path
+    mlflow_server: Any, executor: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Nothing is lost: close() does not raise; one warning names the spool and the replay."""
     uri = mlflow_server.uri
     experiment_id = _experiment(uri, f"close-{executor}")
     spool_dir = tmp_path / "spool"
@@ -140,10 +150,12 @@ def test_close_with_backend_down_spools_and_replay_delivers(
     pendings = _log_runs(client, experiment_id, runs=2)
     for pending in pendings:
         client.set_terminated(pending, "FINISHED")
-    with pytest.raises(MlflowException, match="runactors replay"):
-        client.close()
+    with caplog.at_level(logging.WARNING):
+        client.close()  # nothing is lost: what is on disk is not raised
+    _one_spool_warning(caplog, spool_dir)
     status = client.status()
     assert _total(status, "spooled")["metrics"] == 2 * 2 * STEPS
+    assert {run.state for run in status.runs} == {"spooled"}, status
     for pending in pendings:  # its creation is only on disk: the client closed first
         with pytest.raises(MlflowException, match="spool"):
             pending.resolve(timeout=5)
@@ -153,6 +165,56 @@ def test_close_with_backend_down_spools_and_replay_delivers(
     assert done.returncode == 0, done.stdout + done.stderr
     assert spool_files(spool_dir) == []
     _check_store(uri, experiment_id, runs=2, steps=STEPS, finished=2)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_close_raises_only_what_is_lost_not_what_was_spooled_and_delivered(
+    mlflow_server: Any, executor: str, tmp_path: Path
+) -> None:
+    """Background rounds spooled through an outage, then delivered once the server is back:
+    close() raises none of those (they are counted in ``retries``), only the run that is
+    really lost (its experiment does not exist: a permanent error)."""
+    uri = mlflow_server.uri
+    experiment_id = _experiment(uri, f"lost-{executor}")
+    spool_dir = tmp_path / "spool"
+    client = QueueingClient(
+        uri, executor=executor, retry_timeout=1, spool_dir=spool_dir, flush_interval=0.3
+    )
+    try:
+        mlflow_server.stop()
+        pendings = _log_runs(client, experiment_id, runs=2)
+        for pending in pendings:
+            client.set_terminated(pending, "FINISHED")
+        _wait_for(
+            lambda: _total(client.status(), "spooled")["metrics"] == 2 * 2 * STEPS,
+            "the background rounds spooled",
+        )
+        mlflow_server.start()
+        _wait_for(
+            lambda: _total(client.status(), "spooled") == dict.fromkeys(KINDS, 0),
+            "the spool re-sent by background rounds",
+        )
+        lost = client.create_run("987654321", run_name="lost")  # no such experiment
+        client.log_metrics(lost, {"loss": 1.0}, step=0)
+        _wait_for(lambda: lost.done(), "the lost run's creation failed in the background")
+    except BaseException:
+        client.close()
+        raise
+    with pytest.raises(MlflowException) as raised:
+        client.close()
+    message = raised.value.message
+    assert str(lost) in message and "987654321" in message, message
+    assert "spool" not in message, message  # spooled, then delivered: nothing lost
+    assert not any(str(pending) in message for pending in pendings), message
+    assert all(run.retries > 0 for run in client.status().runs[:2]), client.status()
+    _check_store(uri, experiment_id, runs=2, steps=STEPS, finished=2)
+
+
+def _wait_for(condition: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
 
 
 EXIT_SCRIPT = textwrap.dedent(
@@ -266,7 +328,7 @@ def test_a_spool_dir_that_cannot_be_used_raises_at_the_constructor_naming_it(
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_bounded_close_stops_retrying_and_spools_what_is_in_flight(
-    mlflow_server: Any, executor: str, tmp_path: Path
+    mlflow_server: Any, executor: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """retry_timeout far past close's bound: the rounds still retrying are stopped (a thread
     at its next retry, a worker process at once) and spooled, within the bound."""
@@ -280,9 +342,10 @@ def test_bounded_close_stops_retrying_and_spools_what_is_in_flight(
         client.set_terminated(pending, "FINISHED")
     client.flush(synchronous=False)
     started = time.monotonic()
-    with pytest.raises(MlflowException, match="runactors replay"):
-        client.close(timeout=EXIT_TIMEOUT)
+    with caplog.at_level(logging.WARNING):
+        client.close(timeout=EXIT_TIMEOUT)  # everything is spooled: nothing to raise
     took = time.monotonic() - started
+    _one_spool_warning(caplog, spool_dir)
     assert took < EXIT_TIMEOUT + 10, took  # the bound, a generous margin for the load
     assert _total(client.status(), "spooled")["metrics"] == 2 * 2 * STEPS
     mlflow_server.start()
