@@ -93,14 +93,13 @@ def wait_tickets(
     return failures
 
 
-def _late_flush_message(waited: float, timeout: float | None, reserve: float) -> str:
-    """What a close whose last flush ran out of time says: how long it really waited, and
-    the caller's bound (of which ``reserve`` seconds were kept for spooling)."""
+def _late_flush_message(waited: float, timeout: float | None) -> str:
+    """What a close without a spool whose last flush ran out of time says: how long it
+    really waited, and the caller's bound."""
     bound = format_seconds(0.0 if timeout is None else timeout)
-    kept = f", {format_seconds(reserve)} s of it kept for spooling" if reserve > 0 else ""
     return (
         f"closing before the last flush completed: it had not completed after "
-        f"{format_seconds(waited)} s (close waits at most {bound} s{kept})"
+        f"{format_seconds(waited)} s (close waits at most {bound} s)"
     )
 
 
@@ -162,7 +161,7 @@ class ActorSystem:
         except (TimeoutError, pykka.Timeout):
             late = True
             if spooler is None:  # with a spool, what the rounds had not sent is spooled below
-                failures = [_late_flush_message(time.monotonic() - began, timeout, reserve)]
+                failures = [_late_flush_message(time.monotonic() - began, timeout)]
         finally:
             try:
                 stops = self._ask(CloseSession(session), deadline)
