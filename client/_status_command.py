@@ -77,9 +77,15 @@ def _error_count(run: dict[str, Any]) -> int:
     return count
 
 
-def status_view(document: dict[str, Any], url: str, problem: str | None = None) -> Group:
+def status_view(
+    document: dict[str, Any],
+    url: str,
+    problem: str | None = None,
+    error_chars: int | None = ERROR_CHARS,
+) -> Group:
     """The table of every client and run in a ``/status`` document, with a title line, the
-    clients' stores, and each failing run's latest error."""
+    clients' stores, and each failing run's latest error (its first ``error_chars``
+    characters; ``None``: whole, as a pipe gets it)."""
     clients = document.get("clients") or []
     runs = [(client, run) for client in clients for run in client.get("runs") or []]
     states: dict[str, int] = {}
@@ -132,8 +138,8 @@ def status_view(document: dict[str, Any], url: str, problem: str | None = None) 
         )
         if run.get("errors"):
             last = str(run["errors"][-1]).replace("\n", " ")
-            if len(last) > ERROR_CHARS:
-                last = last[:ERROR_CHARS] + "..."
+            if error_chars is not None and len(last) > error_chars:
+                last = last[:error_chars] + "..."
             notes.append(Text(f"{label}: {last}", style="red"))
     parts: list[RenderableType] = [Text(title), table, *notes]
     if problem:
@@ -172,11 +178,17 @@ def status(url: str, watch: bool, as_json: bool, interval: float) -> None:
         if as_json:
             _print_json(document)
         else:
-            console.print(status_view(document, base))
+            console.print(status_view(document, base, error_chars=_error_chars(console)))
         if watch:
             _watch_plain(address, base, interval, console, as_json)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends: exit status 0
+
+
+def _error_chars(console: Console) -> int | None:
+    """How much of a run's latest error to show: a line of it on a terminal, all of it
+    elsewhere (a pipe or a log is read by programs: nothing is cut)."""
+    return ERROR_CHARS if console.is_terminal else None
 
 
 def _print_json(document: dict[str, Any]) -> None:
@@ -197,7 +209,7 @@ def _watch_plain(address: str, base: str, interval: float, console: Console, as_
         if as_json:
             _print_json(document)
         else:
-            console.print(status_view(document, base))
+            console.print(status_view(document, base, error_chars=None))
 
 
 def _watch_live(

@@ -312,6 +312,12 @@ def test_piped_status_prints_whole_run_ids_and_headers(
     for run in runs:
         client.log_metrics(run, {"loss": 0.5}, step=0)
     client.flush()
+    # A run whose error is longer than a terminal's note of it: piped, it is printed whole.
+    failing = client.create_run("9" * 300)
+    with pytest.raises(MlflowException):
+        client.flush()
+    (error,) = next(r for r in client.status().runs if r.pending_id == failing).errors
+    assert len(error) > 2 * 160
     with client.serve_status() as server:
         result = run_status(server.url)
         as_json = run_status(server.url, "--json")
@@ -324,6 +330,7 @@ def test_piped_status_prints_whole_run_ids_and_headers(
     (header,) = [line for line in lines if " client " in line and " state " in line]
     for name in ("run", "state", "queued", "logged", "spooled", "errors", "retries", "worker"):
         assert f" {name} " in header, header
+    assert any(" ".join(error.split()) in " ".join(line.split()) for line in lines), lines[-3:]
     assert result.stderr == ""
     assert as_json.returncode == 0, as_json.stderr
     assert as_json.stdout.count("\n") == 1, as_json.stdout  # one object, one line
