@@ -200,8 +200,21 @@ def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[Row]:
     for metric in metrics:
         is_nan, value = _sanitize(_plain_number(metric.value))
         timestamp, step = _plain_int(metric.timestamp), _plain_int(metric.step)
-        rows.append((metric.key, value, timestamp, step, is_nan, run_id))
+        row = (metric.key, value, timestamp, step, is_nan, run_id)
+        if value == 0 and type(metric.value) is not float and type(metric.value) is not int:
+            row = WrittenAsIs(row)
+        rows.append(row)
     return rows
+
+
+class WrittenAsIs(tuple):
+    """A row whose value MLflow's ORM writes over a stored latest value even when they are
+    equal: a NumPy zero. The ORM keeps a stored value the new one equals (``==`` is
+    ``True``), but a NumPy comparison answers ``np.True_``, which is not ``True``, so the
+    ORM writes it, and on PostgreSQL ``-0.0`` and ``0.0`` differ. Only zeros can be equal
+    with other bits, so only zeros are marked."""
+
+    __slots__ = ()
 
 
 def _entity(metric: QueuedMetric) -> Metric:
@@ -331,6 +344,7 @@ class SqlMetricsWriter:
         self._gate = database_key(engine.url.database) if self.dialect == "sqlite" else None
         self._insert_metrics = _Statement(engine, _insert_metrics(self.dialect))
         self._upsert_latest = _Statement(engine, _upsert_latest(self.dialect))
+        self._overwrite_latest = _Statement(engine, _upsert_latest(self.dialect, keep=False))
         # Keys that passed MLflow's name rules: checked once, not once per metric.
         self._known_keys: set[str] = set()
 
@@ -418,7 +432,13 @@ class SqlMetricsWriter:
                 self._check_run(conn, run_id)
                 if rows:
                     self._insert_metrics.execute(conn, rows)
-                    self._upsert_latest.execute(conn, latest_rows(rows))
+                    latest = latest_rows(rows)
+                    kept = [row for row in latest if type(row) is not WrittenAsIs]
+                    if kept:
+                        self._upsert_latest.execute(conn, kept)
+                    if len(kept) < len(latest):
+                        written = [row for row in latest if type(row) is WrittenAsIs]
+                        self._overwrite_latest.execute(conn, written)
         except (MlflowException, FastPathUnavailable):
             raise
         except sqlalchemy.exc.OperationalError as exc:
@@ -503,10 +523,11 @@ def _insert_metrics(dialect: str) -> Any:
     return _insert(dialect, SqlMetric.__table__).on_conflict_do_nothing()
 
 
-def _upsert_latest(dialect: str) -> Any:
+def _upsert_latest(dialect: str, keep: bool = True) -> Any:
     """Insert into ``latest_metrics``, or replace the stored row of the key when the new one
     is strictly greater by (step, timestamp, value): MLflow's rule, and its way of writing
-    the replacement."""
+    the replacement (``keep``: a stored value equal to the new one is kept; without it, the
+    new one is written, as for a :class:`WrittenAsIs` row)."""
     latest = SqlLatestMetric.__table__
     insert = _insert(dialect, latest)
     new = insert.excluded
@@ -515,9 +536,9 @@ def _upsert_latest(dialect: str) -> Any:
         set_={
             # MLflow's ORM writes only the attributes that changed by ``==``: a stored -0.0
             # replaced by 0.0 (or a NaN's 0) stays -0.0. So does it here.
-            "value": sqlalchemy.case(
-                (latest.c.value == new.value, latest.c.value), else_=new.value
-            ),
+            "value": sqlalchemy.case((latest.c.value == new.value, latest.c.value), else_=new.value)
+            if keep
+            else new.value,
             "timestamp": new.timestamp,
             "step": new.step,
             "is_nan": new.is_nan,
