@@ -39,6 +39,8 @@ from actors import (
     tag_pairs,
 )
 from client._operations import RunOperations
+from client._registry import STATUS_PORT_ENV
+from client._registry import live as _live
 from client._tracking_uri import resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -48,21 +50,6 @@ if TYPE_CHECKING:
 
 RunIdLike = str | PendingRunId
 EXECUTORS = ("thread", "process")
-
-# Every client alive in this process, so that a forked child can reset them.
-_live: weakref.WeakSet[QueueingClient] = weakref.WeakSet()
-
-STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a status server
-
-
-def open_clients() -> list[QueueingClient]:
-    """Every open client of this process, and those still closing (what a status server
-    serves: a client leaves ``_live`` when its ``close()`` returns)."""
-    while True:
-        try:
-            return list(_live)
-        except RuntimeError:  # a client was made while we read the set: read it again
-            continue
 
 
 def _start_status_from_env() -> None:

@@ -22,7 +22,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from actors import (
+from actors.queueing import (
     CreateRun,
     CreateRunCall,
     LogBatchCall,

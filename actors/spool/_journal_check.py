@@ -9,7 +9,7 @@ it): if complete commit frames of the current WAL generation follow the point wh
 recovery would stop, committed writes would be lost, and the journal must be refused.
 
 The journal's ``totals`` row (kept by triggers in the same transaction as every write and
-delete, see :mod:`actors._spool`) is read from the frames themselves, to say what the last
+delete, see :mod:`actors.spool._spool`) is read from the frames themselves, to say what the last
 commit promised and what the readable part holds.
 """
 

@@ -31,7 +31,7 @@ from mlflow.utils.validation import (
     _validate_tag_name,
 )
 
-from actors._queues import MetricRow, Pair
+from actors.queueing._queues import MetricRow, Pair
 
 _logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from actors._queues import CreateRun, MetricRow, Pair, Snapshot, Terminate
+from actors.queueing._queues import CreateRun, MetricRow, Pair, Snapshot, Terminate
 
 T = TypeVar("T")
 
@@ -34,7 +34,8 @@ class CreateRunCall(NamedTuple):
     start_time: int | None
     tags: list[Pair]
     run_name: str | None
-    # Identifies the creation for the look-up after an unknown outcome (actors._create_key);
+    # Identifies the creation for the look-up after an unknown outcome
+    # (actors.delivery._create_key);
     # sent as a tag only to a tracking server.
     create_key: str | None = None
 
@@ -112,7 +113,7 @@ def plan_batches(
 
 
 def plan_snapshot(snapshot: Snapshot) -> list[Call]:
-    """:func:`plan_batches` for everything in a :class:`~actors._queues.Snapshot`."""
+    """:func:`plan_batches` for everything in a :class:`~actors.queueing._queues.Snapshot`."""
     return plan_batches(
         snapshot.create,
         snapshot.params,

@@ -5,7 +5,7 @@ It assigns ``PendingRunId``s, schedules the run actors, and sends the background
 **Scheduling.** A run's actor lives only while the run has a round to make (or, parked idle,
 until its place is needed): a client has at most ``Session.slots`` live actors, so 10,000
 runs flushing are a few dozen threads, not 10,000. ``flush()`` is answered at once with one
-:class:`~actors._outcome.RunWait` per run; each run's request waits at the supervisor
+:class:`~actors.status._handle.RunWait` per run; each run's request waits at the supervisor
 (``RunHandle.waits``) until its actor can start a round: at once if the actor is live and
 idle, when its round ends if it is busy, and when a place frees if it has no actor (the run
 is then ``ready``, in the session's first-come-first-served ready queue, at most once). The
@@ -15,7 +15,7 @@ what makes stopping it safe. A run with a request still pending when its round e
 the back of the ready queue if other runs wait for a place (so busy runs cannot starve them).
 
 It also sends the background flushes: every ``flush_interval`` seconds (told by the
-process's one :class:`~actors._ticker.Ticker`), when a run's queue holds a full batch, and
+process's one :class:`~actors.runtime._ticker.Ticker`), when a run's queue holds a full batch, and
 when a client with ``max_queued`` is full. They take the same path as ``flush()``, through
 the run's actor, so ordering and isolation hold; nobody waits on them, and the run actor
 reports their failures (see ``RunActor``).
@@ -30,14 +30,14 @@ from typing import Any
 
 import pykka
 
-from actors._failures import round_failure
-from actors._outcome import FlushCall, RunWait
-from actors._pending import PendingRunId
-from actors._perform import failure_message
-from actors._queues import CreateRun, WatchedRunQueues, closed_error
-from actors._run_actor import Flush, RoundEnded, RunActor
-from actors._session import RunHandle, Session, SessionConfig
-from actors._ticker import Ticker
+from actors.delivery._perform import failure_message
+from actors.queueing._pending import PendingRunId
+from actors.queueing._queues import CreateRun, WatchedRunQueues, closed_error
+from actors.runtime._failures import round_failure
+from actors.runtime._run_actor import Flush, RoundEnded, RunActor
+from actors.runtime._session import Session, SessionConfig
+from actors.runtime._ticker import Ticker
+from actors.status._handle import FlushCall, RunHandle, RunWait
 
 # One run's part of one flush() (settled when that run's flush has ended).
 Ticket = RunWait

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
-from actors._pending import format_seconds
+from actors.queueing._pending import format_seconds
 
 
 def _no_flush() -> None:

@@ -51,9 +51,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors._pending import PendingRunId
-from actors._perform import KINDS, JobResult, empty_counts
-from actors._queues import RunQueues
+from actors.delivery._perform import KINDS, JobResult, empty_counts
+from actors.queueing._pending import PendingRunId
+from actors.queueing._queues import RunQueues
 
 STATES = (
     "idle",

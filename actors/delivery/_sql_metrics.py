@@ -17,7 +17,7 @@ writer stores exactly the same rows with SQLAlchemy Core, through MLflow's own t
 SQLite rows go in multi-row ``VALUES`` statements; PostgreSQL gets one array per column.
 The MLflow names relied on: the table models above, ``LifecycleStage``, the validation
 functions ``_validate_run_id``, ``_validate_batch_log_data``, ``_validate_batch_log_limits``
-(an upgrade that moves them fails the import of this module: :mod:`actors._fast_path`
+(an upgrade that moves them fails the import of this module: :mod:`actors.delivery._fast_path`
 imports it on first use, and turns the fast path off with one warning if it fails), and the
 alembic revision.
 
@@ -28,7 +28,8 @@ API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the l
 are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
 
 The writer is a function of an engine, a run id and metrics; :func:`client_fast_path` keeps
-one per ``MlflowClient`` (made on first use, None cached too) for ``actors._perform``, which
+one per ``MlflowClient`` (made on first use, None cached too) for
+``actors.delivery._perform``, which
 sends a metric-only ``log_batch`` through it on a database store and through MLflow's API
 when it raises :class:`FastPathUnavailable`. A locked or unreachable database is raised as
 MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is retried, not a fallback.
@@ -65,9 +66,9 @@ from mlflow.utils.validation import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from actors._fast_path import FastPathUnavailable
-from actors._retry import is_transient
-from actors._sqlite_gate import database_gate, database_key
+from actors.delivery._fast_path import FastPathUnavailable
+from actors.delivery._retry import is_transient
+from actors.delivery._sqlite_gate import database_gate, database_key
 
 _logger = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class SqlMetricsWriter:
         self.unavailable: str | None = None
         self._revision_checked = False
         self._runs = SqlRun.__table__
-        # One writer at a time per SQLite file in this process (actors._sqlite_gate).
+        # One writer at a time per SQLite file in this process (actors.delivery._sqlite_gate).
         self._gate = database_key(engine.url.database) if self.dialect == "sqlite" else None
         self._insert_metrics = _Statement(engine, _insert_metrics(self.dialect))
         self._upsert_latest = _Statement(engine, _upsert_latest(self.dialect))

@@ -1,4 +1,4 @@
-"""The SQL fast path (:mod:`actors._sql_metrics`), imported on first use.
+"""The SQL fast path (:mod:`actors.delivery._sql_metrics`), imported on first use.
 
 The fast path relies on private MLflow names (``mlflow.utils.validation._validate_*``, the
 table models of ``mlflow.store.tracking.dbmodels``). Imported here at its first use, not with
@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from actors._sql_metrics import ClientFastPath
+    from actors.delivery._sql_metrics import ClientFastPath
 
 _logger = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ _lock = threading.Lock()
 
 
 def sql_metrics() -> ModuleType | None:
-    """:mod:`actors._sql_metrics`, or None (said once per process) if it cannot be imported."""
+    """:mod:`actors.delivery._sql_metrics`, or None (said once per process) if it cannot be
+    imported."""
     global _module
     if _module is _UNTRIED:
         try:
-            module: ModuleType | None = importlib.import_module("actors._sql_metrics")
+            module: ModuleType | None = importlib.import_module("actors.delivery._sql_metrics")
             error = None
         except Exception as exc:  # an MLflow without the private names it relies on
             module, error = None, exc
@@ -64,6 +65,6 @@ def client_fast_path(client: Any) -> ClientFastPath | None:
 
 
 def log_batch_is_mlflows(client: Any) -> bool:
-    """:func:`actors._sql_metrics.log_batch_is_mlflows`; False without the fast path."""
+    """:func:`actors.delivery._sql_metrics.log_batch_is_mlflows`; False without the fast path."""
     module = sql_metrics()
     return module is not None and bool(module.log_batch_is_mlflows(client))

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from actors._budget import Budget
+from actors.queueing._budget import Budget
 
 # key, value, timestamp (ms), step, model_id, dataset_name, dataset_digest.
 # Plain tuples: building mlflow.entities.Metric objects is deferred to the executor.
@@ -60,7 +60,7 @@ class CreateRun(NamedTuple):
     tags: list[Pair]
     run_name: str | None
     # A uuid4 fixed when the creation is queued: how a creation of unknown outcome is found
-    # on a tracking server before it is sent again (actors._create_key).
+    # on a tracking server before it is sent again (actors.delivery._create_key).
     create_key: str | None = None
 
 
@@ -278,7 +278,7 @@ def _no_trigger() -> None:
 class BoundedRunQueues(RunQueues):
     """The queues of a client with ``max_queued``: every append is counted.
 
-    The count is the client's :class:`~actors._budget.Budget`, under its lock, which is the
+    The count is the client's :class:`~actors.queueing._budget.Budget`, under its lock, which is the
     lock of all the client's queues; an append that does not fit waits for room there (the
     lock released meanwhile) or raises, appending nothing.
     """

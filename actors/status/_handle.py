@@ -1,4 +1,9 @@
-"""``RunWait``: one run's part of one ``flush()``, settled once when that run's flush ends.
+"""``RunHandle``: one run of one session; ``RunWait``: its part of one ``flush()``.
+
+A run's handle lives below the runtime (the session makes it, the supervisor schedules it,
+the spooler spools it) so that everything that holds one can import it.
+
+A ``RunWait`` is settled once when that run's flush ends.
 
 A flush of 10,000 runs makes 10,000 of them inside the supervisor's answer, so they are
 light: a slotted object each, and one condition per ``flush()`` call that all its runs
@@ -12,12 +17,16 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
+from actors.queueing._pending import PendingRunId
+from actors.queueing._queues import RunQueues
+from actors.status._status import RunRecord
+
 if TYPE_CHECKING:
-    from actors._session import RunHandle
+    import pykka
 
 
 class FlushCall:
@@ -63,3 +72,36 @@ class RunWait:
                         raise TimeoutError
                     cond.wait(left)
         return self._error
+
+
+class RunHandle:
+    """One run of one session: its queues, its live record and (while alive) its actor.
+
+    Besides ``ref``, the supervisor alone reads and writes the scheduling fields: whether
+    the actor has a round (``busy``), whether a round is requested and not yet sent to an
+    actor (``requested``, with the ``flush()`` waits it must settle), and whether the run
+    waits in the session's ready queue for an actor (``ready``).
+    """
+
+    __slots__ = (
+        "busy",
+        "key",
+        "pending",
+        "queues",
+        "ready",
+        "record",
+        "ref",
+        "requested",
+        "waits",
+    )
+
+    def __init__(self, key: Any, pending: PendingRunId | None, queues: RunQueues) -> None:
+        self.key = key
+        self.pending = pending
+        self.queues = queues
+        self.record = RunRecord(pending=pending, run_id=None if pending else key)
+        self.ref: pykka.ActorRef[Any] | None = None
+        self.busy = False
+        self.requested = False
+        self.waits: list[RunWait] = []
+        self.ready = False

@@ -2,7 +2,8 @@
 
 Per run: if its ID is unknown, the creation is resolved first (looked up if its outcome is
 unknown, else sent, with the attempt recorded durably *before* it is sent), and the ID is
-recorded durably. Then each call is made with :func:`~actors._retry.call_with_retry` and its
+recorded durably. Then each call is made with
+:func:`~actors.delivery._retry.call_with_retry` and its
 row removed right after it succeeded. A crash between the two re-sends that one call on the
 next delivery, which stores nothing twice: MLflow's stores ignore a metric point already
 stored (same key, step, timestamp and value), an identical param is accepted again, tags
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from actors._create_key import creation_with_key, find_created_run
-from actors._perform import KINDS, RetryHook, _create, _invoke, call_counts, empty_counts
-from actors._retry import call_with_retry, is_transient
-from actors._spool import RunEntry, Spool, SpoolCorrupt, SpoolError
-from actors._sqlite_gate import uri_database_key
+from actors.delivery._create_key import creation_with_key, find_created_run
+from actors.delivery._perform import KINDS, RetryHook, _create, _invoke, call_counts, empty_counts
+from actors.delivery._retry import call_with_retry, is_transient
+from actors.delivery._sqlite_gate import uri_database_key
+from actors.spool._spool import RunEntry, Spool, SpoolCorrupt, SpoolError
 
 # (run key, what the call delivered: entities per kind) after each delivered call or creation
 ProgressHook = Callable[[str, dict[str, int]], None]
@@ -122,7 +123,7 @@ def deliver_run(
 ) -> RunDelivery:
     """Deliver one run of the journal; never raises for a failed call (see ``error``).
 
-    Raises only :class:`~actors._spool.SpoolError`: a journal that cannot be written stops
+    Raises only :class:`~actors.spool._spool.SpoolError`: a journal that cannot be written stops
     the whole delivery, since nothing could be removed from it.
     """
     outcome = RunDelivery(entry.key, entry.run_id)

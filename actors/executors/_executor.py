@@ -17,8 +17,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors._perform import Job, JobResult, JobStopped, perform_job, retry_error_text
-from actors._plan import Call
+from actors.delivery._perform import Job, JobResult, JobStopped, perform_job, retry_error_text
+from actors.queueing._plan import Call
 
 _logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class ThreadExecutor(JobPool[str]):
     def _client(self, uri: str) -> Any:
         client = self._clients.get(uri)
         if client is None:
-            from actors._store import make_client
+            from actors.delivery._store import make_client
 
             with self._clients_lock:
                 client = self._clients.get(uri)

@@ -1,8 +1,9 @@
 """``ProcessExecutor``: the tracking calls in worker processes, past the GIL.
 
 Up to ``max_workers`` pool threads in this process each own one worker process (a fork of the
-pre-imported worker template, :mod:`actors._template`, never of this process, running
-:mod:`actors._worker`; started on first use and reused). A pool thread takes a job, sends it
+pre-imported worker template, :mod:`actors.executors._template`, never of this process, running
+:mod:`actors.executors._worker`; started on first use and reused). A pool thread takes a job,
+sends it
 cloudpickled, relays the worker's progress to the run's record, and returns the result. If
 the worker dies mid-job, the pool thread starts a new one and resumes the job
 after the last call that completed; only the run of that job is affected. A ``create_run``
@@ -30,10 +31,10 @@ from multiprocessing.connection import Connection
 
 import cloudpickle
 
-from actors import _template, _worker
-from actors._executor import JobPool, StateHook
-from actors._perform import Job, JobResult, compress_errors, merge_results, record_outcome
-from actors._plan import Call, CreateRunCall
+from actors.delivery._perform import Job, JobResult, compress_errors, merge_results, record_outcome
+from actors.executors import _template, _worker
+from actors.executors._executor import JobPool, StateHook
+from actors.queueing._plan import Call, CreateRunCall
 
 # Every worker of this process, so that a forked child can close its copies of their sockets.
 # Held while a worker's sockets are made and registered, and across os.fork(), so that a

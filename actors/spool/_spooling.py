@@ -4,7 +4,7 @@ each later flush of that run re-sends it first.
 With ``spool_dir``, every job runs with ``stop_on_transient``: it stops at the first call
 that still fails transiently after its retries (or at the client closing), and reports the
 calls it did not deliver. :meth:`Spooler.track` writes those, then whatever the run queued
-since, to the session's journal (:class:`~actors._spool.Spool`, created in ``spool_dir``
+since, to the session's journal (:class:`~actors.spool._spool.Spool`, created in ``spool_dir``
 at the first such write, one per client session), in one durable transaction, before the
 run's actor hears of the round: so the flush reports only once they are on disk, and they
 leave memory. Permanent failures are reported as before, never spooled.
@@ -13,7 +13,7 @@ While a run has calls in the journal, its rounds go through :meth:`Spooler.resen
 of the spooler's threads (up to the client's ``max_workers``, started on demand, so that runs
 are re-sent in parallel as they are flushed), the journal's calls of that run are delivered
 in order
-(:func:`~actors._replay.deliver_run`: each removed once delivered, a creation of unknown
+(:func:`~actors.spool._replay.deliver_run`: each removed once delivered, a creation of unknown
 outcome looked up first), then the round's new calls go to the executor as usual; if
 re-sending fails transiently again, the new calls are appended behind the spooled ones, so
 nothing is ever sent ahead of them. A spooled call that fails permanently is reported and
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors._perform import (
+from actors.delivery._perform import (
     Job,
     JobResult,
     JobStopped,
@@ -46,14 +46,14 @@ from actors._perform import (
     merge_results,
     record_outcome,
 )
-from actors._plan import Call, CreateRunCall, plan_snapshot
-from actors._replay import deliver_run
-from actors._spool import Spool
-from actors._store import make_client
+from actors.delivery._store import make_client
+from actors.queueing._plan import Call, CreateRunCall, plan_snapshot
+from actors.spool._replay import deliver_run
+from actors.spool._spool import Spool
 
 if TYPE_CHECKING:
-    from actors._executor import DoneHook, Executor, StateHook
-    from actors._session import RunHandle
+    from actors.executors._executor import DoneHook, Executor, StateHook
+    from actors.status._handle import RunHandle
 
 _logger = logging.getLogger(__name__)
 

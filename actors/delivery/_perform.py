@@ -16,15 +16,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 
-from actors._create_key import creation_with_key, find_created_run, uses_create_key_tag
-from actors._fast_path import FastPathUnavailable, client_fast_path, log_batch_is_mlflows
-from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
-from actors._retry import call_with_retry, is_transient
-from actors._sqlite_gate import database_gate, uri_database_key
-from actors._store import request_deadline
+from actors.delivery._create_key import creation_with_key, find_created_run, uses_create_key_tag
+from actors.delivery._fast_path import FastPathUnavailable, client_fast_path, log_batch_is_mlflows
+from actors.delivery._retry import call_with_retry, is_transient
+from actors.delivery._sqlite_gate import database_gate, uri_database_key
+from actors.delivery._store import request_deadline
+from actors.queueing._plan import (
+    Call,
+    CreateRunCall,
+    LogBatchCall,
+    LogInputsCall,
+    SetTerminatedCall,
+)
 
 if TYPE_CHECKING:
-    from actors._sql_metrics import ClientFastPath
+    from actors.delivery._sql_metrics import ClientFastPath
 
 KINDS = ("metrics", "params", "tags", "datasets")
 
@@ -169,7 +175,7 @@ def _invoke_fast(
 
 def _invoke(client: Any, run_id: str, call: Call, gate: str | None) -> None:
     """One attempt at ``call``; on a SQLite store, holding its file's gate
-    (:mod:`actors._sqlite_gate`, keyed by ``gate``)."""
+    (:mod:`actors.delivery._sqlite_gate`, keyed by ``gate``)."""
     with database_gate(gate):
         _send(client, run_id, call)
 
@@ -305,7 +311,7 @@ def _creation_failed(
 def _create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: _Retries) -> str:
     """Create the run, retrying transient failures without ever making a second run.
 
-    On a tracking server the creation carries its create key (:mod:`actors._create_key`),
+    On a tracking server the creation carries its create key (:mod:`actors.delivery._create_key`),
     and an attempt after one whose outcome is unknown (any transient failure: the request
     may have landed and only its answer been lost) first looks the run up by that key. In a
     local database a failed creation is a rolled-back transaction: it is simply sent again.

@@ -1,11 +1,11 @@
 """The process-wide actor system: started lazily, rebuilt after ``fork``, closed at exit.
 
-One :class:`ActorSystem` (one :class:`~actors._supervisor.Supervisor`) serves every client
+One :class:`ActorSystem` (one :class:`~actors.runtime._supervisor.Supervisor`) serves every client
 in a process, the way MLflow's autologging creates a client per ``fit()``. All its threads
 are daemon threads, so the interpreter never waits on them; instead an ``atexit`` handler
 flushes and closes every open session within ``RUNACTORS_EXIT_TIMEOUT`` seconds (default
 30), letting flushes already in flight complete. The system also owns the process's one
-:class:`~actors._ticker.Ticker` (the timer of every client's ``flush_interval``), whose
+:class:`~actors.runtime._ticker.Ticker` (the timer of every client's ``flush_interval``), whose
 thread starts with the first client that has one, and stops with the system.
 """
 
@@ -21,13 +21,12 @@ from typing import Any
 
 import pykka
 
-from actors._failures import RoundFailure
-from actors._pending import format_seconds
-from actors._queues import CreateRun
-from actors._run_actor import RunActor
-from actors._session import RunHandle, Session, SessionConfig
-from actors._spooling import close_reserve
-from actors._supervisor import (
+from actors.queueing._pending import format_seconds
+from actors.queueing._queues import CreateRun
+from actors.runtime._failures import RoundFailure
+from actors.runtime._run_actor import RunActor
+from actors.runtime._session import Session, SessionConfig
+from actors.runtime._supervisor import (
     TICK,
     CloseSession,
     FlushSession,
@@ -37,7 +36,9 @@ from actors._supervisor import (
     Supervisor,
     Ticket,
 )
-from actors._ticker import Ticker
+from actors.runtime._ticker import Ticker
+from actors.spool._spooling import close_reserve
+from actors.status._handle import RunHandle
 
 _logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ bounded by what is left of the call's ``retry_timeout``.
 
 MLflow's HTTP layer retries a failed request up to 7 times with exponential backoff (minutes)
 and waits up to 120 s for an answer, before the caller sees the failure; runactors retries
-transient failures itself (:mod:`actors._retry`), so with both a client with
+transient failures itself (:mod:`actors.delivery._retry`), so with both a client with
 ``retry_timeout=1`` would give up minutes late, and a ``create_run`` could be re-sent where
 runactors cannot look it up first. So runactors' clients on a tracking server use
 :class:`BoundedRestStore`: ``max_retries=0``, no status retries, and a per-request timeout of
@@ -40,7 +40,7 @@ from mlflow.tracking._tracking_service.client import TrackingServiceClient
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-from actors._new_sqlite import create_sqlite_store
+from actors.delivery._new_sqlite import create_sqlite_store
 
 # A request gets at least this long to be answered, even when the call's retry_timeout is
 # (nearly) spent: shorter would fail a healthy but loaded server's answers, and the overshoot
@@ -198,7 +198,7 @@ class _TrackingClient(TrackingServiceClient):
 def make_client(tracking_uri: str) -> MlflowClient:
     """An ``MlflowClient`` for runactors' own calls: on a tracking server (a plain
     ``RestStore``), one on :class:`BoundedRestStore`; elsewhere MLflow's own. A SQLite store
-    that does not exist yet is created whole first (:mod:`actors._new_sqlite`)."""
+    that does not exist yet is created whole first (:mod:`actors.delivery._new_sqlite`)."""
     create_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     store = client._tracking_client.store

@@ -10,7 +10,7 @@ store in call order whatever the flushes do, and the actor's mailbox never waits
 A background flush (``flush_interval``, a full batch, ``max_queued``) is a round with no
 ``flush()`` waiting on it. A failed round is logged as a warning when no ``flush()`` waits
 on it: never silent. What it lost is kept in the session's
-:class:`~actors._failures.FailureLog` until a ``flush()`` raises it (``close()`` raises the
+:class:`~actors.runtime._failures.FailureLog` until a ``flush()`` raises it (``close()`` raises the
 rest); calls it put in the spool are not lost, and are not kept there.
 """
 
@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors._executor import DoneHook, failed_result
-from actors._failures import FailureLog, round_failure
-from actors._perform import Job, JobResult, JobStopped, empty_counts, failure_message
-from actors._plan import plan_snapshot
+from actors.delivery._perform import Job, JobResult, JobStopped, empty_counts, failure_message
+from actors.executors._executor import DoneHook, failed_result
+from actors.queueing._plan import plan_snapshot
+from actors.runtime._failures import FailureLog, round_failure
 
 if TYPE_CHECKING:
-    from actors._outcome import RunWait
-    from actors._session import RunHandle, Session
+    from actors.runtime._session import Session
+    from actors.status._handle import RunHandle, RunWait
 
 
 _logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class RunActor(pykka.ThreadingActor):
                     session.failures.add(failure_message(job.label, result.errors))
 
         done: DoneHook = on_done
-        if spooler is not None:  # undelivered calls go to the spool (actors._spooling)
+        if spooler is not None:  # undelivered calls go to the spool (actors.spool._spooling)
             job.stop_on_transient = True
             done = spooler.track(handle, on_done)
             if spooled:

@@ -11,7 +11,7 @@ so forking it is safe; it holds no state, so it can be killed at any time.
 
 A request is one byte on the control socket carrying (``SCM_RIGHTS``) the worker's end of a
 fresh socketpair. The forked worker starts its own session (a terminal's Ctrl-C does not reach
-it), closes the control socket and runs :func:`actors._worker.serve_forked` on its socket:
+it), closes the control socket and runs :func:`actors.executors._worker.serve_forked` on its socket:
 workers still exit when their parent's end of the socket closes. The template's children are
 reaped by the kernel (``SIGCHLD`` ignored). The template exits when its control socket closes
 (the parent exited or forked it away); the parent kills it when its last process executor shuts
@@ -36,9 +36,9 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # What every worker needs, imported once here instead of in each worker. Opening a store
 # (an engine, a connection pool) is left to the workers: shared by forks, it would be corrupted.
 PRELOAD = (
-    "actors._worker",
-    "actors._store",
-    "actors._sql_metrics",  # the SQL fast path, imported on first use elsewhere
+    "actors.executors._worker",
+    "actors.delivery._store",
+    "actors.delivery._sql_metrics",  # the SQL fast path, imported on first use elsewhere
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.tracking.sqlalchemy_workspace_store",
     "sqlalchemy.dialects.sqlite",
@@ -46,7 +46,7 @@ PRELOAD = (
 )
 
 
-# How the template starts: ``python -c BOOTSTRAP FD``. Not ``python -m actors._template``,
+# How the template starts: ``python -c BOOTSTRAP FD``. Not ``python -m actors.executors._template``,
 # which puts the current folder first on ``sys.path``: an ``actors/`` folder there (common in
 # actor projects) would be imported instead of this package, and no worker could start. With
 # ``-c`` the current folder is the entry ``''``, dropped before anything is imported (absent
@@ -55,7 +55,7 @@ BOOTSTRAP = (
     "import sys\n"
     "if sys.path and sys.path[0] == '':\n"
     "    del sys.path[0]\n"
-    "from actors._template import main\n"
+    "from actors.executors._template import main\n"
     "main()\n"
 )
 
@@ -126,7 +126,7 @@ def main() -> None:
     _preload()
     fd = serve(control)
     if fd is not None:  # in a forked worker: serve jobs, then exit as a fresh worker would
-        from actors._worker import serve_forked
+        from actors.executors._worker import serve_forked
 
         serve_forked(fd)
 

@@ -1,13 +1,13 @@
 """The spool journal: one SQLite file per live client process holding undeliverable calls.
 
-A journal keeps, per run, the planned calls (:mod:`actors._plan`) that could not be
+A journal keeps, per run, the planned calls (:mod:`actors.queueing._plan`) that could not be
 delivered, in order, together with what is needed to create the run if its creation is
 among them. SQLite (standard library, WAL mode, ``synchronous=FULL``) gives what a journal
 needs without hand-rolled files: an append is one transaction that is on disk (fsync)
 before :meth:`Spool.append` returns, and "delivered, delete" is one atomic row removal; a
 torn last write is rolled back by SQLite's own recovery when the file is next opened. That
 recovery also silently drops every commit after a damaged ``-wal`` frame: a ``totals`` row
-kept by triggers says what the journal holds, and :mod:`actors._journal_check` reads the
+kept by triggers says what the journal holds, and :mod:`actors.spool._journal_check` reads the
 ``-wal`` before SQLite does, so such a journal is refused, never delivered in part.
 
 The file is private to its user (folder 0700, files 0600: it holds params and tags), and
@@ -54,9 +54,15 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
 
-from actors._journal_check import check_wal, loss_message, totals_mismatch
-from actors._perform import KINDS, call_counts
-from actors._plan import Call, CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors.delivery._perform import KINDS, call_counts
+from actors.queueing._plan import (
+    Call,
+    CreateRunCall,
+    LogBatchCall,
+    LogInputsCall,
+    SetTerminatedCall,
+)
+from actors.spool._journal_check import check_wal, loss_message, totals_mismatch
 
 _logger = logging.getLogger(__name__)
 

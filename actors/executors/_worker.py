@@ -1,16 +1,17 @@
 """The worker process of the process executor, forked by the worker template.
 
-A fork of :mod:`actors._template` (a fresh interpreter that has imported MLflow: never a fork of
+A fork of :mod:`actors.executors._template` (a fresh interpreter that has imported MLflow:
+never a fork of
 the user's process, and not ``multiprocessing``'s spawn, which would re-import the user's
 ``__main__``). It first sends the parent its PID and a pidfd of itself (so
 that the parent can kill and wait for it without being its parent, and never signals a reused
 PID), takes the parent's environment and working directory as they are now, then reads
-cloudpickled :class:`~actors._perform.Job`\\ s from the socket, performs them with one
-``MlflowClient`` per tracking URI (:func:`actors._store.make_client`: MLflow's HTTP retries
+cloudpickled :class:`~actors.delivery._perform.Job`\\ s from the socket, performs them with one
+``MlflowClient`` per tracking URI (:func:`actors.delivery._store.make_client`: MLflow's HTTP retries
 off), and reports each call's outcome as it goes, so that the pool thread feeding it can resume
 the job elsewhere if this process dies. It exits when the socket closes: a parent that dies
 takes its workers with it (a child the parent forks closes its copies of the sockets, see
-``actors._process_executor``).
+``actors.executors._process_executor``).
 A job it cannot unpickle is refused (the parent fails its calls); this process goes on.
 """
 
@@ -26,16 +27,16 @@ from typing import Any
 
 import cloudpickle
 
-from actors._executor import failed_result
-from actors._perform import Job, perform_job, retry_error_text
-from actors._plan import Call
+from actors.delivery._perform import Job, perform_job, retry_error_text
+from actors.executors._executor import failed_result
+from actors.queueing._plan import Call
 
 
 def _client(clients: dict[str, Any], uri: str) -> Any:
     """This worker's ``MlflowClient`` for ``uri``, made on first use."""
     client = clients.get(uri)
     if client is None:
-        from actors._store import make_client
+        from actors.delivery._store import make_client
 
         client = clients[uri] = make_client(uri)
     return client

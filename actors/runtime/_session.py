@@ -6,26 +6,20 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from actors._budget import Budget
-from actors._executor import Executor, ThreadExecutor, default_max_workers
-from actors._failures import FailureLog
-from actors._pending import PendingRunId
-from actors._queues import (
+from actors.executors._executor import Executor, ThreadExecutor, default_max_workers
+from actors.queueing._budget import Budget
+from actors.queueing._queues import (
     BoundedRunQueues,
     CreateRun,
     RunQueues,
     WatchedRunQueues,
     closed_error,
 )
-from actors._spooling import Spooler
-from actors._status import RunRecord
-
-if TYPE_CHECKING:
-    import pykka
-
-    from actors._outcome import RunWait
+from actors.runtime._failures import FailureLog
+from actors.spool._spooling import Spooler
+from actors.status._handle import RunHandle
 
 # How many of a client's runs may have a live actor (a thread) at once: more than its
 # executor can serve buy nothing, a few more keep the executor fed while actors change.
@@ -49,39 +43,6 @@ class SessionConfig:
     max_queued: int | None = None
     retry_timeout: float = 60.0
     spool_dir: str | None = None
-
-
-class RunHandle:
-    """One run of one session: its queues, its live record and (while alive) its actor.
-
-    Besides ``ref``, the supervisor alone reads and writes the scheduling fields: whether
-    the actor has a round (``busy``), whether a round is requested and not yet sent to an
-    actor (``requested``, with the ``flush()`` waits it must settle), and whether the run
-    waits in the session's ready queue for an actor (``ready``).
-    """
-
-    __slots__ = (
-        "busy",
-        "key",
-        "pending",
-        "queues",
-        "ready",
-        "record",
-        "ref",
-        "requested",
-        "waits",
-    )
-
-    def __init__(self, key: Any, pending: PendingRunId | None, queues: RunQueues) -> None:
-        self.key = key
-        self.pending = pending
-        self.queues = queues
-        self.record = RunRecord(pending=pending, run_id=None if pending else key)
-        self.ref: pykka.ActorRef[Any] | None = None
-        self.busy = False
-        self.requested = False
-        self.waits: list[RunWait] = []
-        self.ready = False
 
 
 class Session:
@@ -175,7 +136,7 @@ class Session:
     def _make_executor(self) -> Executor:
         name = f"runactors-{self.id}"
         if self.config.executor == "process":
-            from actors._process_executor import ProcessExecutor
+            from actors.executors._process_executor import ProcessExecutor
 
             return ProcessExecutor(self.config.max_workers, name=name)
         return ThreadExecutor(self.config.max_workers, name=name)
