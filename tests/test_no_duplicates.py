@@ -14,7 +14,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from actors.delivery._create_key import CREATE_KEY_TAG
-from actors.delivery._perform import _invoke
+from actors.delivery._dispatch import invoke as _invoke
 from actors.queueing._plan import LogBatchCall
 from client import QueueingClient
 

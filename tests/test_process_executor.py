@@ -245,7 +245,7 @@ def test_a_worker_that_cannot_start_fails_its_job_and_leaks_nothing(
 
 
 def test_a_pool_thread_survives_any_fault_of_a_job(tracking_uri):
-    from actors.delivery._perform import Job, JobResult
+    from actors.delivery._jobs import Job, JobResult
     from actors.executors._executor import JobPool
 
     class Faulty(JobPool[str]):

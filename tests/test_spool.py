@@ -23,7 +23,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 from scripts import script_env
 
-from actors.delivery._perform import call_counts
+from actors.delivery._jobs import call_counts
 from actors.queueing._plan import CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
 from actors.spool._spool import (
     Spool,

@@ -28,13 +28,9 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
 from scripts import REPO, script_env
 from stores import SqliteLock
 
-from actors.delivery._sql_metrics import (
-    ENV_SWITCH,
-    PROVEN_REVISIONS,
-    FastPathUnavailable,
-    SqlMetricsWriter,
-    fast_metrics_writer,
-)
+from actors.delivery._fast_path import FastPathUnavailable
+from actors.delivery._sql_metrics import PROVEN_REVISIONS, SqlMetricsWriter
+from actors.delivery._sql_policy import ENV_SWITCH, fast_metrics_writer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -415,7 +411,8 @@ _WRITER_PROCESS = """
 import sys
 from mlflow.entities import Metric
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-from actors.delivery._sql_metrics import FastPathUnavailable, fast_metrics_writer
+from actors.delivery._fast_path import FastPathUnavailable
+from actors.delivery._sql_policy import fast_metrics_writer
 
 uri, *run_ids = sys.argv[1:]
 store = SqlAlchemyStore(uri, "unused-artifacts")

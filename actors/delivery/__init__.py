@@ -5,15 +5,9 @@ imported on first use only, so it is not imported here).
 """
 
 from actors.delivery._create_key import CREATE_KEY_TAG
+from actors.delivery._jobs import KINDS, Job, JobResult, empty_counts, failure_message
 from actors.delivery._new_sqlite import create_sqlite_store
-from actors.delivery._perform import (
-    KINDS,
-    Job,
-    JobResult,
-    empty_counts,
-    failure_message,
-    perform_job,
-)
+from actors.delivery._perform import perform_job
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._store import make_client
 

@@ -1,4 +1,5 @@
-"""The SQL fast path (:mod:`actors.delivery._sql_metrics`), imported on first use.
+"""The SQL fast path (:mod:`actors.delivery._sql_policy`, :mod:`actors.delivery._sql_metrics`),
+imported on first use, and what its callers hold of it: a client's :class:`ClientFastPath`.
 
 The fast path relies on private MLflow names (``mlflow.utils.validation._validate_*``, the
 table models of ``mlflow.store.tracking.dbmodels``). Imported here at its first use, not with
@@ -11,11 +12,11 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from actors.delivery._sql_metrics import ClientFastPath
+from actors.queueing._queues import MetricRow
 
 _logger = logging.getLogger(__name__)
 
@@ -27,18 +28,47 @@ class FastPathUnavailable(Exception):
     """
 
 
+class BatchWriter(Protocol):
+    """What the fast path's callers use of its writer (``_sql_metrics.SqlMetricsWriter``)."""
+
+    unavailable: str | None
+
+    def write_queued(self, run_id: str, batches: Sequence[Sequence[MetricRow]]) -> None: ...
+
+
+class ClientFastPath:
+    """The fast path of one ``MlflowClient``: its writer (None: the client's store is not a
+    database the writer serves, or the switch is off) and whether a fallback was logged."""
+
+    def __init__(self, writer: BatchWriter | None, database: bool) -> None:
+        self.writer = writer
+        self.database = database  # MLflow's SQL store: status() shows "on"/"off"/"fallback"
+        self.warned = False
+
+    def fell_back(self, reason: str) -> str:
+        """Log the client's first fallback at WARNING (later ones at DEBUG); the status text."""
+        if self.warned:
+            _logger.debug("SQL fast path fallback: %s", reason)
+        else:
+            self.warned = True
+            _logger.warning(
+                "SQL fast path unavailable, metrics go through MLflow's log_batch: %s", reason
+            )
+        return f"fallback: {reason}"
+
+
 _UNTRIED: Any = object()
 _module: Any = _UNTRIED  # the module, or None once its import failed
 _lock = threading.Lock()
 
 
 def sql_metrics() -> ModuleType | None:
-    """:mod:`actors.delivery._sql_metrics`, or None (said once per process) if it cannot be
+    """:mod:`actors.delivery._sql_policy`, or None (said once per process) if it cannot be
     imported."""
     global _module
     if _module is _UNTRIED:
         try:
-            module: ModuleType | None = importlib.import_module("actors.delivery._sql_metrics")
+            module: ModuleType | None = importlib.import_module("actors.delivery._sql_policy")
             error = None
         except Exception as exc:  # an MLflow without the private names it relies on
             module, error = None, exc
@@ -65,6 +95,6 @@ def client_fast_path(client: Any) -> ClientFastPath | None:
 
 
 def log_batch_is_mlflows(client: Any) -> bool:
-    """:func:`actors.delivery._sql_metrics.log_batch_is_mlflows`; False without the fast path."""
+    """:func:`actors.delivery._sql_policy.log_batch_is_mlflows`; False without the fast path."""
     module = sql_metrics()
     return module is not None and bool(module.log_batch_is_mlflows(client))

@@ -27,12 +27,11 @@ error, raises :class:`FastPathUnavailable`, for the caller to send the batch thr
 API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
 are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
 
-The writer is a function of an engine, a run id and metrics; :func:`client_fast_path` keeps
-one per ``MlflowClient`` (made on first use, None cached too) for
-``actors.delivery._perform``, which
-sends a metric-only ``log_batch`` through it on a database store and through MLflow's API
-when it raises :class:`FastPathUnavailable`. A locked or unreachable database is raised as
-MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is retried, not a fallback.
+When the writer is used, and one per ``MlflowClient``: :mod:`actors.delivery._sql_policy`;
+``actors.delivery._perform`` sends a metric-only ``log_batch`` through it on a database store
+and through MLflow's API when it raises :class:`FastPathUnavailable`. A locked or unreachable
+database is raised as MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is
+retried, not a fallback.
 """
 
 from __future__ import annotations
@@ -40,10 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
 import sqlite3
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any, Final
@@ -57,8 +53,6 @@ from mlflow.protos.databricks_pb2 import (
     TEMPORARILY_UNAVAILABLE,
 )
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
-from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     _validate_batch_log_data,
     _validate_batch_log_limits,
@@ -72,15 +66,13 @@ from actors.delivery._sqlite_gate import database_gate, database_key
 
 _logger = logging.getLogger(__name__)
 
-ENV_SWITCH = "RUNACTORS_SQL_FAST_PATH"
-
 # The alembic revisions (``alembic_version.version_num``) of MLflow's schema that the
 # equivalence tests were run on. A database on any other revision goes through MLflow's API.
 PROVEN_REVISIONS = frozenset({"dc11669786a5"})
 
 # The SQL dialects whose conflict clauses the writer speaks and the tests prove; MySQL and
 # MSSQL fall back to MLflow's API.
-_INSERTS: dict[str, Callable[..., Any]] = {
+INSERTS: dict[str, Callable[..., Any]] = {
     "sqlite": sqlite.insert,
     "postgresql": postgresql.insert,
 }
@@ -89,83 +81,6 @@ _INSERTS: dict[str, Callable[..., Any]] = {
 _MAX_DOUBLE = 1.7976931348623157e308
 
 MetricsWriter = Callable[[str, Sequence[Metric]], None]
-
-
-def enabled() -> bool:
-    """Whether the environment allows the fast path (``RUNACTORS_SQL_FAST_PATH`` is not "0")."""
-    return os.environ.get(ENV_SWITCH, "1").strip() != "0"
-
-
-def fast_metrics_writer(store: object) -> SqlMetricsWriter | None:
-    """A writer on ``store``'s own engine when ``store`` is MLflow's plain ``SqlAlchemyStore``
-    on a supported database and the fast path is enabled; else None (use MLflow's API).
-
-    A subclass that scopes queries (MLflow's workspace-aware store) is not the store the
-    writer was proven against, so it gets None too.
-    """
-    if not enabled() or type(store) is not SqlAlchemyStore:
-        return None
-    engine = store.engine
-    if engine.dialect.name not in _INSERTS:
-        return None
-    try:
-        return SqlMetricsWriter(engine)
-    except FastPathUnavailable:
-        return None
-
-
-class ClientFastPath:
-    """The fast path of one ``MlflowClient``: its writer (None: the client's store is not a
-    database the writer serves, or the switch is off) and whether a fallback was logged."""
-
-    def __init__(self, writer: SqlMetricsWriter | None, database: bool) -> None:
-        self.writer = writer
-        self.database = database  # MLflow's SQL store: status() shows "on"/"off"/"fallback"
-        self.warned = False
-
-    def fell_back(self, reason: str) -> str:
-        """Log the client's first fallback at WARNING (later ones at DEBUG); the status text."""
-        if self.warned:
-            _logger.debug("SQL fast path fallback: %s", reason)
-        else:
-            self.warned = True
-            _logger.warning(
-                "SQL fast path unavailable, metrics go through MLflow's log_batch: %s", reason
-            )
-        return f"fallback: {reason}"
-
-
-# MLflow's own ``log_batch`` of the client and of the store, which the fast path stands in for.
-_MLFLOW_LOG_BATCH: Final = (MlflowClient.log_batch, SqlAlchemyStore.log_batch)
-
-
-def log_batch_is_mlflows(client: Any) -> bool:
-    """Whether ``client.log_batch`` would run MLflow's own code down to its SQL store: not
-    when that code is patched or wrapped (instrumentation, a test's fault injection, a
-    subclass), whose caller expects it to run for every batch; the fast path would skip it."""
-    store = client._tracking_client.store
-    return (type(client).log_batch, type(store).log_batch) == _MLFLOW_LOG_BATCH and not (
-        "log_batch" in vars(client) or "log_batch" in vars(store)
-    )
-
-
-_CLIENTS: weakref.WeakKeyDictionary[Any, ClientFastPath] = weakref.WeakKeyDictionary()
-_CLIENTS_LOCK = threading.Lock()
-
-
-def client_fast_path(client: Any) -> ClientFastPath:
-    """The fast path of ``client`` (an ``MlflowClient``), built once on first use and cached
-    with the client (also when there is none), so that every batch after the first costs a
-    dictionary look-up."""
-    with _CLIENTS_LOCK:
-        found = _CLIENTS.get(client)
-    if found is not None:
-        return found
-    tracking = getattr(client, "_tracking_client", None)
-    store = getattr(tracking, "store", None)
-    made = ClientFastPath(fast_metrics_writer(store), isinstance(store, SqlAlchemyStore))
-    with _CLIENTS_LOCK:
-        return _CLIENTS.setdefault(client, made)
 
 
 def _sanitize(value: float) -> tuple[bool, float]:
@@ -486,7 +401,7 @@ def _insert(dialect: str, table: Any) -> Any:
     """An insert of whole rows into ``table``: one row of parameters (SQLite), or one array
     per column, unnested in lockstep (PostgreSQL)."""
     if dialect != "postgresql":
-        return _INSERTS[dialect](table)
+        return INSERTS[dialect](table)
     columns = [table.c[name] for name in _COLUMNS]
     arrays = [
         sqlalchemy.func.unnest(

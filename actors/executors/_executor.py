@@ -17,7 +17,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors.delivery._perform import Job, JobResult, JobStopped, perform_job, retry_error_text
+from actors.delivery._jobs import Job, JobResult, JobStopped, retry_error_text
+from actors.delivery._perform import perform_job
 from actors.queueing._plan import Call
 
 _logger = logging.getLogger(__name__)

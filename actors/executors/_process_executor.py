@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 
 import cloudpickle
 
-from actors.delivery._perform import Job, JobResult, compress_errors, merge_results, record_outcome
+from actors.delivery._jobs import Job, JobResult, compress_errors, merge_results, record_outcome
 from actors.executors import _template, _worker
 from actors.executors._executor import JobPool, StateHook
 from actors.queueing._plan import Call, CreateRunCall

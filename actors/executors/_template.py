@@ -38,7 +38,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 PRELOAD = (
     "actors.executors._worker",
     "actors.delivery._store",
-    "actors.delivery._sql_metrics",  # the SQL fast path, imported on first use elsewhere
+    "actors.delivery._sql_policy",  # the SQL fast path, imported on first use elsewhere
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.tracking.sqlalchemy_workspace_store",
     "sqlalchemy.dialects.sqlite",

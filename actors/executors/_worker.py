@@ -27,7 +27,8 @@ from typing import Any
 
 import cloudpickle
 
-from actors.delivery._perform import Job, perform_job, retry_error_text
+from actors.delivery._jobs import Job, retry_error_text
+from actors.delivery._perform import perform_job
 from actors.executors._executor import failed_result
 from actors.queueing._plan import Call
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors.delivery._perform import Job, JobResult, JobStopped, empty_counts, failure_message
+from actors.delivery._jobs import Job, JobResult, JobStopped, empty_counts, failure_message
 from actors.executors._executor import DoneHook, failed_result
 from actors.queueing._plan import plan_snapshot
 from actors.runtime._failures import FailureLog, round_failure

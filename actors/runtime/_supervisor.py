@@ -30,7 +30,7 @@ from typing import Any
 
 import pykka
 
-from actors.delivery._perform import failure_message
+from actors.delivery._jobs import failure_message
 from actors.queueing._pending import PendingRunId
 from actors.queueing._queues import CreateRun, WatchedRunQueues, closed_error
 from actors.runtime._failures import round_failure

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from actors.delivery._attempts import create_run
 from actors.delivery._create_key import creation_with_key, find_created_run
-from actors.delivery._perform import KINDS, RetryHook, _create, _invoke, call_counts, empty_counts
+from actors.delivery._dispatch import invoke
+from actors.delivery._jobs import KINDS, RetryHook, call_counts, empty_counts
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._sqlite_gate import uri_database_key
 from actors.spool._spool import RunEntry, Spool, SpoolCorrupt, SpoolError
@@ -104,7 +106,7 @@ def resolve_creation(
         else:
             spool.mark_create_attempted(entry.key)
             attempted = True
-        return _create(client, to_send, uri_database_key(tracking_uri)), True
+        return create_run(client, to_send, uri_database_key(tracking_uri)), True
 
     run_id, created = call_with_retry(attempt, retry_timeout, on_retry)
     spool.mark_created(entry.key, run_id)
@@ -143,7 +145,7 @@ def deliver_run(
             for seq, call in batch:
                 step = type(call).__name__.removesuffix("Call")
                 call_with_retry(
-                    partial(_invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
+                    partial(invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
                 )
                 spool.remove([seq])
                 counts = call_counts(call)

@@ -54,7 +54,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
 
-from actors.delivery._perform import KINDS, call_counts
+from actors.delivery._jobs import KINDS, call_counts
 from actors.queueing._plan import (
     Call,
     CreateRunCall,

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.delivery._perform import (
+from actors.delivery._jobs import (
     Job,
     JobResult,
     JobStopped,

@@ -51,7 +51,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.delivery._perform import KINDS, JobResult, empty_counts
+from actors.delivery._jobs import KINDS, JobResult, empty_counts
 from actors.queueing._pending import PendingRunId
 from actors.queueing._queues import RunQueues
 
