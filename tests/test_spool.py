@@ -25,13 +25,9 @@ from scripts import script_env
 
 from actors.delivery._jobs import call_counts
 from actors.queueing._plan import CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
-from actors.spool._spool import (
-    Spool,
-    SpoolCorrupt,
-    SpoolLocked,
-    SpoolVersion,
-    spool_files,
-)
+from actors.spool._files import spool_files
+from actors.spool._format import SpoolCorrupt, SpoolLocked, SpoolVersion
+from actors.spool._spool import Spool
 
 URI = "sqlite:///nowhere.db"
 CREATE = CreateRunCall("1", 1_700_000_000_000, [("team", "vision")], "trial-1")
@@ -229,7 +225,7 @@ def test_existing_open_folder_is_kept_with_a_warning(
     folder = tmp_path / "shared"
     folder.mkdir()
     folder.chmod(0o755)
-    with caplog.at_level(logging.WARNING, logger="actors.spool._spool"):
+    with caplog.at_level(logging.WARNING, logger="actors.spool._files"):
         spool = Spool.create(folder, URI)
     spool.close()
     assert folder.stat().st_mode & 0o777 == 0o755

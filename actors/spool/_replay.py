@@ -26,7 +26,8 @@ from actors.delivery._dispatch import invoke
 from actors.delivery._jobs import KINDS, RetryHook, call_counts, empty_counts
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._sqlite_gate import uri_database_key
-from actors.spool._spool import RunEntry, Spool, SpoolCorrupt, SpoolError
+from actors.spool._format import RunEntry, SpoolCorrupt, SpoolError
+from actors.spool._spool import Spool
 
 # (run key, what the call delivered: entities per kind) after each delivered call or creation
 ProgressHook = Callable[[str, dict[str, int]], None]
