@@ -3,15 +3,9 @@
 """
 
 from actors.status._handle import FlushCall, RunHandle, RunWait
-from actors.status._status import (
-    FLUSH_BUCKETS,
-    STATES,
-    TOTALS,
-    ClientStatus,
-    ErrorLog,
-    RunRecord,
-    RunStatus,
-)
+from actors.status._record import ErrorLog, RunRecord
+from actors.status._results import STATES, ClientStatus, RunStatus
+from actors.status._totals import FLUSH_BUCKETS, TOTALS
 
 __all__ = [
     "FLUSH_BUCKETS",

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from actors.queueing._pending import PendingRunId
 from actors.queueing._queues import RunQueues
-from actors.status._status import RunRecord
+from actors.status._record import RunRecord
 
 if TYPE_CHECKING:
     import pykka

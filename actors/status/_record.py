@@ -1,4 +1,4 @@
-"""What every run actor is doing: the live record an actor keeps, and the snapshots callers get.
+"""What every run actor is doing: the live record an actor keeps, read into ``status()``.
 
 A :class:`RunRecord` is written by its run's actor (and the executor thread working for it),
 by the supervisor (``ready``, ``stopped``, ``closed``) and by the spooler (``spooled``, its
@@ -9,23 +9,6 @@ already logged, say). The lock is only ever held for a few assignments, never ar
 to the store, so ``status()`` answers at once even while the actor's flush is waiting on a
 slow store; the ``log_*`` calls never take it.
 
-States (``RunStatus.state``):
-
-==========  ==================================================================
-``idle``     nothing in flight; operations may be queued, waiting for a flush
-``ready``    a flush is requested and the run waits for its actor (a client has a bounded
-             number of live run actors; runs get one first come, first served)
-``waiting``  a flush is planned and waits for a free executor worker
-``flushing`` the run's calls are being made
-``retrying`` a call failed transiently and is being retried with backoff
-``spooled``  the run's work is in the spool (``spool_dir``) and not being re-sent right now
-             (between flushes, or waiting for one of the spooler's re-sending threads);
-             its next flush re-sends it first
-``stopped``  terminated and fully flushed (as its last flush returns); its actor stops
-``crashed``  the actor failed; the next flush starts a new one for the run
-``closed``   the client was closed (``status()`` still answers, with the final state)
-==========  ==================================================================
-
 A run's ``errors`` stay bounded however long the service runs: see :class:`ErrorLog`.
 
 Transient failures are not errors (they are retried, within ``retry_timeout``): ``retries``
@@ -35,38 +18,23 @@ creation look-ups included), and ``last_retry_error`` is the latest one's type a
 see what the last outage looked like; whether the run is retrying *now* is its ``state``.
 A call that still fails when its ``retry_timeout`` is spent lands in ``errors``.
 
-:data:`TOTALS` adds up what every run of the process did (entities logged, errors, retries,
-and the duration of each flush round): the counters of the status endpoint, which never go
-down, also when clients close or are dropped (their runs' records go, the totals stay).
+The result types ``status()`` returns are in :mod:`actors.status._results`, the process-wide
+totals in :mod:`actors.status._totals`.
 """
 
 from __future__ import annotations
 
-import bisect
-import os
 import re
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from actors.delivery._jobs import KINDS, JobResult, empty_counts
 from actors.queueing._pending import PendingRunId
 from actors.queueing._queues import RunQueues
-
-STATES = (
-    "idle",
-    "ready",
-    "waiting",
-    "flushing",
-    "retrying",
-    "spooled",
-    "stopped",
-    "crashed",
-    "closed",
-)
-BUSY_STATES = frozenset({"ready", "waiting", "flushing", "retrying"})
+from actors.status._results import RunStatus
+from actors.status._totals import TOTALS
 
 ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good
 ERRORS_LATEST = 40  # and its latest ones
@@ -199,136 +167,3 @@ class RunRecord:
                 spooled=dict(self.spooled),
                 sql_fast_path=self.sql_fast_path,
             )
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """One run, as its actor saw it at the moment of the snapshot."""
-
-    pending_id: PendingRunId | None
-    run_id: str | None
-    state: str
-    queued: dict[str, int]
-    logged: dict[str, int]
-    errors: list[str]
-    worker: str | None = None
-    errors_dropped: int = 0  # errors past the cap of ``errors``, counted in it as one line
-    retries: int = 0  # transient failures retried so far (cumulative)
-    last_retry_error: str | None = None  # the latest of them, kept after recovery
-    spooled: dict[str, int] = field(default_factory=empty_counts)  # on disk, to be re-sent
-    # On a database store: "on" (metrics through the SQL fast path), "off", or "fallback:
-    # why" (through MLflow's log_batch); None before any metrics or on other stores.
-    sql_fast_path: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pending_id": None if self.pending_id is None else str(self.pending_id),
-            "run_id": self.run_id,
-            "state": self.state,
-            "queued": dict(self.queued),
-            "logged": dict(self.logged),
-            "errors": list(self.errors),
-            "worker": self.worker,
-            "errors_dropped": self.errors_dropped,
-            "retries": self.retries,
-            "last_retry_error": self.last_retry_error,
-            "spooled": dict(self.spooled),
-            "sql_fast_path": self.sql_fast_path,
-        }
-
-
-@dataclass(frozen=True)
-class ClientStatus:
-    """A snapshot of every run of one client."""
-
-    runs: list[RunStatus]
-    tracking_uri: str | None = None
-    executor: str | None = None
-    closed: bool = False  # the client is closed: ``runs`` hold their final state
-    client_id: int | None = None  # the number in its runs' pending labels; None before use
-
-    def counts(self) -> dict[str, int]:
-        """Runs per state, e.g. ``{"idle": 3, "flushing": 1}``."""
-        counts: dict[str, int] = {}
-        for run in self.runs:
-            counts[run.state] = counts.get(run.state, 0) + 1
-        return counts
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "client_id": self.client_id,
-            "tracking_uri": self.tracking_uri,
-            "executor": self.executor,
-            "closed": self.closed,
-            "runs": [run.to_dict() for run in self.runs],
-        }
-
-
-# Upper bounds (seconds) of the ``runactors_flush_seconds`` buckets: from a round that
-# finds the store idle (milliseconds) to one that retries for a whole ``retry_timeout``.
-FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
-@dataclass(frozen=True)
-class Totals:
-    """What every run of this process did since it started (or forked), at one moment."""
-
-    logged: dict[str, int]  # entities sent and acknowledged, per kind
-    errors: int  # errors recorded in runs' ``errors`` (a repeated failure counts each time)
-    retries: int  # transient failures retried
-    flush_buckets: list[int]  # rounds per bucket of FLUSH_BUCKETS (not cumulative), +Inf last
-    flush_count: int  # flush rounds that ended
-    flush_seconds: float  # their total duration
-
-
-class ProcessTotals:
-    """The process-wide counters behind the status endpoint's ``*_total`` families.
-
-    Added to where a run's record changes (a round's end, an error, a retry): a few
-    additions under a lock per round, never on the ``log_*`` path. Nothing is taken away
-    when a client closes, so the counters never go down; a forked child starts at zero.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()  # after a fork: the parent's may have been held
-        self._logged = empty_counts()
-        self._errors = 0
-        self._retries = 0
-        self._buckets = [0] * (len(FLUSH_BUCKETS) + 1)
-        self._count = 0
-        self._seconds = 0.0
-
-    def add_round(self, logged: dict[str, int], seconds: float) -> None:
-        index = bisect.bisect_left(FLUSH_BUCKETS, seconds)  # le: a bound is its own bucket
-        with self._lock:
-            for kind, n in logged.items():
-                self._logged[kind] = self._logged.get(kind, 0) + n
-            self._buckets[index] += 1
-            self._count += 1
-            self._seconds += seconds
-
-    def add_errors(self, n: int) -> None:
-        with self._lock:
-            self._errors += n
-
-    def add_retry(self) -> None:
-        with self._lock:
-            self._retries += 1
-
-    def snapshot(self) -> Totals:
-        with self._lock:
-            return Totals(
-                logged=dict(self._logged),
-                errors=self._errors,
-                retries=self._retries,
-                flush_buckets=list(self._buckets),
-                flush_count=self._count,
-                flush_seconds=self._seconds,
-            )
-
-
-TOTALS = ProcessTotals()
-os.register_at_fork(after_in_child=TOTALS._reset)
