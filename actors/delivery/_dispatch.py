@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 
 from actors.delivery._attempts import Retries
 from actors.delivery._fast_path import ClientFastPath, FastPathUnavailable
@@ -20,21 +20,7 @@ from actors.queueing._plan import (
     LogInputsCall,
     SetTerminatedCall,
 )
-
-
-def _metrics(call: LogBatchCall) -> list[Metric]:
-    return [
-        Metric(
-            key,
-            value,
-            timestamp,
-            step,
-            model_id=model_id,
-            dataset_name=dataset_name,
-            dataset_digest=dataset_digest,
-        )
-        for key, value, timestamp, step, model_id, dataset_name, dataset_digest in call.metrics
-    ]
+from actors.queueing._queues import metric_entity
 
 
 def fast_path_call(call: Call) -> bool:
@@ -88,7 +74,7 @@ def _send(client: Any, run_id: str, call: Call) -> None:
     if isinstance(call, LogBatchCall):
         client.log_batch(
             run_id=run_id,
-            metrics=_metrics(call),
+            metrics=[metric_entity(row) for row in call.metrics],
             params=[Param(key, value) for key, value in call.params],
             tags=[RunTag(key, value) for key, value in call.tags],
         )

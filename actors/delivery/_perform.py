@@ -35,6 +35,7 @@ from actors.queueing._plan import (
     Call,
     CreateRunCall,
     LogBatchCall,
+    call_kind,
 )
 
 
@@ -107,7 +108,7 @@ def _perform(client: Any, job: Job, retries: Retries, on_call: CallHook | None) 
         if unavailable is not None:
             # retry_timeout bounds the round, not each of its calls: the rest would only
             # wait out the same outage once more each.
-            error = f"{type(call).__name__.removesuffix('Call')} not sent: {unavailable}"
+            error = f"{call_kind(call)} not sent: {unavailable}"
         elif isinstance(call, CreateRunCall):
             try:
                 run_id = create_once(client, job.tracking_uri, call, retries)
@@ -137,7 +138,7 @@ def _perform(client: Any, job: Job, retries: Retries, on_call: CallHook | None) 
                 else:
                     retries(partial(invoke, client, run_id, call, gate))
             except Exception as exc:
-                error = f"{type(call).__name__.removesuffix('Call')} failed: {exc!r}"
+                error = f"{call_kind(call)} failed: {exc!r}"
                 failure = exc
         if job.stop_on_transient and failure is not None and _spoolable(failure):
             result.unsent, result.unsent_error = list(job.calls[index:]), error

@@ -63,6 +63,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from actors.delivery._fast_path import FastPathUnavailable
 from actors.delivery._retry import is_transient
 from actors.delivery._sqlite_gate import database_gate, database_key
+from actors.queueing._queues import MetricRow, metric_entity
 
 _logger = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ INSERTS: dict[str, Callable[..., Any]] = {
 # MLflow's replacement of infinities (SqlAlchemyStore.sanitize_metric_value).
 _MAX_DOUBLE = 1.7976931348623157e308
 
-MetricsWriter = Callable[[str, Sequence[Metric]], None]
-
 
 def _sanitize(value: float) -> tuple[bool, float]:
     """``(is_nan, value)`` as MLflow stores a metric value (NaN: 0; infinities: +/-max)."""
@@ -95,8 +94,6 @@ def _sanitize(value: float) -> tuple[bool, float]:
 # A metrics / latest_metrics row, in the order of the compiled statements' parameters.
 _COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
 Row = tuple[str, float, int, int, bool, str]
-# A metric as runactors queues it: key, value, timestamp, step, model_id, dataset name, digest.
-QueuedMetric = tuple[str, Any, int, int, "str | None", "str | None", "str | None"]
 _KEY: Final = 0
 _VALUE: Final = 1
 _TIMESTAMP: Final = 2
@@ -118,19 +115,6 @@ def metric_rows(run_id: str, metrics: Sequence[Metric]) -> list[Row]:
         timestamp, step = _plain_int(metric.timestamp), _plain_int(metric.step)
         rows.append((metric.key, value, timestamp, step, is_nan, run_id))
     return rows
-
-
-def _entity(metric: QueuedMetric) -> Metric:
-    key, value, timestamp, step, model_id, dataset_name, dataset_digest = metric
-    return Metric(
-        key,
-        value,
-        timestamp,
-        step,
-        model_id=model_id,
-        dataset_name=dataset_name,
-        dataset_digest=dataset_digest,
-    )
 
 
 def _plain_number(value: Any) -> float:
@@ -276,7 +260,7 @@ class SqlMetricsWriter:
             rows.extend(self._checked_rows(run_id, metrics))
         self._store(run_id, rows)
 
-    def write_queued(self, run_id: str, batches: Sequence[Sequence[QueuedMetric]]) -> None:
+    def write_queued(self, run_id: str, batches: Sequence[Sequence[MetricRow]]) -> None:
         """:meth:`write_batches` for batches as runactors queues them, tuples of (key, value,
         timestamp, step, model_id, dataset_name, dataset_digest): a batch of plain numbers
         under known keys becomes rows directly, as :meth:`_validate` lets it pass; any other
@@ -285,7 +269,7 @@ class SqlMetricsWriter:
         for batch in batches:
             plain = self._plain_rows(run_id, batch)
             if plain is None:
-                plain = self._checked_rows(run_id, [_entity(metric) for metric in batch])
+                plain = self._checked_rows(run_id, [metric_entity(metric) for metric in batch])
             rows.extend(plain)
         self._store(run_id, rows)
 
@@ -296,7 +280,7 @@ class SqlMetricsWriter:
         self._validate(metrics)
         return metric_rows(run_id, metrics)
 
-    def _plain_rows(self, run_id: str, batch: Sequence[QueuedMetric]) -> list[Row] | None:
+    def _plain_rows(self, run_id: str, batch: Sequence[MetricRow]) -> list[Row] | None:
         """The rows of ``batch`` when each metric passes as in :meth:`_validate`'s first loop
         (known key, a float or int value, int timestamp >= 0 and step, no model_id); None
         when any needs MLflow's checks."""

@@ -34,7 +34,7 @@ import cloudpickle
 from actors.delivery._jobs import Job, JobResult, compress_errors, merge_results, record_outcome
 from actors.executors import _template, _worker
 from actors.executors._executor import JobPool, StateHook
-from actors.queueing._plan import Call, CreateRunCall
+from actors.queueing._plan import Call, CreateRunCall, call_kind
 
 # Every worker of this process, so that a forked child can close its copies of their sockets.
 # Held while a worker's sockets are made and registered, and across os.fork(), so that a
@@ -357,15 +357,11 @@ def _dumps(job: Job, run_id: str | None, calls: list[Call], refused: JobResult) 
             cloudpickle.dumps(call)
         except Exception as exc:
             why = f"it cannot be pickled for a worker process: {exc!r}"
-            record_outcome(refused, call, f"{_kind(call)} not sent: {why}", None)
+            record_outcome(refused, call, f"{call_kind(call)} not sent: {why}", None)
         else:
             sendable.append(call)
     calls[:] = sendable
     return dumps() if calls else None
-
-
-def _kind(call: Call) -> str:
-    return type(call).__name__.removesuffix("Call")
 
 
 def _fail_rest(
@@ -378,7 +374,7 @@ def _fail_rest(
         done = merge_results(prior, progress)
     assert done is not None
     for call in calls:
-        record_outcome(done, call, f"{_kind(call)} not sent: {why}", None)
+        record_outcome(done, call, f"{call_kind(call)} not sent: {why}", None)
     done.errors = compress_errors(done.errors)
     return done
 

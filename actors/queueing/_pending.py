@@ -18,18 +18,16 @@ class PendingRunId:
     '3f1c0e...'
     """
 
-    __slots__ = ("__weakref__", "_future", "_label", "_owner")
+    __slots__ = ("__weakref__", "_future", "_label")
 
     def __init__(self) -> None:
         # A hand-made PendingRunId belongs to no client: every client rejects it.
-        self._owner: int | None = None
         self._label = f"pending-unowned-{id(self):x}"
         self._future: pykka.ThreadingFuture[str] = pykka.ThreadingFuture()
 
     @classmethod
-    def _issue(cls, owner: int, label: str) -> PendingRunId:
+    def _issue(cls, label: str) -> PendingRunId:
         pending = cls()
-        pending._owner = owner
         pending._label = label
         return pending
 

@@ -62,6 +62,11 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def call_kind(call: Call) -> str:
+    """How messages name a call: ``LogBatch``, ``CreateRun``, ``SetTerminated``, ``LogInputs``."""
+    return type(call).__name__.removesuffix("Call")
+
+
 def plan_batches(
     create: CreateRun | None,
     params: list[Pair],

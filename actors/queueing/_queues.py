@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
@@ -31,6 +32,20 @@ from actors.queueing._budget import Budget
 MetricRow = tuple[str, Any, int, int, "str | None", "str | None", "str | None"]
 # key, value (already a str).
 Pair = tuple[str, str]
+
+
+def metric_entity(row: MetricRow) -> Metric:
+    """The MLflow ``Metric`` of one queued metric row (built by the executor, not at log time)."""
+    key, value, timestamp, step, model_id, dataset_name, dataset_digest = row
+    return Metric(
+        key,
+        value,
+        timestamp,
+        step,
+        model_id=model_id,
+        dataset_name=dataset_name,
+        dataset_digest=dataset_digest,
+    )
 
 
 def closed_error() -> MlflowException:

@@ -153,7 +153,7 @@ class Supervisor(pykka.ThreadingActor):
             raise closed_error()
         if message.key is None:
             label = session.next_label()
-            pending = PendingRunId._issue(session.id, label)
+            pending = PendingRunId._issue(label)
             handle = RunHandle(pending, pending, session.new_queues(message.create))
         else:
             existing = session.handles.get(message.key)

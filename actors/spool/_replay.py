@@ -26,6 +26,7 @@ from actors.delivery._dispatch import invoke
 from actors.delivery._jobs import KINDS, RetryHook, call_counts, empty_counts
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._sqlite_gate import uri_database_key
+from actors.queueing._plan import call_kind
 from actors.spool._format import RunEntry, SpoolCorrupt, SpoolError
 from actors.spool._spool import Spool
 
@@ -144,7 +145,7 @@ def deliver_run(
                 on_progress(entry.key, creation)
         while batch := spool.calls(entry.key, limit=_CHUNK):
             for seq, call in batch:
-                step = type(call).__name__.removesuffix("Call")
+                step = call_kind(call)
                 call_with_retry(
                     partial(invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
                 )

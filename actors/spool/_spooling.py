@@ -47,7 +47,7 @@ from actors.delivery._jobs import (
     record_outcome,
 )
 from actors.delivery._store import make_client
-from actors.queueing._plan import Call, CreateRunCall, plan_snapshot
+from actors.queueing._plan import Call, CreateRunCall, call_kind, plan_snapshot
 from actors.spool._replay import deliver_run
 from actors.spool._spool import Spool
 
@@ -65,10 +65,6 @@ def close_reserve(timeout: float | None) -> float:
     """How much of a close's ``timeout`` the last flush leaves for spooling: a quarter, at
     most :data:`CLOSE_RESERVE` seconds (none without a bound: the flush ends by itself)."""
     return 0.0 if timeout is None else min(CLOSE_RESERVE, timeout / 4)
-
-
-def _kind(call: Call) -> str:
-    return type(call).__name__.removesuffix("Call")
 
 
 class Spooler:
@@ -189,7 +185,7 @@ class Spooler:
             why = f"not sent and could not be spooled: {exc!r}"
             result.errors.append(f"{result.unsent_error}; {why}")
             for call in result.unsent:
-                record_outcome(result, call, f"{_kind(call)} {why}", None)
+                record_outcome(result, call, f"{call_kind(call)} {why}", None)
             result.unsent = []
             return
         result.spool_notes.append(  # not lost: the flush that waits hears it, close() not

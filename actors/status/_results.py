@@ -40,9 +40,6 @@ STATES = (
 )
 
 
-BUSY_STATES = frozenset({"ready", "waiting", "flushing", "retrying"})
-
-
 @dataclass(frozen=True)
 class RunStatus:
     """One run, as its actor saw it at the moment of the snapshot."""

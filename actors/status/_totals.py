@@ -27,7 +27,6 @@ class Totals:
     errors: int  # errors recorded in runs' ``errors`` (a repeated failure counts each time)
     retries: int  # transient failures retried
     flush_buckets: list[int]  # rounds per bucket of FLUSH_BUCKETS (not cumulative), +Inf last
-    flush_count: int  # flush rounds that ended
     flush_seconds: float  # their total duration
 
 
@@ -48,7 +47,6 @@ class ProcessTotals:
         self._errors = 0
         self._retries = 0
         self._buckets = [0] * (len(FLUSH_BUCKETS) + 1)
-        self._count = 0
         self._seconds = 0.0
 
     def add_round(self, logged: dict[str, int], seconds: float) -> None:
@@ -57,7 +55,6 @@ class ProcessTotals:
             for kind, n in logged.items():
                 self._logged[kind] = self._logged.get(kind, 0) + n
             self._buckets[index] += 1
-            self._count += 1
             self._seconds += seconds
 
     def add_errors(self, n: int) -> None:
@@ -75,7 +72,6 @@ class ProcessTotals:
                 errors=self._errors,
                 retries=self._retries,
                 flush_buckets=list(self._buckets),
-                flush_count=self._count,
                 flush_seconds=self._seconds,
             )
 
