@@ -169,3 +169,12 @@ def test_no_folder_over_16_modules():
                 continue
             modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
             assert len(modules) <= MAX_MODULES, f"{folder.relative_to(ROOT)}: {len(modules)}"
+
+
+def test_the_worker_template_points_at_the_folder_that_holds_actors():
+    """The template is started with ``python -c`` and this folder on its ``PYTHONPATH``: it
+    must be where ``actors`` is importable from, wherever ``_template.py`` sits."""
+    from actors.executors import _template
+
+    assert (Path(_template._PACKAGE_ROOT) / "actors" / "__init__.py").is_file()
+    assert Path(_template._PACKAGE_ROOT) == ROOT

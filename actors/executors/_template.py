@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 # The folder that holds the ``actors`` package, so that the template imports the same code.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # actors/executors/_template.py
 
 # What every worker needs, imported once here instead of in each worker. Opening a store
 # (an engine, a connection pool) is left to the workers: shared by forks, it would be corrupted.
