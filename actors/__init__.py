@@ -19,7 +19,7 @@ from actors.delivery import (
     make_client,
 )
 from actors.queueing import (
-    CreateRun,
+    CreateRunCall,
     PendingRunId,
     Terminate,
     check_dataset_input,
@@ -67,7 +67,7 @@ __all__ = [
     "STATES",
     "TOTALS",
     "ClientStatus",
-    "CreateRun",
+    "CreateRunCall",
     "PendingRunId",
     "RunHandle",
     "RunStatus",

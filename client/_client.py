@@ -18,7 +18,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from actors import (
     ClientStatus,
-    CreateRun,
+    CreateRunCall,
     PendingRunId,
     RunHandle,
     Session,
@@ -238,7 +238,7 @@ class QueueingClient:
         pairs = tag_pairs(tags) if tags else []
         if start_time is None:  # fixed now: a spooled creation is re-sent identical
             start_time = get_current_time_millis()
-        create = CreateRun(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
+        create = CreateRunCall(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
         handle = get_system().register_run(self._get_session(), None, create)
         with self._lock:
             self._runs[handle.key] = handle

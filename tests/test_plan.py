@@ -23,13 +23,15 @@ from mlflow.utils.validation import (
 )
 
 from actors.queueing import (
-    CreateRun,
     CreateRunCall,
     LogBatchCall,
     LogInputsCall,
     SetTerminatedCall,
     Terminate,
     plan_batches,
+)
+from actors.queueing import (
+    CreateRunCall as CreateRun,
 )
 
 sizes = st.fixed_dictionaries(

@@ -27,7 +27,8 @@ from scripts import script_env
 from stores import SqliteLock
 
 from actors.delivery._create_key import CREATE_KEY_TAG, find_created_run
-from actors.queueing._plan import CreateRunCall, LogBatchCall, SetTerminatedCall
+from actors.queueing._plan import LogBatchCall, SetTerminatedCall
+from actors.queueing._queues import CreateRunCall
 from actors.spool._spool import Spool
 
 pytestmark = pytest.mark.slow  # most tests run `runactors replay` or a killed client as processes
@@ -212,7 +213,7 @@ def test_a_journal_of_a_live_client_is_left_alone(
                 f"""
                 import time
                 from actors.spool._spool import Spool
-                from actors.queueing._plan import CreateRunCall
+                from actors.queueing._queues import CreateRunCall
                 spool = Spool.create({str(folder)!r}, {tracking_uri!r})
                 spool.add_run("p", create=CreateRunCall({experiment_id!r}, 1, [], "live"))
                 print(spool.path, flush=True)

@@ -24,7 +24,8 @@ from mlflow.exceptions import MlflowException
 from scripts import script_env
 
 from actors.delivery._jobs import call_counts
-from actors.queueing._plan import CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors.queueing._plan import LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors.queueing._queues import CreateRunCall
 from actors.spool._files import spool_files
 from actors.spool._format import SpoolCorrupt, SpoolLocked, SpoolVersion
 from actors.spool._spool import Spool

@@ -14,9 +14,7 @@ from actors.delivery._jobs import JobStopped, RetryEndHook, RetryHook
 from actors.delivery._retry import call_with_retry
 from actors.delivery._sqlite_gate import database_gate, uri_database_key
 from actors.delivery._store import request_deadline
-from actors.queueing._plan import (
-    CreateRunCall,
-)
+from actors.queueing._queues import CreateRunCall
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from mlflow.entities import ViewType
 
-from actors.queueing._plan import CreateRunCall
+from actors.queueing._queues import CreateRunCall
 
 _logger = logging.getLogger(__name__)
 

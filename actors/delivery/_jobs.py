@@ -11,13 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from actors.queueing._plan import (
-    Call,
-    CreateRunCall,
-    LogBatchCall,
-    LogInputsCall,
-    SetTerminatedCall,
-)
+from actors.queueing._plan import Call, LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors.queueing._queues import CreateRunCall
 
 KINDS = ("metrics", "params", "tags", "datasets")
 

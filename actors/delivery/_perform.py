@@ -31,12 +31,8 @@ from actors.delivery._jobs import (
 )
 from actors.delivery._retry import is_transient
 from actors.delivery._sqlite_gate import uri_database_key
-from actors.queueing._plan import (
-    Call,
-    CreateRunCall,
-    LogBatchCall,
-    call_kind,
-)
+from actors.queueing._plan import Call, LogBatchCall, call_kind
+from actors.queueing._queues import CreateRunCall
 
 
 def perform_job(

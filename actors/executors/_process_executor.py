@@ -34,7 +34,8 @@ import cloudpickle
 from actors.delivery._jobs import Job, JobResult, compress_errors, merge_results, record_outcome
 from actors.executors import _template, _worker
 from actors.executors._executor import JobPool, StateHook
-from actors.queueing._plan import Call, CreateRunCall, call_kind
+from actors.queueing._plan import Call, call_kind
+from actors.queueing._queues import CreateRunCall
 
 # Every worker of this process, so that a forked child can close its copies of their sockets.
 # Held while a worker's sockets are made and registered, and across os.fork(), so that a

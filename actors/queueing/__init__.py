@@ -18,7 +18,6 @@ from actors.queueing._inputs import (
 from actors.queueing._pending import PendingRunId
 from actors.queueing._plan import (
     Call,
-    CreateRunCall,
     LogBatchCall,
     LogInputsCall,
     SetTerminatedCall,
@@ -27,7 +26,7 @@ from actors.queueing._plan import (
 )
 from actors.queueing._queues import (
     BoundedRunQueues,
-    CreateRun,
+    CreateRunCall,
     RunQueues,
     Terminate,
     WatchedRunQueues,
@@ -38,7 +37,6 @@ __all__ = [
     "BoundedRunQueues",
     "Budget",
     "Call",
-    "CreateRun",
     "CreateRunCall",
     "LogBatchCall",
     "LogInputsCall",

@@ -24,20 +24,9 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from actors.queueing._queues import CreateRun, MetricRow, Pair, Snapshot, Terminate
+from actors.queueing._queues import CreateRunCall, MetricRow, Pair, Snapshot, Terminate
 
 T = TypeVar("T")
-
-
-class CreateRunCall(NamedTuple):
-    experiment_id: str
-    start_time: int | None
-    tags: list[Pair]
-    run_name: str | None
-    # Identifies the creation for the look-up after an unknown outcome
-    # (actors.delivery._create_key);
-    # sent as a tag only to a tracking server.
-    create_key: str | None = None
 
 
 class LogBatchCall(NamedTuple):
@@ -68,7 +57,7 @@ def call_kind(call: Call) -> str:
 
 
 def plan_batches(
-    create: CreateRun | None,
+    create: CreateRunCall | None,
     params: list[Pair],
     tags: list[Pair],
     metrics: list[MetricRow],

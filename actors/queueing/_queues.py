@@ -67,15 +67,16 @@ def param_changed(key: str, old: str, new: str) -> MlflowException:
     )
 
 
-class CreateRun(NamedTuple):
-    """A queued ``create_run``."""
+class CreateRunCall(NamedTuple):
+    """A ``create_run``: queued by the client, then planned with the run's first tags."""
 
     experiment_id: str
     start_time: int | None
     tags: list[Pair]
     run_name: str | None
     # A uuid4 fixed when the creation is queued: how a creation of unknown outcome is found
-    # on a tracking server before it is sent again (actors.delivery._create_key).
+    # on a tracking server before it is sent again (actors.delivery._create_key); sent as a
+    # tag only to a tracking server.
     create_key: str | None = None
 
 
@@ -89,7 +90,7 @@ class Terminate(NamedTuple):
 class Snapshot(NamedTuple):
     """Everything a run had queued at the moment its actor took it."""
 
-    create: CreateRun | None
+    create: CreateRunCall | None
     params: list[Pair]
     tags: list[Pair]
     metrics: list[MetricRow]
@@ -115,7 +116,7 @@ class Snapshot(NamedTuple):
 
 
 def entity_counts(
-    create: CreateRun | None,
+    create: CreateRunCall | None,
     params: list[Pair],
     tags: list[Pair],
     metrics: list[MetricRow],
@@ -151,9 +152,9 @@ class RunQueues:
         "terminate",
     )
 
-    def __init__(self, create: CreateRun | None = None) -> None:
+    def __init__(self, create: CreateRunCall | None = None) -> None:
         self._lock = threading.Lock()
-        self.create: CreateRun | None = create
+        self.create: CreateRunCall | None = create
         self.terminate: Terminate | None = None
         self.params: list[Pair] = []
         self.tags: list[Pair] = []
@@ -300,7 +301,7 @@ class BoundedRunQueues(RunQueues):
 
     __slots__ = ("_budget",)
 
-    def __init__(self, create: CreateRun | None, budget: Budget) -> None:
+    def __init__(self, create: CreateRunCall | None, budget: Budget) -> None:
         super().__init__(create)
         self._lock = budget.lock
         self._budget = budget
@@ -375,7 +376,7 @@ class WatchedRunQueues(BoundedRunQueues):
 
     __slots__ = ("_metrics_mark", "_pairs_mark", "on_full")
 
-    def __init__(self, create: CreateRun | None, budget: Budget) -> None:
+    def __init__(self, create: CreateRunCall | None, budget: Budget) -> None:
         super().__init__(create, budget)
         self._metrics_mark = MAX_METRICS_PER_BATCH
         self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH

@@ -12,7 +12,7 @@ from actors.executors._executor import Executor, ThreadExecutor, default_max_wor
 from actors.queueing._budget import Budget
 from actors.queueing._queues import (
     BoundedRunQueues,
-    CreateRun,
+    CreateRunCall,
     RunQueues,
     WatchedRunQueues,
     closed_error,
@@ -94,7 +94,7 @@ class Session:
             # the worker template, whose imports (~2 s of CPU) then overlap the user's work.
             self.executor()
 
-    def new_queues(self, create: CreateRun | None = None) -> RunQueues:
+    def new_queues(self, create: CreateRunCall | None = None) -> RunQueues:
         """The queues of a new run: plain, unless ``max_queued`` or ``flush_interval`` is set."""
         if self.budget is None:
             return RunQueues(create)

@@ -32,7 +32,7 @@ import pykka
 
 from actors.delivery._jobs import failure_message
 from actors.queueing._pending import PendingRunId
-from actors.queueing._queues import CreateRun, WatchedRunQueues, closed_error
+from actors.queueing._queues import CreateRunCall, WatchedRunQueues, closed_error
 from actors.runtime._failures import round_failure
 from actors.runtime._run_actor import Flush, RoundEnded, RunActor
 from actors.runtime._session import Session, SessionConfig
@@ -52,7 +52,7 @@ class OpenSession:
 class RegisterRun:
     session: Session
     key: str | None  # None: a new pending run, created by ``create``
-    create: CreateRun | None = None
+    create: CreateRunCall | None = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import pykka
 
 from actors.queueing._pending import format_seconds
-from actors.queueing._queues import CreateRun
+from actors.queueing._queues import CreateRunCall
 from actors.runtime._failures import RoundFailure
 from actors.runtime._run_actor import RunActor
 from actors.runtime._session import Session, SessionConfig
@@ -128,7 +128,7 @@ class ActorSystem:
         return session
 
     def register_run(
-        self, session: Session, key: str | None, create: CreateRun | None = None
+        self, session: Session, key: str | None, create: CreateRunCall | None = None
     ) -> RunHandle:
         handle: RunHandle = self._ask(RegisterRun(session, key, create))
         return handle

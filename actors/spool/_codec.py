@@ -13,13 +13,8 @@ from typing import Any
 from mlflow.entities import DatasetInput
 from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
 
-from actors.queueing._plan import (
-    Call,
-    CreateRunCall,
-    LogBatchCall,
-    LogInputsCall,
-    SetTerminatedCall,
-)
+from actors.queueing._plan import Call, LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors.queueing._queues import CreateRunCall
 from actors.spool._format import bad
 
 

@@ -15,9 +15,7 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_DOES_NOT_EXIST,
 )
 
-from actors.queueing._plan import (
-    CreateRunCall,
-)
+from actors.queueing._queues import CreateRunCall
 
 # 2: the ``totals`` row, kept by triggers, says what the journal holds (see _wal_check).
 # Version 1 (no totals) is still read; its -wal is checked all the same.

@@ -40,10 +40,8 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from actors.delivery._jobs import KINDS, call_counts
-from actors.queueing._plan import (
-    Call,
-    CreateRunCall,
-)
+from actors.queueing._plan import Call
+from actors.queueing._queues import CreateRunCall
 from actors.spool._codec import decode_call, dumps, encode_call, str_pairs
 from actors.spool._files import (
     connect,

@@ -47,7 +47,8 @@ from actors.delivery._jobs import (
     record_outcome,
 )
 from actors.delivery._store import make_client
-from actors.queueing._plan import Call, CreateRunCall, call_kind, plan_snapshot
+from actors.queueing._plan import Call, call_kind, plan_snapshot
+from actors.queueing._queues import CreateRunCall
 from actors.spool._replay import deliver_run
 from actors.spool._spool import Spool
 
