@@ -1,64 +1,83 @@
 """runactors' runtime: Pykka actors, the supervisor, the executors and batch planning.
 
-Users import :mod:`client`; this package never imports it.
+Users import :mod:`client`; this package never imports it. What :mod:`client` needs of the
+runtime is exported here and nowhere else; the subpackages, by concern:
+
+- :mod:`actors.runtime`: the actor system, the supervisor, one actor per run, sessions;
+- :mod:`actors.spool`: the durable journal of what could not be delivered, and its replay;
+- :mod:`actors.executors`: the thread and process pools that perform a run's jobs;
+- :mod:`actors.status`: run handles, their records, ``status()`` results, process totals;
+- :mod:`actors.delivery`: performing calls on a store (retry, create once, SQL fast path);
+- :mod:`actors.queueing`: input checks, run queues, pending run IDs, the flush plan.
 """
 
-from actors._executor import Executor, ThreadExecutor, default_max_workers
-from actors._inputs import (
+from actors.delivery import (
+    KINDS,
+    call_with_retry,
+    create_sqlite_store,
+    empty_counts,
+    make_client,
+)
+from actors.queueing import (
+    CreateRunCall,
+    PendingRunId,
+    Terminate,
     check_dataset_input,
     check_metrics_mapping,
     check_status,
     check_step,
     check_text,
     check_timestamp,
+    closed_error,
     metric_rows,
     param_pairs,
     tag_pairs,
 )
-from actors._new_sqlite import create_sqlite_store
-from actors._pending import PendingRunId
-from actors._perform import Job, JobResult, failure_message, perform_job
-from actors._plan import (
-    Call,
-    CreateRunCall,
-    LogBatchCall,
-    LogInputsCall,
-    SetTerminatedCall,
-    plan_batches,
+from actors.runtime import (
+    Session,
+    SessionConfig,
+    Ticket,
+    exit_timeout,
+    get_system,
+    ticket_done,
+    wait_tickets,
 )
-from actors._queues import CreateRun, RunQueues, Terminate, closed_error
-from actors._retry import call_with_retry, is_transient
-from actors._run_actor import RunActor
-from actors._session import RunHandle, Session, SessionConfig
-from actors._spool import check_spool_dir
-from actors._status import STATES, ClientStatus, RunRecord, RunStatus
-from actors._supervisor import Supervisor, Ticket
-from actors._system import ActorSystem, exit_timeout, get_system, ticket_done, wait_tickets
+from actors.spool import (
+    NEW_SUFFIX,
+    PREFIX,
+    SIDE_SUFFIXES,
+    Spool,
+    SpoolError,
+    SpoolGone,
+    SpoolLocked,
+    check_spool_dir,
+    deliver,
+    remove_stale_new,
+    side_files,
+    spool_files,
+)
+from actors.status import FLUSH_BUCKETS, STATES, TOTALS, ClientStatus, RunHandle, RunStatus
 
 __all__ = [
+    "FLUSH_BUCKETS",
+    "KINDS",
+    "NEW_SUFFIX",
+    "PREFIX",
+    "SIDE_SUFFIXES",
     "STATES",
-    "ActorSystem",
-    "Call",
+    "TOTALS",
     "ClientStatus",
-    "CreateRun",
     "CreateRunCall",
-    "Executor",
-    "Job",
-    "JobResult",
-    "LogBatchCall",
-    "LogInputsCall",
     "PendingRunId",
-    "RunActor",
     "RunHandle",
-    "RunQueues",
-    "RunRecord",
     "RunStatus",
     "Session",
     "SessionConfig",
-    "SetTerminatedCall",
-    "Supervisor",
+    "Spool",
+    "SpoolError",
+    "SpoolGone",
+    "SpoolLocked",
     "Terminate",
-    "ThreadExecutor",
     "Ticket",
     "call_with_retry",
     "check_dataset_input",
@@ -70,15 +89,16 @@ __all__ = [
     "check_timestamp",
     "closed_error",
     "create_sqlite_store",
-    "default_max_workers",
+    "deliver",
+    "empty_counts",
     "exit_timeout",
-    "failure_message",
     "get_system",
-    "is_transient",
+    "make_client",
     "metric_rows",
     "param_pairs",
-    "perform_job",
-    "plan_batches",
+    "remove_stale_new",
+    "side_files",
+    "spool_files",
     "tag_pairs",
     "ticket_done",
     "wait_tickets",

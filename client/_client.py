@@ -18,7 +18,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from actors import (
     ClientStatus,
-    CreateRun,
+    CreateRunCall,
     PendingRunId,
     RunHandle,
     Session,
@@ -39,6 +39,8 @@ from actors import (
     tag_pairs,
 )
 from client._operations import RunOperations
+from client._registry import STATUS_PORT_ENV
+from client._registry import live as _live
 from client._tracking_uri import resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -48,21 +50,6 @@ if TYPE_CHECKING:
 
 RunIdLike = str | PendingRunId
 EXECUTORS = ("thread", "process")
-
-# Every client alive in this process, so that a forked child can reset them.
-_live: weakref.WeakSet[QueueingClient] = weakref.WeakSet()
-
-STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a status server
-
-
-def open_clients() -> list[QueueingClient]:
-    """Every open client of this process, and those still closing (what a status server
-    serves: a client leaves ``_live`` when its ``close()`` returns)."""
-    while True:
-        try:
-            return list(_live)
-        except RuntimeError:  # a client was made while we read the set: read it again
-            continue
 
 
 def _start_status_from_env() -> None:
@@ -251,7 +238,7 @@ class QueueingClient:
         pairs = tag_pairs(tags) if tags else []
         if start_time is None:  # fixed now: a spooled creation is re-sent identical
             start_time = get_current_time_millis()
-        create = CreateRun(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
+        create = CreateRunCall(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
         handle = get_system().register_run(self._get_session(), None, create)
         with self._lock:
             self._runs[handle.key] = handle

@@ -22,10 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from actors._perform import KINDS, empty_counts
-from actors._replay import deliver
-from actors._retry import call_with_retry
-from actors._spool import (
+from actors import (
+    KINDS,
     NEW_SUFFIX,
     PREFIX,
     SIDE_SUFFIXES,
@@ -33,11 +31,14 @@ from actors._spool import (
     SpoolError,
     SpoolGone,
     SpoolLocked,
+    call_with_retry,
+    deliver,
+    empty_counts,
+    make_client,
     remove_stale_new,
     side_files,
     spool_files,
 )
-from actors._store import make_client
 
 RETRY_TIMEOUT = 60.0
 

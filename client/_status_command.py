@@ -21,7 +21,7 @@ from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from actors._perform import KINDS
+from actors import KINDS
 
 FETCH_TIMEOUT = 5.0  # seconds a status server has to answer
 ERROR_CHARS = 160  # of a run's latest error, under the table

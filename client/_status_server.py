@@ -5,7 +5,7 @@
 over a private registry (the process's default registry is left alone). Both read the runs'
 records as ``status()`` does: no actor is asked anything, so a request never waits on a flush
 and the ``log_*`` path pays nothing for being watched. The counters come from
-:data:`actors._status.TOTALS`, which keeps what closed clients did: they never go down.
+:data:`actors.status._status.TOTALS`, which keeps what closed clients did: they never go down.
 
 Each server listens on a daemon thread (one more thread per connection, at most
 ``MAX_CONNECTIONS``, each connection closed after ``CONNECTION_TIMEOUT`` s) until
@@ -41,9 +41,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from actors import ClientStatus
-from actors._perform import KINDS
-from actors._status import FLUSH_BUCKETS, STATES, TOTALS
+from actors import FLUSH_BUCKETS, KINDS, STATES, TOTALS, ClientStatus
+from client._registry import STATUS_PORT_ENV, open_clients
 
 _logger = logging.getLogger(__name__)
 
@@ -56,8 +55,6 @@ LISTEN_BACKLOG = 1024  # connections waiting to be accepted (the stdlib's is 5)
 
 def client_statuses() -> list[ClientStatus]:
     """A snapshot of every open client of this process, oldest session first."""
-    from client._client import open_clients
-
     statuses = [client.status() for client in open_clients()]
     return sorted(statuses, key=lambda s: (s.client_id is None, s.client_id or 0))
 
@@ -384,7 +381,6 @@ def start_from_environment() -> StatusServer | None:
     Never raises: a bad value or a port in use is a warning, and the client goes on.
     """
     global _env_started
-    from client._client import STATUS_PORT_ENV
 
     with _env_lock:
         if _env_started:

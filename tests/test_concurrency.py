@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from stores import run_data
 
-from actors import RunActor, get_system
+from actors.runtime import RunActor, get_system
 from client import QueueingClient
 
 ORIGINAL_LOG_BATCH = MlflowClient.log_batch
@@ -245,7 +245,7 @@ def test_a_planning_fault_loses_nothing(client, store, experiment_id):
     run_id = store.create_run(experiment_id).info.run_id
     client.log_metrics(run_id, {"a": 1.0})
     with (
-        mock.patch("actors._run_actor.plan_snapshot", side_effect=RuntimeError("plan bug")),
+        mock.patch("actors.runtime._run_actor.plan_snapshot", side_effect=RuntimeError("plan bug")),
         pytest.raises(MlflowException, match="plan bug"),
     ):
         client.flush()

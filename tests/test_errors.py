@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mlflow.exceptions import MlflowException
 
-from actors._status import ERRORS_FIRST, ERRORS_LATEST, ErrorLog
+from actors.status._record import ERRORS_FIRST, ERRORS_LATEST, ErrorLog
 from client import QueueingClient
 
 

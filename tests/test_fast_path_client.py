@@ -17,12 +17,9 @@ from mlflow.tracking import MlflowClient
 from stores import SqliteLock
 
 import client._client as client_impl
-from actors._sql_metrics import (
-    ENV_SWITCH,
-    PROVEN_REVISIONS,
-    FastPathUnavailable,
-    SqlMetricsWriter,
-)
+from actors.delivery._fast_path import FastPathUnavailable
+from actors.delivery._sql_metrics import PROVEN_REVISIONS, SqlMetricsWriter
+from actors.delivery._sql_policy import ENV_SWITCH
 from client import QueueingClient
 
 # Steps out of order, repeats, equal steps with other values, NaN, infinities, -0.0, ints,
@@ -115,7 +112,7 @@ def test_an_unproven_schema_revision_falls_back_stores_everything_and_says_so(
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeedbeef'")
         engine.dispose()
-        with caplog.at_level(logging.WARNING, logger="actors._sql_metrics"):
+        with caplog.at_level(logging.WARNING, logger="actors.delivery._fast_path"):
             for round_ in range(3):
                 for step in range(600):
                     client.log_metrics(run, {"loss": step / 7, "acc": round_}, step=step)

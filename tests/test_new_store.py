@@ -23,7 +23,7 @@ TIMEOUT = 120
 CHILD = textwrap.dedent(
     """
     import sys
-    from actors._store import make_client
+    from actors.delivery._store import make_client
 
     print("ready", flush=True)
     make_client(sys.argv[1])

@@ -13,9 +13,9 @@ import uuid
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from actors._create_key import CREATE_KEY_TAG
-from actors._perform import _invoke
-from actors._plan import LogBatchCall
+from actors.delivery._create_key import CREATE_KEY_TAG
+from actors.delivery._dispatch import invoke as _invoke
+from actors.queueing._plan import LogBatchCall
 from client import QueueingClient
 
 STEPS = 30

@@ -22,14 +22,16 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from actors import (
-    CreateRun,
+from actors.queueing import (
     CreateRunCall,
     LogBatchCall,
     LogInputsCall,
     SetTerminatedCall,
     Terminate,
     plan_batches,
+)
+from actors.queueing import (
+    CreateRunCall as CreateRun,
 )
 
 sizes = st.fixed_dictionaries(

@@ -245,8 +245,8 @@ def test_a_worker_that_cannot_start_fails_its_job_and_leaks_nothing(
 
 
 def test_a_pool_thread_survives_any_fault_of_a_job(tracking_uri):
-    from actors._executor import JobPool
-    from actors._perform import Job, JobResult
+    from actors.delivery._jobs import Job, JobResult
+    from actors.executors._executor import JobPool
 
     class Faulty(JobPool[str]):
         def _open(self, index: int) -> str:
@@ -316,7 +316,7 @@ def worker_processes() -> set[int]:
     for pid in children.get(os.getpid(), set()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"actors._template" in f.read():
+                if b"actors.executors._template" in f.read():
                     templates.add(pid)
         except OSError:
             continue

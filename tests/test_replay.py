@@ -1,6 +1,6 @@
 """``runactors replay`` end to end, as a separate process, against real stores.
 
-Journals are written with :class:`actors._spool.Spool` (as a live client would leave them),
+Journals are written with :class:`actors.spool._spool.Spool` (as a live client would leave them),
 delivered by ``python -m client._cli replay`` into a real SQLite store or a real
 ``mlflow server`` on loopback, and the store is read back: every run once, every point once.
 """
@@ -26,9 +26,10 @@ from mlflow.tracking import MlflowClient
 from scripts import script_env
 from stores import SqliteLock
 
-from actors._create_key import CREATE_KEY_TAG, find_created_run
-from actors._plan import CreateRunCall, LogBatchCall, SetTerminatedCall
-from actors._spool import Spool
+from actors.delivery._create_key import CREATE_KEY_TAG, find_created_run
+from actors.queueing._plan import LogBatchCall, SetTerminatedCall
+from actors.queueing._queues import CreateRunCall
+from actors.spool._spool import Spool
 
 pytestmark = pytest.mark.slow  # most tests run `runactors replay` or a killed client as processes
 
@@ -211,8 +212,8 @@ def test_a_journal_of_a_live_client_is_left_alone(
             textwrap.dedent(
                 f"""
                 import time
-                from actors._spool import Spool
-                from actors._plan import CreateRunCall
+                from actors.spool._spool import Spool
+                from actors.queueing._queues import CreateRunCall
                 spool = Spool.create({str(folder)!r}, {tracking_uri!r})
                 spool.add_run("p", create=CreateRunCall({experiment_id!r}, 1, [], "live"))
                 print(spool.path, flush=True)

@@ -13,7 +13,7 @@ from mlflow.protos.service_pb2 import LogBatch
 from mlflow.tracking import MlflowClient
 from mlflow.utils.proto_json_utils import message_to_json
 
-from actors._store import log_batch_body
+from actors.delivery._store import log_batch_body
 from client import QueueingClient
 
 RUN_ID = "a" * 32

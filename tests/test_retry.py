@@ -19,7 +19,8 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from servers import LoopbackServer, free_port
 
-from actors import _retry, call_with_retry, is_transient
+from actors.delivery import _retry
+from actors.delivery._retry import call_with_retry, is_transient
 from client import QueueingClient
 
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"

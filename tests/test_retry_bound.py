@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 from servers import LoopbackServer
 
-from actors._store import (
+from actors.delivery._store import (
     REQUEST_TIMEOUT_FLOOR,
     BoundedRestStore,
     make_client,
@@ -31,7 +31,7 @@ from client import QueueingClient
 MARGIN = 8.0
 
 
-# -- the private MLflow names actors._store relies on ----------------------------------
+# -- the private MLflow names actors.delivery._store relies on ----------------------------------
 
 
 def test_the_private_mlflow_names_that_the_bounded_store_relies_on_exist():

@@ -23,15 +23,12 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 from scripts import script_env
 
-from actors._perform import call_counts
-from actors._plan import CreateRunCall, LogBatchCall, LogInputsCall, SetTerminatedCall
-from actors._spool import (
-    Spool,
-    SpoolCorrupt,
-    SpoolLocked,
-    SpoolVersion,
-    spool_files,
-)
+from actors.delivery._jobs import call_counts
+from actors.queueing._plan import LogBatchCall, LogInputsCall, SetTerminatedCall
+from actors.queueing._queues import CreateRunCall
+from actors.spool._files import spool_files
+from actors.spool._format import SpoolCorrupt, SpoolLocked, SpoolVersion
+from actors.spool._spool import Spool
 
 URI = "sqlite:///nowhere.db"
 CREATE = CreateRunCall("1", 1_700_000_000_000, [("team", "vision")], "trial-1")
@@ -229,7 +226,7 @@ def test_existing_open_folder_is_kept_with_a_warning(
     folder = tmp_path / "shared"
     folder.mkdir()
     folder.chmod(0o755)
-    with caplog.at_level(logging.WARNING, logger="actors._spool"):
+    with caplog.at_level(logging.WARNING, logger="actors.spool._files"):
         spool = Spool.create(folder, URI)
     spool.close()
     assert folder.stat().st_mode & 0o777 == 0o755
@@ -362,8 +359,8 @@ def test_a_foreign_sqlite_database_with_a_journal_name_is_refused(tmp_path: Path
 
 HOLD = """
     import time
-    from actors._spool import Spool
-    from actors._plan import SetTerminatedCall
+    from actors.spool._spool import Spool
+    from actors.queueing._plan import SetTerminatedCall
     spool = Spool.create({folder!r}, "sqlite:///x.db")
     spool.add_run("p", run_id="r", calls=[SetTerminatedCall("FINISHED", 1)])
     print(spool.path, flush=True)
@@ -392,8 +389,8 @@ def test_a_journal_held_by_a_live_process_is_locked_until_it_dies(tmp_path: Path
 
 APPEND_THEN_DIE = """
     import os, signal
-    from actors._spool import Spool
-    from actors._plan import LogBatchCall
+    from actors.spool._spool import Spool
+    from actors.queueing._plan import LogBatchCall
     spool = Spool.create({folder!r}, "sqlite:///x.db")
     spool.add_run("p", run_id="r")
     for n in range({appends}):

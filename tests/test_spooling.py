@@ -22,7 +22,7 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from actors._spool import spool_files
+from actors.spool._files import spool_files
 from client import QueueingClient
 
 ROOT = Path(__file__).resolve().parent.parent

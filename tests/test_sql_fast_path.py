@@ -1,4 +1,4 @@
-"""The SQL fast path for metrics (``actors._sql_metrics``) stores exactly what MLflow's
+"""The SQL fast path for metrics (``actors.delivery._sql_metrics``) stores exactly what MLflow's
 ``SqlAlchemyStore.log_batch`` stores: the same random metric streams go through MLflow into
 one run and through the writer into another, then every row of ``metrics`` and
 ``latest_metrics`` is compared, and so are ``get_metric_history`` and ``get_run``. On SQLite
@@ -28,13 +28,9 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH
 from scripts import REPO, script_env
 from stores import SqliteLock
 
-from actors._sql_metrics import (
-    ENV_SWITCH,
-    PROVEN_REVISIONS,
-    FastPathUnavailable,
-    SqlMetricsWriter,
-    fast_metrics_writer,
-)
+from actors.delivery._fast_path import FastPathUnavailable
+from actors.delivery._sql_metrics import PROVEN_REVISIONS, SqlMetricsWriter
+from actors.delivery._sql_policy import ENV_SWITCH, fast_metrics_writer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -151,7 +147,7 @@ _values = st.one_of(
 )
 _timestamps = st.one_of(st.integers(0, 4), st.integers(0, 2**62))
 # No NumPy steps: MLflow's ORM binds one by its buffer on SQLite and stores 8 bytes; runactors
-# makes steps Python ints at the call (actors._inputs.check_step), so no path sees one.
+# makes steps Python ints at the call (actors.queueing._inputs.check_step), so no path sees one.
 _steps = st.one_of(st.integers(-2, 4), st.integers(-(2**63), 2**63 - 1))
 
 
@@ -419,7 +415,8 @@ _WRITER_PROCESS = """
 import sys
 from mlflow.entities import Metric
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-from actors._sql_metrics import FastPathUnavailable, fast_metrics_writer
+from actors.delivery._fast_path import FastPathUnavailable
+from actors.delivery._sql_policy import fast_metrics_writer
 
 uri, *run_ids = sys.argv[1:]
 store = SqlAlchemyStore(uri, "unused-artifacts")

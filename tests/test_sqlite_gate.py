@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from actors import _sqlite_gate
-from actors._sqlite_gate import database_key, sqlite_gate, uri_database_key
+from actors.delivery import _sqlite_gate
+from actors.delivery._sqlite_gate import database_key, sqlite_gate, uri_database_key
 from client import QueueingClient
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from scripts import script_env
 
-from actors import _template
+from actors.executors import _template
 from client import QueueingClient
 
 pytestmark = pytest.mark.slow  # each test starts worker processes or a program of its own
@@ -179,7 +179,7 @@ def test_a_template_that_died_is_replaced(tracking_uri, store, experiment_id):
 
 FORK_SCRIPT = """
 import os, sys
-from actors import _template
+from actors.executors import _template
 from client import QueueingClient
 
 uri, experiment_id = sys.argv[1], sys.argv[2]
@@ -231,7 +231,7 @@ def test_a_fork_of_the_clients_process_keeps_working_in_both(
 
 EXIT_SCRIPT = """
 import os, sys
-from actors import _template
+from actors.executors import _template
 from client import QueueingClient
 
 client = QueueingClient(sys.argv[1], executor="process", max_workers=2)

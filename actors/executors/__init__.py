@@ -1,0 +1,8 @@
+"""Executors: where a run's jobs are performed. The thread pool, and the process pool whose
+workers are forks of a pre-imported worker template (:mod:`actors.executors._process_executor`,
+imported on first use of ``executor="process"``, so it is not imported here).
+"""
+
+from actors.executors._executor import Executor, JobPool, ThreadExecutor, default_max_workers
+
+__all__ = ["Executor", "JobPool", "ThreadExecutor", "default_max_workers"]

@@ -1,0 +1,216 @@
+"""Executors: where the tracking calls run, bounded so that many runs do not mean many writers.
+
+:class:`ThreadExecutor` runs jobs on at most ``max_workers`` daemon threads, started on
+demand and stopped by :meth:`~ThreadExecutor.shutdown`. Daemon threads (not
+``concurrent.futures``, whose workers are joined before ``atexit`` handlers run and refuse new
+work there) let the actor system's exit handler still flush and then stop within its bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
+
+from actors.delivery._jobs import Job, JobResult, JobStopped, retry_error_text
+from actors.delivery._perform import perform_job
+from actors.queueing._plan import Call
+
+_logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+
+class StateHook(Protocol):
+    """Hears what a job is doing: ``state`` (``flushing``, ``retrying``, ``waiting``), on
+    which ``worker``, and for ``retrying`` the transient error being retried (``detail``)."""
+
+    def __call__(self, state: str, worker: str | None, detail: str | None = None) -> None: ...
+
+
+DoneHook = Callable[[JobResult], None]
+
+
+def default_max_workers() -> int:
+    """The seed's pool size: ``min(2 x CPUs, 8)``."""
+    return min((os.cpu_count() or 4) * 2, 8)
+
+
+class Executor(Protocol):
+    """What a run actor needs from an executor."""
+
+    def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None: ...
+
+    def shutdown(self, timeout: float | None = None) -> None: ...
+
+
+def failed_result(job: Job, exc: BaseException) -> JobResult:
+    """The result of a job that could not be performed at all.
+
+    With a spool, a job stopped because the client is closing is spooled, not failed."""
+    result = JobResult(run_id=job.run_id)
+    if job.stop_on_transient and isinstance(exc, JobStopped):
+        result.unsent, result.unsent_error = list(job.calls), f"not sent: {exc}"
+        return result
+    result.errors.append(f"could not perform the run's calls: {exc!r}")
+    if job.run_id is None:
+        result.create_error = repr(exc)
+    return result
+
+
+class ExecutorShutDown(JobStopped):
+    """Raised inside a job that the pool gave up on: nothing more of it may be sent."""
+
+
+class JobPool(Generic[S]):
+    """What both executors share: a job queue and up to ``max_workers`` daemon threads,
+    started on demand, each holding a per-thread state ``S`` (a worker process, say).
+
+    A pool thread never dies of a job: whatever performing a job raises becomes that job's
+    failed result, so the pool stays whole and every job gets an answer. Once
+    :meth:`shutdown` has passed its deadline the pool is *abandoned*: jobs still queued fail
+    without being performed, and ``_after_shutdown`` stops whatever is still running.
+    """
+
+    def __init__(self, max_workers: int | None, name: str) -> None:
+        self.max_workers = max_workers or default_max_workers()
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Job, StateHook, DoneHook] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._started = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._abandoned = False
+        self._stop_timeout: float | None = None
+
+    def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("executor is shut down")
+            self._queue.put((job, on_state, on_done))
+            # Only live threads count: a thread lost to a fault must not shrink the pool.
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) < self.max_workers:
+                index, self._started = self._started, self._started + 1
+                thread = threading.Thread(
+                    target=self._serve, args=(index,), name=f"{self.name}-{index}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _serve(self, index: int) -> None:
+        state = self._open(index)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                job, on_state, on_done = item
+                result = self._run(state, job, on_state)
+                try:
+                    on_done(result)
+                except BaseException:  # never lose the thread to a callback's fault
+                    _logger.exception("runactors: delivering a job's result failed")
+        finally:
+            self._close(state)
+
+    def _run(self, state: S, job: Job, on_state: StateHook) -> JobResult:
+        """Perform one job; never raises."""
+        if self._abandoned:
+            return failed_result(job, ExecutorShutDown("the client was closed before it started"))
+        try:
+            return self._perform(state, job, on_state)
+        except BaseException as exc:  # a bug, a MemoryError: this job fails, the thread goes on
+            _logger.exception("runactors: performing a job failed")
+            return failed_result(job, exc)
+
+    def _open(self, index: int) -> S:
+        """A new pool thread's state; must not raise (start anything costly lazily)."""
+        raise NotImplementedError
+
+    def _perform(self, state: S, job: Job, on_state: StateHook) -> JobResult:
+        raise NotImplementedError
+
+    def _close(self, state: S) -> None:
+        """Release a thread's state when the pool shuts down."""
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish the jobs already submitted, then stop; wait up to ``timeout`` seconds.
+
+        Past the deadline, jobs not started yet fail unperformed and ``_after_shutdown``
+        stops what is still running: nothing of this pool is sent after this returns
+        (except, on the thread executor, the one call each thread may be blocked in).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop_timeout = timeout
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        self._abandoned = True
+        self._after_shutdown()
+
+    def _after_shutdown(self) -> None:
+        """Whatever must not outlive the pool even past the deadline."""
+
+
+class ThreadExecutor(JobPool[str]):
+    """Performs jobs on up to ``max_workers`` daemon threads, one ``MlflowClient`` per URI."""
+
+    def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
+        super().__init__(max_workers, name)
+        self._clients: dict[str, Any] = {}
+        # Not the pool's lock: making a client opens the store, which can block on a locked
+        # database, and shutdown() must never wait behind that.
+        self._clients_lock = threading.Lock()
+
+    def _client(self, uri: str) -> Any:
+        client = self._clients.get(uri)
+        if client is None:
+            from actors.delivery._store import make_client
+
+            with self._clients_lock:
+                client = self._clients.get(uri)
+                if client is None:
+                    # MLflow's HTTP retries off for these calls only: the user's own clients
+                    # in this process keep MLflow's settings.
+                    client = self._clients[uri] = make_client(uri)
+        return client
+
+    def _open(self, index: int) -> str:
+        return threading.current_thread().name
+
+    def _check_open(self) -> None:
+        # A thread cannot be stopped in the middle of a call; between calls and retries it
+        # stops once the pool is abandoned.
+        if self._abandoned:
+            raise ExecutorShutDown("the client was closed: the rest of the job was not sent")
+
+    def _perform(self, state: str, job: Job, on_state: StateHook) -> JobResult:
+        def on_retry(exc: BaseException, delay: float) -> None:
+            self._check_open()
+            on_state("retrying", state, retry_error_text(exc))
+
+        def on_retry_end() -> None:
+            on_state("flushing", state)
+
+        def on_call(call: Call, error: str | None, run_id: str | None) -> None:
+            self._check_open()
+
+        on_state("flushing", state)
+        try:
+            open_client = partial(self._client, job.tracking_uri)
+            return perform_job(open_client, job, on_retry, on_call, on_retry_end)
+        except BaseException as exc:  # a bad URI, a broken store: fail this job alone
+            return failed_result(job, exc)

@@ -1,0 +1,436 @@
+"""``ProcessExecutor``: the tracking calls in worker processes, past the GIL.
+
+Up to ``max_workers`` pool threads in this process each own one worker process (a fork of the
+pre-imported worker template, :mod:`actors.executors._template`, never of this process, running
+:mod:`actors.executors._worker`; started on first use and reused). A pool thread takes a job,
+sends it
+cloudpickled, relays the worker's progress to the run's record, and returns the result. If
+the worker dies mid-job, the pool thread starts a new one and resumes the job
+after the last call that completed; only the run of that job is affected. A ``create_run``
+that was in flight when its worker died is not resent (it may have landed: resending could
+make a second run); it is reported as failed instead.
+
+Every other fault fails the job's unsent calls and leaves the pool whole: a call that cannot be
+pickled fails alone, a worker that cannot start or a protocol fault fails the rest of the job.
+Once the pool has shut down, no worker is started and nothing is sent. A forked child closes
+its copies of the parent's worker sockets, so that workers exit when their parent closes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import select
+import signal
+import socket
+import threading
+import time
+import weakref
+from multiprocessing.connection import Connection
+
+import cloudpickle
+
+from actors.delivery._jobs import Job, JobResult, compress_errors, merge_results, record_outcome
+from actors.executors import _template, _worker
+from actors.executors._executor import JobPool, StateHook
+from actors.queueing._plan import Call, call_kind
+from actors.queueing._queues import CreateRunCall
+
+# Every worker of this process, so that a forked child can close its copies of their sockets.
+# Held while a worker's sockets are made and registered, and across os.fork(), so that a
+# child never inherits a socket that is not registered yet.
+_workers_lock = threading.Lock()
+_workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
+class _Worker:
+    """One worker process (forked by the template, so not our child: it is known by a pidfd
+    it sends once it runs) and the parent's end of its socket."""
+
+    def __init__(self, name: str) -> None:
+        self.label = name
+        self.name = name
+        self.owner = os.getpid()
+        self.pid: int | None = None
+        self._pidfd: int | None = None
+        self._lock = threading.Lock()  # pid and pidfd vs kill_process, close vs shutdown
+        self._closed = False
+        with _workers_lock:
+            parent, child = socket.socketpair()
+            try:
+                _template.fork_worker(child)
+            except BaseException:
+                parent.close()
+                child.close()
+                raise
+            child.close()
+            self.conn = Connection(parent.detach())
+            _workers.add(self)
+
+    def hello(self) -> None:
+        """Wait until the worker runs (its PID and pidfd), then send it this process's
+        environment and working directory. ``EOFError`` if it never came up."""
+        if self.pid is not None:
+            return
+        sock = socket.socket(fileno=self.conn.fileno())
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, _worker.HELLO.size, 1)
+            while data and len(data) < _worker.HELLO.size:
+                data += sock.recv(_worker.HELLO.size - len(data))
+        finally:
+            sock.detach()
+        if len(data) < _worker.HELLO.size or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise EOFError("the worker process did not start")
+        (pid,) = _worker.HELLO.unpack(data)
+        with self._lock:
+            self.pid, self._pidfd = pid, fds[0]
+            self.name = f"{self.label}[pid {pid}]"
+        self.conn.send_bytes(pickle.dumps((dict(os.environ), os.getcwd())))
+
+    def exited(self) -> bool:
+        """Whether the worker has exited (one whose hello has not come has not)."""
+        with self._lock:
+            if self._pidfd is None:
+                return self.pid is not None  # None until its hello; then gone once forgotten
+            return bool(select.select([self._pidfd], [], [], 0)[0])
+
+    def stop(self, timeout: float | None) -> None:
+        """Close the socket (the worker exits when it sees EOF); kill it after ``timeout``."""
+        self._close_conn()
+        if os.getpid() != self.owner:  # a fork child's copy: the process is not ours
+            return
+        if not self._wait(timeout):
+            self.kill_process()
+
+    def kill(self) -> None:
+        """Kill the worker and wait for it; close the socket too (only its pool thread may do
+        that while a job is in flight: closing it under a blocked read could let the
+        descriptor's number be reused under that read)."""
+        self.kill_process()
+        self._close_conn()
+
+    def kill_process(self) -> None:
+        """Kill the worker and wait until it is gone: its pool thread's read on the socket
+        ends with EOF. A worker whose hello has not come is cut off instead (its socket shut
+        down: its pool thread sees EOF, and the worker, if it ever runs, exits at once)."""
+        if os.getpid() != self.owner:
+            return
+        with self._lock:
+            pidfd = self._pidfd
+            if pidfd is None:
+                if not self._closed:
+                    sock = socket.socket(fileno=self.conn.fileno())
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    finally:
+                        sock.detach()
+                return
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+        self._wait(None)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` for the worker to be gone (exited and reaped by the
+        template or, if the template died first, by init); ``True`` once it is gone."""
+        with self._lock:  # a copy of the pidfd: another thread may be waiting too
+            if self._pidfd is None:
+                return True  # never ran (it exits at once on its closed socket), or gone
+            pidfd = os.dup(self._pidfd)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    signal.pidfd_send_signal(pidfd, 0)  # succeeds until it is reaped
+                except ProcessLookupError:
+                    break
+                left = 0.05 if deadline is None else min(deadline - time.monotonic(), 0.05)
+                if left <= 0:
+                    return False
+                if select.select([pidfd], [], [], left)[0]:  # exited: a zombie until reaped
+                    time.sleep(0.001)
+        finally:
+            os.close(pidfd)
+        self._forget_pidfd()
+        return True
+
+    def _forget_pidfd(self) -> None:
+        with self._lock:
+            pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def _close_conn(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.conn.close()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop this process's copy of the parent's socket and pidfd."""
+        self._lock = threading.Lock()  # a parent thread may have held it at fork time
+        self.conn.close()
+        self._closed = True
+        self._forget_pidfd()
+
+
+def _before_fork() -> None:
+    _workers_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _workers_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # The child's copies of the parent's worker sockets would keep those workers from ever
+    # seeing their socket close, and so hold the parent's close() for the child's lifetime.
+    for worker in list(_workers):
+        try:
+            worker.forget_in_child()
+        except OSError:  # pragma: no cover - already closed
+            pass
+    _workers.clear()
+    _workers_lock.release()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+class _SlotClosed(Exception):
+    """The pool has shut down: this slot starts no worker and sends nothing."""
+
+
+class _Slot:
+    """A pool thread's worker process, replaced when it dies, until the slot is closed."""
+
+    def __init__(self, label: str, closed: bool = False) -> None:
+        self.label = label
+        self.worker: _Worker | None = None
+        self._lock = threading.Lock()
+        self._closed = closed
+        self._busy = False  # a job is in flight: its pool thread owns the worker's socket
+
+    def _live_worker(self) -> _Worker:
+        """The slot's worker, a new one (forked by the template) if it has none or it died."""
+        with self._lock:
+            if self._closed:
+                raise _SlotClosed
+            self._busy = True
+            worker = self.worker
+            if worker is not None and worker.exited():
+                worker.stop(0)  # died between jobs: close our end
+                worker = None
+            if worker is None:
+                worker = self.worker = _Worker(self.label)
+            return worker
+
+    def _discard(self, worker: _Worker, timeout: float | None) -> None:
+        """Stop a worker that died or can no longer be trusted."""
+        worker.stop(timeout)
+        with self._lock:
+            if self.worker is worker:
+                self.worker = None
+
+    def stop(self, timeout: float | None) -> None:
+        """Stop the worker for the pool's orderly shutdown (it stays the slot's worker until
+        it has exited, so that :meth:`close` can still kill it past the pool's deadline)."""
+        worker = self.worker
+        if worker is not None:
+            self._discard(worker, timeout)
+
+    def close(self) -> None:
+        """Close for good: start no worker again, kill and reap the current one."""
+        with self._lock:
+            self._closed = True
+            worker, busy = self.worker, self._busy
+            if not busy:
+                self.worker = None
+        if worker is None:
+            return
+        if busy:
+            worker.kill_process()  # its pool thread sees EOF and discards it
+        else:
+            worker.kill()
+
+    def run_job(self, job: Job, on_state: StateHook) -> JobResult:
+        try:
+            return self._run_job(job, on_state)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _run_job(self, job: Job, on_state: StateHook) -> JobResult:
+        prior: JobResult | None = None  # outcomes of calls made by workers that died
+        remaining = list(job.calls)
+        deaths = starts = 0
+        while True:
+            run_id = job.run_id if prior is None else prior.run_id
+            refused = JobResult(run_id=run_id)
+            try:
+                payload = _dumps(job, run_id, remaining, refused)
+            except Exception as exc:  # the job as a whole cannot be pickled (its size, say)
+                return _fail_rest(prior, refused, remaining, f"could not pickle the job: {exc!r}")
+            if refused.errors:  # calls that cannot be pickled failed here; the rest go on
+                prior = refused if prior is None else merge_results(prior, refused)
+                run_id = prior.run_id
+            if payload is None:  # nothing sendable is left
+                return _fail_rest(prior, None, [], "")
+            progress = JobResult(run_id=run_id)
+            try:
+                worker = self._live_worker()
+            except _SlotClosed:
+                return _stop_rest(job, prior, progress, remaining)
+            except Exception as exc:
+                why = f"could not start a worker process: {exc!r}"
+                return _fail_rest(prior, progress, remaining, why)
+            try:
+                worker.hello()
+            except (EOFError, OSError) as exc:  # the template died, or the pool closed
+                self._discard(worker, 0)
+                starts += 1
+                if self._closed:
+                    return _stop_rest(job, prior, progress, remaining)
+                if starts > 1:
+                    why = f"could not start a worker process: {exc!r}"
+                    return _fail_rest(prior, progress, remaining, why)
+                continue
+            try:
+                worker.conn.send_bytes(payload)
+                while True:
+                    message = cloudpickle.loads(worker.conn.recv_bytes())
+                    if isinstance(message, JobResult):
+                        return message if prior is None else merge_results(prior, message)
+                    kind, *rest = message
+                    if kind == "state":  # (state,) or (state, detail)
+                        on_state(rest[0], worker.name, *rest[1:2])
+                    elif kind == "call":  # the next call's outcome
+                        record_outcome(progress, remaining.pop(0), rest[0], rest[1])
+                    else:  # "refused": the worker could not read the job
+                        why = f"the worker process could not read the job: {rest[0]}"
+                        return _fail_rest(prior, progress, remaining, why)
+            except (EOFError, OSError):
+                self._discard(worker, 1.0)
+                deaths += 1
+            except BaseException as exc:  # the exchange is out of step: trust no more of it
+                self._discard(worker, 0)
+                why = f"its worker process was stopped: {exc!r}"
+                return _fail_rest(prior, progress, remaining, why)
+            prior = progress if prior is None else merge_results(prior, progress)
+            if not remaining:
+                return prior
+            if self._closed:
+                return _stop_rest(job, prior, None, remaining)
+            if deaths > 1 or isinstance(remaining[0], CreateRunCall):
+                why = (
+                    "its worker process died during create_run (not resent: it may have landed)"
+                    if isinstance(remaining[0], CreateRunCall)
+                    else "its worker process died twice"
+                )
+                return _fail_rest(prior, None, remaining, why)
+            on_state("waiting", None)
+
+
+def _dumps(job: Job, run_id: str | None, calls: list[Call], refused: JobResult) -> bytes | None:
+    """The pickled job of ``calls``; a call that cannot be pickled is failed in ``refused``
+    and removed from ``calls`` (the others go on, as after any failed call); ``None`` if no
+    call is left to send."""
+
+    def dumps() -> bytes:
+        return bytes(cloudpickle.dumps(dataclasses.replace(job, run_id=run_id, calls=calls)))
+
+    try:
+        return dumps()
+    except Exception:
+        pass
+    sendable: list[Call] = []
+    for call in calls:
+        try:
+            cloudpickle.dumps(call)
+        except Exception as exc:
+            why = f"it cannot be pickled for a worker process: {exc!r}"
+            record_outcome(refused, call, f"{call_kind(call)} not sent: {why}", None)
+        else:
+            sendable.append(call)
+    calls[:] = sendable
+    return dumps() if calls else None
+
+
+def _fail_rest(
+    prior: JobResult | None, progress: JobResult | None, calls: list[Call], why: str
+) -> JobResult:
+    """The job's outcome when ``calls`` are left unsent because of ``why``."""
+    if prior is None or progress is None:
+        done = prior if progress is None else progress
+    else:
+        done = merge_results(prior, progress)
+    assert done is not None
+    for call in calls:
+        record_outcome(done, call, f"{call_kind(call)} not sent: {why}", None)
+    done.errors = compress_errors(done.errors)
+    return done
+
+
+def _stop_rest(
+    job: Job, prior: JobResult | None, progress: JobResult | None, calls: list[Call]
+) -> JobResult:
+    """The outcome when the client closed with ``calls`` unsent: spooled with a spool
+    (the first may have been in flight in a worker that was stopped), failed without."""
+    if not job.stop_on_transient:
+        return _fail_rest(prior, progress, calls, "the client was closed")
+    done = _fail_rest(prior, progress, [], "")
+    done.unsent, done.unsent_error = list(calls), "not sent: the client was closed"
+    done.unsent_attempted = True
+    return done
+
+
+class ProcessExecutor(JobPool[_Slot]):
+    """Performs jobs in up to ``max_workers`` worker processes, started on demand."""
+
+    def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
+        super().__init__(max_workers, name)
+        self._slots: list[_Slot] = []
+        self._slots_lock = threading.Lock()
+        self._killed = False
+        _template.acquire()  # its imports overlap with what comes before the first job
+
+    def _open(self, index: int) -> _Slot:
+        with self._slots_lock:
+            slot = _Slot(f"{self.name}-worker-{index}", closed=self._killed)
+            self._slots.append(slot)
+        return slot
+
+    def _perform(self, state: _Slot, job: Job, on_state: StateHook) -> JobResult:
+        return state.run_job(job, on_state)
+
+    def _close(self, state: _Slot) -> None:
+        state.stop(self._stop_timeout)
+
+    def _after_shutdown(self) -> None:
+        # Past the deadline: kill and reap every worker, and let no slot start another, so
+        # that no process of this pool outlives close() and nothing is sent after it.
+        with self._slots_lock:
+            self._killed = True
+            slots = list(self._slots)
+        for slot in slots:
+            slot.close()
+        _template.release()
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live worker processes."""
+        pids = []
+        for slot in list(self._slots):
+            worker = slot.worker
+            pid = None if worker is None else worker.pid
+            if pid is not None and worker is not None and not worker.exited():
+                pids.append(pid)
+        return pids

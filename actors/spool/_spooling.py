@@ -1,0 +1,400 @@
+"""A live client's side of the spool: what its rounds could not deliver goes to disk, and
+each later flush of that run re-sends it first.
+
+With ``spool_dir``, every job runs with ``stop_on_transient``: it stops at the first call
+that still fails transiently after its retries (or at the client closing), and reports the
+calls it did not deliver. :meth:`Spooler.track` writes those, then whatever the run queued
+since, to the session's journal (:class:`~actors.spool._spool.Spool`, created in ``spool_dir``
+at the first such write, one per client session), in one durable transaction, before the
+run's actor hears of the round: so the flush reports only once they are on disk, and they
+leave memory. Permanent failures are reported as before, never spooled.
+
+While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on one
+of the spooler's threads (up to the client's ``max_workers``, started on demand, so that runs
+are re-sent in parallel as they are flushed), the journal's calls of that run are delivered
+in order
+(:func:`~actors.spool._replay.deliver_run`: each removed once delivered, a creation of unknown
+outcome looked up first), then the round's new calls go to the executor as usual; if
+re-sending fails transiently again, the new calls are appended behind the spooled ones, so
+nothing is ever sent ahead of them. A spooled call that fails permanently is reported and
+dropped, as a live round reports a call and goes on. A run whose round waits for one of
+those threads reads ``spooled`` (its work is on disk), not ``waiting`` (which is for an
+executor worker).
+
+At close (:meth:`Spooler.close`) whatever is still queued goes to the journal too, pending
+runs whose creation is spooled fail, and the journal is closed (deleted if empty), for
+``runactors replay`` to deliver.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actors.delivery._jobs import (
+    Job,
+    JobResult,
+    JobStopped,
+    call_counts,
+    empty_counts,
+    failure_message,
+    merge_results,
+    record_outcome,
+)
+from actors.delivery._store import make_client
+from actors.queueing._plan import Call, call_kind, plan_snapshot
+from actors.queueing._queues import CreateRunCall
+from actors.spool._replay import deliver_run
+from actors.spool._spool import Spool
+
+if TYPE_CHECKING:
+    from actors.executors._executor import DoneHook, Executor, StateHook
+    from actors.status._handle import RunHandle
+
+_logger = logging.getLogger(__name__)
+
+WORKER = "spool"  # the ``worker`` a run's status names while its spooled calls are re-sent
+CLOSE_RESERVE = 5.0  # seconds of a bounded close kept for spooling what could not be sent
+
+
+def close_reserve(timeout: float | None) -> float:
+    """How much of a close's ``timeout`` the last flush leaves for spooling: a quarter, at
+    most :data:`CLOSE_RESERVE` seconds (none without a bound: the flush ends by itself)."""
+    return 0.0 if timeout is None else min(CLOSE_RESERVE, timeout / 4)
+
+
+class Spooler:
+    """One client session's journal, and the threads (``workers`` at most) that re-send
+    spooled runs.
+
+    Runs are keyed in the journal by their pending label (``pending-<session>-<n>``) or
+    their run ID string: stable for the session's life, unique within it.
+    """
+
+    def __init__(
+        self, spool_dir: str, tracking_uri: str, retry_timeout: float, name: str, workers: int = 1
+    ) -> None:
+        self.spool_dir = spool_dir
+        self.tracking_uri = tracking_uri
+        self.retry_timeout = retry_timeout
+        self.name = name
+        self._spool: Spool | None = None
+        self._keys: set[str] = set()  # runs with something in the journal
+        self._lock = threading.Lock()  # opening and closing the journal, the keys
+        self._idle = threading.Condition(threading.Lock())
+        self._outstanding = 0  # rounds tracked and not yet reported
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.workers = max(workers, 1)
+        self._threads: list[threading.Thread] = []
+        self._started = 0
+        self._client_lock = threading.Lock()
+        self._client: Any = None
+        self._closed = False
+
+    # -- which runs are spooled ---------------------------------------------------------
+
+    @staticmethod
+    def key(handle: RunHandle) -> str:
+        return str(handle.pending) if handle.pending is not None else str(handle.key)
+
+    def holds(self, handle: RunHandle) -> bool:
+        """Whether the run has calls (or its creation) in the journal."""
+        return self.key(handle) in self._keys
+
+    @property
+    def path(self) -> Path | None:
+        spool = self._spool
+        return None if spool is None else spool.path
+
+    def _journal(self) -> Spool:
+        if self._closed:
+            raise JobStopped("the client is closed: its journal is closed")
+        if self._spool is None:
+            self._spool = Spool.create(self.spool_dir, self.tracking_uri)
+        return self._spool
+
+    def _refresh(self, handle: RunHandle, spool: Spool, key: str) -> None:
+        held = spool.has_run(key)
+        if held:
+            self._keys.add(key)
+        else:
+            self._keys.discard(key)
+        handle.record.spooled = spool.counts(key) if held else empty_counts()
+
+    # -- a round's outcome --------------------------------------------------------------
+
+    def track(self, handle: RunHandle, on_done: DoneHook) -> DoneHook:
+        """Wrap a round's ``on_done``: its undelivered calls are spooled (fsynced) before the
+        actor hears of the round; :meth:`close` waits for every tracked round."""
+        with self._idle:
+            self._outstanding += 1
+
+        def done(result: JobResult) -> None:
+            try:
+                if result.unsent:
+                    self._spool_unsent(handle, result)
+            except BaseException:  # pragma: no cover - never lose the round's answer
+                _logger.exception("runactors: spooling a round failed")
+            try:
+                on_done(result)  # before close() goes on: what the round lost is known
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+        return done
+
+    def _write(
+        self, handle: RunHandle, calls: list[Call], run_id: str | None, create_attempted: bool
+    ) -> Spool:
+        """Append a run's calls to the journal, adding the run (its creation or its ID) first
+        if the journal does not know it yet; durable when this returns."""
+        key = self.key(handle)
+        spool = self._journal()
+        if spool.has_run(key):
+            spool.append(key, calls)
+        elif isinstance(calls[0], CreateRunCall):
+            create = calls[0]
+            spool.add_run(
+                key,
+                create=create,
+                create_key=create.create_key,
+                create_attempted=create_attempted,
+                calls=calls[1:],
+            )
+        elif run_id is not None:
+            spool.add_run(key, run_id=run_id, calls=calls)
+        else:  # its creation is in flight or failed: these cannot be delivered
+            raise ValueError(f"run {handle.record.label} has no ID and no creation to spool")
+        self._refresh(handle, spool, key)
+        return spool
+
+    def _spool_unsent(self, handle: RunHandle, result: JobResult) -> None:
+        since = handle.queues.take()  # queued since: goes behind, in order
+        calls = list(result.unsent) + plan_snapshot(since)
+        try:
+            with self._lock:
+                spool = self._write(handle, calls, result.run_id, result.unsent_attempted)
+            handle.queues.release(since)  # on disk now: it leaves memory (and max_queued)
+        except Exception as exc:  # a full disk, a closed journal: report what is lost
+            handle.queues.put_back(since)  # still in memory: the next flush sends it
+            why = f"not sent and could not be spooled: {exc!r}"
+            result.errors.append(f"{result.unsent_error}; {why}")
+            for call in result.unsent:
+                record_outcome(result, call, f"{call_kind(call)} {why}", None)
+            result.unsent = []
+            return
+        result.spool_notes.append(  # not lost: the flush that waits hears it, close() not
+            f"{result.unsent_error}; {len(calls)} calls spooled to {spool.path} for redelivery"
+        )
+        result.unsent, result.spooled = [], True
+
+    # -- re-sending ---------------------------------------------------------------------
+
+    def resend(
+        self,
+        handle: RunHandle,
+        job: Job,
+        executor: Callable[[], Executor],
+        on_state: StateHook,
+        on_done: DoneHook,
+    ) -> None:
+        """Re-send the run's spooled calls, then hand ``job`` (the round's new calls) to
+        the executor; or, if re-sending fails transiently, append its calls behind."""
+        on_state("spooled", None)  # on disk, waiting for a re-sending thread
+        self._submit(lambda: self._resend(handle, job, executor, on_state, on_done))
+
+    def _submit(self, work: Callable[[], None]) -> None:
+        """Queue ``work`` for the re-sending threads, starting one more (up to ``workers``)
+        as the executor's pool does."""
+        with self._lock:
+            self._work.put(work)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) < self.workers:
+                index, self._started = self._started, self._started + 1
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}-spool-{index}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            try:
+                work()
+            except BaseException:  # pragma: no cover - the thread serves every spooled run
+                _logger.exception("runactors: re-sending spooled calls failed")
+
+    def _resend(
+        self,
+        handle: RunHandle,
+        job: Job,
+        executor: Callable[[], Executor],
+        on_state: StateHook,
+        on_done: DoneHook,
+    ) -> None:
+        key = self.key(handle)
+        first = JobResult(run_id=job.run_id)
+        on_state("flushing", WORKER)
+        try:
+            self._deliver(handle, key, first, on_state)
+        except Exception as exc:  # the journal cannot be read or written
+            first.errors.append(f"re-sending the spooled calls failed: {exc!r}")
+        if key in self._keys:  # still spooled: the new calls go behind, never ahead
+            if job.calls:
+                first.unsent = list(job.calls)
+                first.unsent_error = "sent behind the run's spooled calls"
+            else:
+                first.spooled = True
+            on_done(first)
+            return
+        job.run_id = first.run_id or job.run_id
+        if not job.calls:
+            on_done(first)
+            return
+        try:
+            executor().submit(job, on_state, lambda rest: on_done(merge_results(first, rest)))
+        except Exception as exc:  # closing: the executor is shut down
+            on_done(merge_results(first, _stopped(job, exc)))
+
+    def _deliver(self, handle: RunHandle, key: str, result: JobResult, on_state: StateHook) -> None:
+        """Deliver the run's spooled calls in order into ``result``; stop at a transient
+        failure (they stay spooled), report and drop a call that fails permanently."""
+        with self._lock:
+            spool = self._journal()
+        # Not under self._lock: opening a store can wait on a locked database, close() not.
+        with self._client_lock:
+            if self._client is None:  # as the executors make theirs: one HTTP attempt per call
+                self._client = make_client(self.tracking_uri)
+
+        def on_retry(exc: BaseException, delay: float) -> None:
+            if self._closed:
+                raise JobStopped("the client was closed")
+            on_state("retrying", WORKER)
+
+        try:
+            while (entry := spool.run(key)) is not None:
+                known = frozenset(e.run_id for e in spool.runs() if e.run_id is not None)
+                outcome = deliver_run(
+                    spool,
+                    entry,
+                    self._client,
+                    self.tracking_uri,
+                    self.retry_timeout,
+                    on_retry=on_retry,
+                    exclude=known,
+                )
+                for kind, n in outcome.delivered.items():
+                    result.logged[kind] += n
+                if entry.run_id is None and outcome.run_id is not None:
+                    result.run_id, result.created = outcome.run_id, True
+                if outcome.error is None:
+                    continue  # the loop ends: delivered runs leave the journal
+                if outcome.transient or self._closed:  # they stay spooled: nothing lost
+                    result.spool_notes.append(f"re-sending spooled calls failed: {outcome.error}")
+                    return
+                result.errors.append(outcome.error)
+                if outcome.run_id is None:  # its creation failed for good: nothing can go
+                    dropped = spool.drop_run(key)
+                    result.create_error = outcome.error
+                    handle.record.create_error = outcome.error
+                    if handle.pending is not None:
+                        handle.pending._set_failed(outcome.error)
+                    if dropped:
+                        result.errors.append(
+                            f"{dropped} spooled calls of run {handle.record.label} were not "
+                            "sent: its creation failed"
+                        )
+                    return
+                for seq, _ in spool.calls(key, limit=1):
+                    spool.remove([seq])
+        finally:
+            with self._lock:
+                self._refresh(handle, spool, key)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self, handles: list[RunHandle], timeout: float | None) -> list[str]:
+        """Wait (up to ``timeout`` s) for the rounds still being reported, spool what is
+        still queued, fail the pending runs whose creation is spooled, and close the
+        journal (deleted if empty). What is left in it is not lost: one warning says where
+        it is and how to deliver it. Returns what is lost (rounds still being sent at the
+        bound: what they had not sent is not in the spool)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        lost: list[str] = []
+        with self._idle:
+            while self._outstanding:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    lost.append(
+                        f"{self._outstanding} rounds were still being sent when the client "
+                        "closed; what they had not sent is not in the spool"
+                    )
+                    break
+                self._idle.wait(left)
+        with self._lock:
+            for _ in self._threads:
+                self._work.put(None)
+            for handle in handles:
+                lost += self._spool_queued(handle)
+            self._closed = True
+            spool, self._spool = self._spool, None
+        if spool is None:
+            return lost
+        left = spool.pending_calls()
+        runs = 0
+        for handle in handles:
+            key = self.key(handle)
+            if key not in self._keys:
+                continue
+            runs += 1
+            handle.record.state = "spooled"
+            entry = spool.run(key)
+            if entry is not None and entry.run_id is None and handle.pending is not None:
+                handle.pending._set_failed(
+                    f"the client closed before its creation was delivered; it is in the "
+                    f"spool {spool.path}, for runactors replay"
+                )
+        path = spool.path
+        spool.close()
+        if left:  # safe on disk: said once, not raised
+            _logger.warning(
+                "runactors: %d calls of %d runs were not delivered and are in the spool %s; "
+                "run `runactors replay %s` once the store is back to deliver them",
+                left,
+                runs,
+                path,
+                self.spool_dir,
+            )
+        return lost
+
+    def _spool_queued(self, handle: RunHandle) -> list[str]:
+        """At close: what a run still has queued (the close's flush did not take it, or
+        stopped at its bound) goes to the journal, behind what is spooled of the run;
+        returns what could not go there (lost)."""
+        if not handle.queues.has_work():
+            return []
+        snapshot = handle.queues.discard()  # to disk, or lost: it leaves memory either way
+        calls = plan_snapshot(snapshot)
+        try:
+            self._write(handle, calls, handle.record.run_id, False)
+        except Exception as exc:
+            counts = empty_counts()
+            for call in calls:
+                for kind, n in call_counts(call).items():
+                    counts[kind] += n
+            message = f"queued at close, not sent and could not be spooled: {exc!r} ({counts})"
+            handle.record.errors.add([message])
+            return [failure_message(handle.record.label, [message])]
+        return []
+
+
+def _stopped(job: Job, exc: BaseException) -> JobResult:
+    result = JobResult(run_id=job.run_id)
+    result.unsent, result.unsent_error = list(job.calls), f"not sent: {exc}"
+    return result

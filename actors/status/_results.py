@@ -1,0 +1,103 @@
+"""The results of ``status()``: a snapshot of one run (:class:`RunStatus`) and of one client
+(:class:`ClientStatus`), plain frozen data that a status server serves as JSON.
+
+States (``RunStatus.state``):
+
+==========  ==================================================================
+``idle``     nothing in flight; operations may be queued, waiting for a flush
+``ready``    a flush is requested and the run waits for its actor (a client has a bounded
+             number of live run actors; runs get one first come, first served)
+``waiting``  a flush is planned and waits for a free executor worker
+``flushing`` the run's calls are being made
+``retrying`` a call failed transiently and is being retried with backoff
+``spooled``  the run's work is in the spool (``spool_dir``) and not being re-sent right now
+             (between flushes, or waiting for one of the spooler's re-sending threads);
+             its next flush re-sends it first
+``stopped``  terminated and fully flushed (as its last flush returns); its actor stops
+``crashed``  the actor failed; the next flush starts a new one for the run
+``closed``   the client was closed (``status()`` still answers, with the final state)
+==========  ==================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.delivery._jobs import empty_counts
+from actors.queueing._pending import PendingRunId
+
+STATES = (
+    "idle",
+    "ready",
+    "waiting",
+    "flushing",
+    "retrying",
+    "spooled",
+    "stopped",
+    "crashed",
+    "closed",
+)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """One run, as its actor saw it at the moment of the snapshot."""
+
+    pending_id: PendingRunId | None
+    run_id: str | None
+    state: str
+    queued: dict[str, int]
+    logged: dict[str, int]
+    errors: list[str]
+    worker: str | None = None
+    errors_dropped: int = 0  # errors past the cap of ``errors``, counted in it as one line
+    retries: int = 0  # transient failures retried so far (cumulative)
+    last_retry_error: str | None = None  # the latest of them, kept after recovery
+    spooled: dict[str, int] = field(default_factory=empty_counts)  # on disk, to be re-sent
+    # On a database store: "on" (metrics through the SQL fast path), "off", or "fallback:
+    # why" (through MLflow's log_batch); None before any metrics or on other stores.
+    sql_fast_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pending_id": None if self.pending_id is None else str(self.pending_id),
+            "run_id": self.run_id,
+            "state": self.state,
+            "queued": dict(self.queued),
+            "logged": dict(self.logged),
+            "errors": list(self.errors),
+            "worker": self.worker,
+            "errors_dropped": self.errors_dropped,
+            "retries": self.retries,
+            "last_retry_error": self.last_retry_error,
+            "spooled": dict(self.spooled),
+            "sql_fast_path": self.sql_fast_path,
+        }
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """A snapshot of every run of one client."""
+
+    runs: list[RunStatus]
+    tracking_uri: str | None = None
+    executor: str | None = None
+    closed: bool = False  # the client is closed: ``runs`` hold their final state
+    client_id: int | None = None  # the number in its runs' pending labels; None before use
+
+    def counts(self) -> dict[str, int]:
+        """Runs per state, e.g. ``{"idle": 3, "flushing": 1}``."""
+        counts: dict[str, int] = {}
+        for run in self.runs:
+            counts[run.state] = counts.get(run.state, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "tracking_uri": self.tracking_uri,
+            "executor": self.executor,
+            "closed": self.closed,
+            "runs": [run.to_dict() for run in self.runs],
+        }
