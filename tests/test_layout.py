@@ -174,7 +174,10 @@ def test_no_folder_over_16_modules():
 def test_the_worker_template_points_at_the_folder_that_holds_actors():
     """The template is started with ``python -c`` and this folder on its ``PYTHONPATH``: it
     must be where ``actors`` is importable from, wherever ``_template.py`` sits."""
+    import actors
     from actors.executors import _template
 
     assert (Path(_template._PACKAGE_ROOT) / "actors" / "__init__.py").is_file()
-    assert Path(_template._PACKAGE_ROOT) == ROOT
+    # The checkout, or site-packages under tox's non-editable install: where this process
+    # imported ``actors`` from.
+    assert Path(_template._PACKAGE_ROOT) == Path(actors.__file__).resolve().parent.parent
