@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 # One HTTP attempt per call (the client retries transient failures itself) and a short wait
 # for an answer, so that a hung or broken server costs a test seconds, not MLflow's minutes.
@@ -200,8 +200,8 @@ class MlflowServer:
 # What a proxy does with one request: forward it, answer this HTTP status instead, or
 # forward it and then close the connection without answering (the request landed, the
 # answer is lost).
-FORWARD = "forward"
-DROP = "drop"
+FORWARD: Final = "forward"
+DROP: Final = "drop"
 Action = int | Literal["forward", "drop"]
 
 
@@ -299,55 +299,25 @@ class Proxy:
         self._thread.join(5)
 
 
-def _ends_with(path: str, suffix: str) -> bool:
-    return path.split("?")[0].endswith(suffix)
+class ScriptedProxy(Proxy):
+    """A :class:`Proxy` that does ``actions`` in turn, one per request whose path ends with
+    ``path``, and forwards once they are used up; every other request is forwarded at once.
+    ``hits`` counts the requests to ``path``.
 
-
-class FlakyProxy(Proxy):
-    """A :class:`Proxy` that first answers some requests with error statuses: a real HTTP
-    408/429/5xx as a client sees it.
-
-    Requests whose path ends with ``path`` are answered with ``statuses`` in turn, one per
-    request, and forwarded to ``upstream`` once the statuses are used up; every other request
-    is forwarded at once. ``hits`` counts the requests to ``path``.
+    Error statuses first (``[503, 429]``): a real HTTP 408/429/5xx as a client sees it.
+    ``[DROP]``: the first request lands upstream and its answer is lost.
     """
 
-    def __init__(self, upstream: str, path: str, statuses: list[int]) -> None:
+    def __init__(self, upstream: str, path: str, actions: list[Action]) -> None:
         self.path = path
-        self.statuses = list(statuses)
+        self.actions = list(actions)
         self.hits = 0
         self._lock = threading.Lock()
         super().__init__(upstream)
 
     def policy(self, path: str) -> Action:
-        if not _ends_with(path, self.path):
+        if not path.split("?")[0].endswith(self.path):
             return FORWARD
         with self._lock:
             self.hits += 1
-            return self.statuses.pop(0) if self.statuses else FORWARD
-
-
-class DroppingProxy(Proxy):
-    """A :class:`Proxy` that forwards every request to ``upstream``, but for the first
-    ``drops`` requests whose path ends with ``path`` closes the connection instead of
-    answering, *after* the upstream handled it: a real lost response (the request landed).
-
-    ``hits`` counts the requests to ``path`` that reached the proxy.
-    """
-
-    def __init__(self, upstream: str, path: str, drops: int = 1) -> None:
-        self.path = path
-        self.drops = drops
-        self.hits = 0
-        self._lock = threading.Lock()
-        super().__init__(upstream)
-
-    def policy(self, path: str) -> Action:
-        if not _ends_with(path, self.path):
-            return FORWARD
-        with self._lock:
-            self.hits += 1
-            if self.drops > 0:
-                self.drops -= 1
-                return DROP
-            return FORWARD
+            return self.actions.pop(0) if self.actions else FORWARD
