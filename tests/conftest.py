@@ -19,11 +19,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from servers import (
+    DROP,
     FAIL_FAST_HTTP_TIMEOUT,
-    DroppingProxy,
-    FlakyProxy,
     LoopbackServer,
     MlflowServer,
+    ScriptedProxy,
 )
 from stores import SqliteLock
 
@@ -208,12 +208,13 @@ def mlflow_server_uri(session_mlflow_server: MlflowServer) -> str:
 
 
 @pytest.fixture
-def flaky_proxy() -> Iterator[Callable[[str, str, list[int]], FlakyProxy]]:
-    """``flaky_proxy(upstream, path, statuses)``: a :class:`FlakyProxy`, closed at teardown."""
-    made: list[FlakyProxy] = []
+def flaky_proxy() -> Iterator[Callable[[str, str, list[int]], ScriptedProxy]]:
+    """``flaky_proxy(upstream, path, statuses)``: a :class:`ScriptedProxy` that answers the
+    requests to ``path`` with ``statuses`` first, closed at teardown."""
+    made: list[ScriptedProxy] = []
 
-    def make(upstream: str, path: str, statuses: list[int]) -> FlakyProxy:
-        made.append(FlakyProxy(upstream, path, statuses))
+    def make(upstream: str, path: str, statuses: list[int]) -> ScriptedProxy:
+        made.append(ScriptedProxy(upstream, path, list(statuses)))
         return made[-1]
 
     yield make
@@ -251,13 +252,14 @@ def mlflow_server_default_http(
 
 
 @pytest.fixture
-def dropping_proxy() -> Iterator[Callable[..., DroppingProxy]]:
-    """``dropping_proxy(upstream, path, drops=1)``: a :class:`DroppingProxy`, closed at
+def dropping_proxy() -> Iterator[Callable[..., ScriptedProxy]]:
+    """``dropping_proxy(upstream, path, drops=1)``: a :class:`ScriptedProxy` that loses the
+    answers to the first ``drops`` requests to ``path`` (they land upstream), closed at
     teardown."""
-    made: list[DroppingProxy] = []
+    made: list[ScriptedProxy] = []
 
-    def make(upstream: str, path: str, drops: int = 1) -> DroppingProxy:
-        made.append(DroppingProxy(upstream, path, drops))
+    def make(upstream: str, path: str, drops: int = 1) -> ScriptedProxy:
+        made.append(ScriptedProxy(upstream, path, [DROP] * drops))
         return made[-1]
 
     yield make

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import threading
 
-from servers import FlakyProxy
+from servers import FORWARD, Action, Proxy
 
 
-class HoldingProxy(FlakyProxy):
+class HoldingProxy(Proxy):
     """In front of ``upstream``. ``down``: every request is answered 503 (as a gateway in
     front of a stopped server answers). :meth:`hold` makes the next requests wait until
     ``count`` of them are held at once; ``held`` is how many are held now, ``max_held`` the
@@ -22,7 +22,7 @@ class HoldingProxy(FlakyProxy):
         self._cond = threading.Condition()
         self._target = 0
         self._timeout = 0.0
-        super().__init__(upstream, "", [])
+        super().__init__(upstream)
 
     def hold(self, count: int, timeout: float) -> None:
         """Hold each request from now on until ``count`` are held at once, then let them all
@@ -36,7 +36,7 @@ class HoldingProxy(FlakyProxy):
             self._target = 0
             self._cond.notify_all()
 
-    def _next_status(self, path: str) -> int | None:
+    def policy(self, path: str) -> Action:
         with self._cond:
             if self._target:
                 self.held += 1
@@ -47,7 +47,7 @@ class HoldingProxy(FlakyProxy):
                     self._target = 0
                     self._cond.notify_all()
                 self.held -= 1
-        return 503 if self.down else None
+        return 503 if self.down else FORWARD
 
     def close(self) -> None:
         self.release()

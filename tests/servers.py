@@ -1,7 +1,7 @@
-"""Servers on 127.0.0.1 for the tests: a real ``mlflow server``, one that never answers, one
-that answers error statuses first. Shared by ``tests/conftest.py`` and
-``tests/distributed/conftest.py`` (a plain module, so that both import the same code whichever
-conftest pytest loaded last).
+"""Servers on 127.0.0.1 for the tests: a real ``mlflow server``, one that never answers, and a
+reverse proxy with a per-request policy (forward, answer an error status, lose the answer, hold).
+Shared by ``tests/conftest.py`` and ``tests/distributed/conftest.py`` (a plain module, so that
+both import the same code whichever conftest pytest loaded last).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 # One HTTP attempt per call (the client retries transient failures itself) and a short wait
 # for an answer, so that a hung or broken server costs a test seconds, not MLflow's minutes.
@@ -174,7 +174,7 @@ class MlflowServer:
                     f"mlflow server did not answer {self.uri}/health within "
                     f"{SERVER_START_TIMEOUT:.0f} s:\n{self._log_tail()}"
                 )
-            time.sleep(0.25)
+            time.sleep(0.1)  # a server is seen ready within 0.1 s of it
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         """Stop the server and every process of its group (SIGKILL by default: a crash)."""
@@ -197,21 +197,23 @@ class MlflowServer:
             pass
 
 
-class FlakyProxy:
-    """A reverse proxy on 127.0.0.1 in front of a tracking server that first answers some
-    requests with error statuses: a real HTTP 408/429/5xx as a client sees it.
+# What a proxy does with one request: forward it, answer this HTTP status instead, or
+# forward it and then close the connection without answering (the request landed, the
+# answer is lost).
+FORWARD: Final = "forward"
+DROP: Final = "drop"
+Action = int | Literal["forward", "drop"]
 
-    Requests whose path ends with ``path`` are answered with ``statuses`` in turn, one per
-    request, and forwarded to ``upstream`` once the statuses are used up; every other request
-    is forwarded at once. ``hits`` counts the requests to ``path``.
+
+class Proxy:
+    """A reverse proxy on 127.0.0.1 in front of the tracking server ``upstream``, with a
+    per-request policy: :meth:`policy` (a subclass's) decides for each request whether it is
+    forwarded, answered with an error status, or forwarded and its answer dropped. A policy
+    may also block, to hold the request; it runs on that request's own thread.
     """
 
-    def __init__(self, upstream: str, path: str, statuses: list[int]) -> None:
+    def __init__(self, upstream: str) -> None:
         self.upstream = urllib.parse.urlsplit(upstream)
-        self.path = path
-        self.statuses = list(statuses)
-        self.hits = 0
-        self._lock = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -222,28 +224,43 @@ class FlakyProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status = proxy._next_status(self.path)
-                if status is not None:
-                    proxy._answer_error(self, status)
-                else:
-                    proxy._forward(self, body)
+                proxy._handle(self, body)
 
             do_GET = do_POST = do_PATCH = do_DELETE = _handle
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.uri = f"http://127.0.0.1:{self._server.server_address[1]}"
+        # A short poll interval: close() waits for the serving loop to notice, every test.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="flaky-proxy", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name=type(self).__name__,
+            daemon=True,
         )
         self._thread.start()
 
-    def _next_status(self, path: str) -> int | None:
-        if not path.split("?")[0].endswith(self.path):
-            return None
-        with self._lock:
-            self.hits += 1
-            return self.statuses.pop(0) if self.statuses else None
+    def policy(self, path: str) -> Action:
+        """What to do with a request to ``path`` (with its query): forward it, by default."""
+        return FORWARD
+
+    def _handle(self, handler: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
+        action = self.policy(handler.path)
+        if action not in (FORWARD, DROP):
+            self._answer_error(handler, int(action))
+            return
+        status, headers, data = self._forward(handler, body)
+        if action == DROP:  # the upstream did it; the client never hears so
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        handler.send_response(status)
+        for key, value in headers:
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
     @staticmethod
     def _answer_error(handler: http.server.BaseHTTPRequestHandler, status: int) -> None:
@@ -261,89 +278,6 @@ class FlakyProxy:
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
-
-    def _forward(self, handler: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
-        try:
-            headers = {
-                k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")
-            }
-            conn.request(handler.command, handler.path, body=body or None, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-        finally:
-            conn.close()
-        handler.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                handler.send_header(key, value)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
-class DroppingProxy:
-    """A reverse proxy on 127.0.0.1 that forwards every request to ``upstream``, but for the
-    first ``drops`` requests whose path ends with ``path`` closes the connection instead of
-    answering, *after* the upstream handled it: a real lost response (the request landed).
-
-    ``hits`` counts the requests to ``path`` that reached the proxy.
-    """
-
-    def __init__(self, upstream: str, path: str, drops: int = 1) -> None:
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.path = path
-        self.drops = drops
-        self.hits = 0
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                pass
-
-            def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                drop = proxy._should_drop(self.path)
-                status, headers, data = proxy._forward(self, body)
-                if drop:  # the upstream did it; the client never hears so
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.send_response(status)
-                for key, value in headers:
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = _handle
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.uri = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dropping-proxy", daemon=True
-        )
-        self._thread.start()
-
-    def _should_drop(self, path: str) -> bool:
-        if not path.split("?")[0].endswith(self.path):
-            return False
-        with self._lock:
-            self.hits += 1
-            if self.drops > 0:
-                self.drops -= 1
-                return True
-            return False
 
     def _forward(
         self, handler: http.server.BaseHTTPRequestHandler, body: bytes
@@ -363,3 +297,27 @@ class DroppingProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class ScriptedProxy(Proxy):
+    """A :class:`Proxy` that does ``actions`` in turn, one per request whose path ends with
+    ``path``, and forwards once they are used up; every other request is forwarded at once.
+    ``hits`` counts the requests to ``path``.
+
+    Error statuses first (``[503, 429]``): a real HTTP 408/429/5xx as a client sees it.
+    ``[DROP]``: the first request lands upstream and its answer is lost.
+    """
+
+    def __init__(self, upstream: str, path: str, actions: list[Action]) -> None:
+        self.path = path
+        self.actions = list(actions)
+        self.hits = 0
+        self._lock = threading.Lock()
+        super().__init__(upstream)
+
+    def policy(self, path: str) -> Action:
+        if not path.split("?")[0].endswith(self.path):
+            return FORWARD
+        with self._lock:
+            self.hits += 1
+            return self.actions.pop(0) if self.actions else FORWARD

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from actors.delivery import _sqlite_gate
-from actors.delivery._sqlite_gate import database_key, sqlite_gate, uri_database_key
+from actors.delivery._sqlite_gate import database_gate, database_key, uri_database_key
 from client import QueueingClient
 
 
@@ -39,7 +39,7 @@ def test_one_gate_per_file_whatever_the_uri_spelling(
 
 def _hold(uri: str, release: threading.Event, held: threading.Event) -> threading.Thread:
     def hold() -> None:
-        with sqlite_gate(uri):
+        with database_gate(uri_database_key(uri)):
             held.set()
             release.wait(30)
 
@@ -56,15 +56,15 @@ def test_a_writer_waits_its_turn_and_goes_as_soon_as_the_gate_is_free(tmp_path: 
     entered = threading.Event()
 
     def writer() -> None:
-        with sqlite_gate(uri):
+        with database_gate(uri_database_key(uri)):
             entered.set()
 
     waiting = threading.Thread(target=writer, daemon=True)
     waiting.start()
     assert not entered.wait(0.3)  # its turn has not come
-    with sqlite_gate(f"sqlite:///{tmp_path}/b.db"):  # another file: no wait
+    with database_gate(uri_database_key(f"sqlite:///{tmp_path}/b.db")):  # another file: no wait
         pass
-    with sqlite_gate("postgresql://u@h/db"):  # not SQLite: no gate at all
+    with database_gate(uri_database_key("postgresql://u@h/db")):  # not SQLite: no gate at all
         pass
     release.set()
     assert entered.wait(10)
@@ -82,11 +82,11 @@ def test_a_call_that_waited_gate_wait_goes_ahead_without_it(
     holder = _hold(uri, release, held)
     try:
         started = time.monotonic()
-        with sqlite_gate(uri):
+        with database_gate(uri_database_key(uri)):
             waited = time.monotonic() - started
         assert held.is_set() and not release.is_set()  # the holder still holds it
         assert waited >= 0.3
-        with sqlite_gate(uri):  # and again: nothing was left held by the first
+        with database_gate(uri_database_key(uri)):  # and again: nothing was left held by the first
             pass
     finally:
         release.set()
@@ -103,9 +103,9 @@ def test_the_gate_is_reentrant_in_one_thread(
     nested_wait: list[float] = []
 
     def nest() -> None:
-        with sqlite_gate(uri):
+        with database_gate(uri_database_key(uri)):
             started = time.monotonic()
-            with sqlite_gate(uri):
+            with database_gate(uri_database_key(uri)):
                 nested_wait.append(time.monotonic() - started)
 
     thread = threading.Thread(target=nest, daemon=True)
@@ -117,7 +117,7 @@ def test_the_gate_is_reentrant_in_one_thread(
             _sqlite_gate._gate(str(database_key(f"{tmp_path}/a.db"))).release()
         thread.join(5)
     assert not alive and nested_wait and nested_wait[0] < 0.5, nested_wait
-    with sqlite_gate(uri):  # and nothing is left held
+    with database_gate(uri_database_key(uri)):  # and nothing is left held
         pass
 
 
@@ -132,7 +132,8 @@ def test_a_forked_child_finds_the_gate_free(tmp_path: Path) -> None:
             code = 1
             try:
                 started = time.monotonic()
-                with sqlite_gate(uri):  # would wait GATE_WAIT on the parent's holder
+                # would wait GATE_WAIT on the parent's holder
+                with database_gate(uri_database_key(uri)):
                     code = 0 if time.monotonic() - started < 0.5 else 2
             finally:
                 os._exit(code)

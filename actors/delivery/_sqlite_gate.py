@@ -20,7 +20,7 @@ and fails none of them.
 
 Example::
 
-    with sqlite_gate("sqlite:///mlruns.db"):
+    with database_gate(uri_database_key("sqlite:///mlruns.db")):
         client.set_terminated(run_id)
 """
 
@@ -76,15 +76,9 @@ def _held(key: str) -> Iterator[None]:
             gate.release()
 
 
-def sqlite_gate(tracking_uri: str) -> AbstractContextManager[None]:
-    """Hold the gate of the SQLite file ``tracking_uri`` names while inside; a no-op for any
-    other store."""
-    key = uri_database_key(tracking_uri)
-    return nullcontext() if key is None else _held(key)
-
-
 def database_gate(key: str | None) -> AbstractContextManager[None]:
-    """:func:`sqlite_gate` for a :func:`database_key` (None: no gate)."""
+    """Hold the gate of the SQLite file ``key`` (a :func:`database_key` or
+    :func:`uri_database_key`) while inside; a no-op for None (no gate: not a SQLite file)."""
     return nullcontext() if key is None else _held(key)
 
 
