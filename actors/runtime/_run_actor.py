@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from actors.status._handle import RunHandle, RunWait
 
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.runtime")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class RunActor(pykka.ThreadingActor):
             waits, self._waiters = self._waiters, []
             message = failure_message(record.label, [f"could not start the flush: {exc!r}"])
             if not waits:
-                _logger.warning("runactors: a background flush failed: %s", message)
+                _logger.warning("a background flush failed: %s", message)
             _fail(waits, message, self._session.failures, message)
             self._end_round()
 
@@ -213,7 +213,7 @@ class RunActor(pykka.ThreadingActor):
         if result.errors or result.spool_notes:
             message = failure_message(record.label, result.errors + result.spool_notes)
             if not waiters:
-                _logger.warning("runactors: a background flush failed: %s", message)
+                _logger.warning("a background flush failed: %s", message)
             lost = failure_message(record.label, result.errors) if result.errors else None
             _fail(waiters, message, self._session.failures, lost)
         else:
@@ -264,7 +264,7 @@ class RunActor(pykka.ThreadingActor):
         record.state = "crashed"
         if not self._waiters:  # nobody waits to hear it: keep it for close()
             self._session.failures.add(failure_message(record.label, [error]))
-            _logger.warning("runactors: %s", failure_message(record.label, [error]))
+            _logger.warning("%s", failure_message(record.label, [error]))
         self._fail_waiters(error)
         # The supervisor frees the actor's place and gives later requests to a new actor.
         self._end_round(crashed=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -57,7 +56,6 @@ from actors.spool._format import (
     bad,
 )
 
-_logger = logging.getLogger(__name__)
 
 
 # Journals open in this process: a fork child must not keep their locks (see _after_fork).
