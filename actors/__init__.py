@@ -60,7 +60,15 @@ from actors.spool import (
     side_files,
     spool_files,
 )
-from actors.status import FLUSH_BUCKETS, STATES, TOTALS, ClientStatus, RunHandle, RunStatus
+from actors.status import (
+    FLUSH_BUCKETS,
+    STATES,
+    TOTALS,
+    ClientStatus,
+    RunHandle,
+    RunState,
+    RunStatus,
+)
 
 __all__ = [
     "FLUSH_BUCKETS",
@@ -74,6 +82,7 @@ __all__ = [
     "CreateRunCall",
     "PendingRunId",
     "RunHandle",
+    "RunState",
     "RunStatus",
     "Session",
     "SessionConfig",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors.delivery._jobs import Job, JobResult, JobStopped, retry_error_text
+from actors.delivery._jobs import Job, JobResult, JobState, JobStopped, retry_error_text
 from actors.delivery._perform import perform_job
 from actors.queueing._plan import Call
 
@@ -30,7 +30,7 @@ class StateHook(Protocol):
     """Hears what a job is doing: ``state`` (``flushing``, ``retrying``, ``waiting``), on
     which ``worker``, and for ``retrying`` the transient error being retried (``detail``)."""
 
-    def __call__(self, state: str, worker: str | None, detail: str | None = None) -> None: ...
+    def __call__(self, state: JobState, worker: str | None, detail: str | None = None) -> None: ...
 
 
 DoneHook = Callable[[JobResult], None]

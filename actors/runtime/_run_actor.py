@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors.delivery._jobs import Job, JobResult, JobStopped, empty_counts, failure_message
+from actors.delivery._jobs import (
+    Job,
+    JobResult,
+    JobState,
+    JobStopped,
+    empty_counts,
+    failure_message,
+)
 from actors.executors._executor import DoneHook, failed_result
 from actors.queueing._plan import plan_snapshot
 from actors.runtime._failures import FailureLog, round_failure
@@ -30,6 +37,7 @@ from actors.runtime._failures import FailureLog, round_failure
 if TYPE_CHECKING:
     from actors.runtime._session import Session
     from actors.status._handle import RunHandle, RunWait
+    from actors.status._results import RunState
 
 
 _logger = logging.getLogger("runactors.runtime")
@@ -153,7 +161,7 @@ class RunActor(pykka.ThreadingActor):
         ref = self.actor_ref
         budget, held = self._session.budget, snapshot.held()
 
-        def on_state(state: str, worker: str | None, detail: str | None = None) -> None:
+        def on_state(state: JobState, worker: str | None, detail: str | None = None) -> None:
             # Called on the executor's thread, while only this run's job writes these fields.
             with record.lock:
                 if state == "retrying":
@@ -221,7 +229,7 @@ class RunActor(pykka.ThreadingActor):
                 waiter.settle()
         self._end_round()
 
-    def _at_rest(self) -> str:
+    def _at_rest(self) -> RunState:
         """The state a round leaves its run in, set before its waiters hear the outcome (a
         ``flush()`` that returned sees ``stopped`` for a finished run, not a moment later)."""
         handle = self._handle

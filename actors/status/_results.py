@@ -22,22 +22,16 @@ States (``RunStatus.state``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from actors.delivery._jobs import empty_counts
+from actors.delivery._jobs import JobState, empty_counts
 from actors.queueing._pending import PendingRunId
 
-STATES = (
-    "idle",
-    "ready",
-    "waiting",
-    "flushing",
-    "retrying",
-    "spooled",
-    "stopped",
-    "crashed",
-    "closed",
-)
+# A run's state (the table above); mypy checks every literal written to or compared with one.
+RunState = Literal["idle", "ready", JobState, "stopped", "crashed", "closed"]
+
+# Every state, in the table's order (the status endpoint's order of its ``state`` labels).
+STATES: tuple[RunState, ...] = get_args(RunState)
 
 
 @dataclass(frozen=True)
@@ -46,7 +40,7 @@ class RunStatus:
 
     pending_id: PendingRunId | None
     run_id: str | None
-    state: str
+    state: RunState
     queued: dict[str, int]
     logged: dict[str, int]
     errors: list[str]
