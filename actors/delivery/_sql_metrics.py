@@ -64,7 +64,6 @@ from actors.delivery._retry import is_transient
 from actors.delivery._sqlite_gate import database_gate, database_key
 from actors.queueing._queues import MetricRow, metric_entity
 
-
 # The alembic revisions (``alembic_version.version_num``) of MLflow's schema that the
 # equivalence tests were run on. A database on any other revision goes through MLflow's API.
 PROVEN_REVISIONS = frozenset({"dc11669786a5"})

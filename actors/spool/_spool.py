@@ -56,8 +56,6 @@ from actors.spool._format import (
     bad,
 )
 
-
-
 # Journals open in this process: a fork child must not keep their locks (see _after_fork).
 _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
 # Connections inherited by fork children: never closed there (closing could checkpoint or
