@@ -291,6 +291,15 @@ class StatusServer:
     Made by ``QueueingClient.serve_status()``; serves every open client of the process (not
     only the one that made it) until :meth:`close`, also as a context manager. Each
     connection is closed after ``timeout`` seconds, answered or not.
+
+    Args:
+        host: the address to bind (no authentication: beyond loopback is your choice).
+        port: the port; ``0``: a free one (then read :attr:`port` or :attr:`url`).
+        timeout: seconds a connection may last.
+
+    Raises:
+        MlflowException: a bad host, port or timeout (``INVALID_PARAMETER_VALUE``), or the
+            address is in use (``RESOURCE_ALREADY_EXISTS``).
     """
 
     def __init__(
@@ -335,6 +344,7 @@ class StatusServer:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def close(self) -> None:
