@@ -9,8 +9,12 @@ runtime is exported here and nowhere else; the subpackages, by concern:
 - :mod:`actors.status`: run handles, their records, ``status()`` results, process totals;
 - :mod:`actors.delivery`: performing calls on a store (retry, create once, SQL fast path);
 - :mod:`actors.queueing`: input checks, run queues, pending run IDs, the flush plan.
+
+Every logger of the runtime and of :mod:`client` is under ``runactors`` (see
+:mod:`actors._logging`), set up here, before any subpackage is imported.
 """
 
+from actors import _logging  # noqa: F401  (the ``runactors`` logger's handler)
 from actors.delivery import (
     KINDS,
     call_with_retry,
@@ -56,7 +60,15 @@ from actors.spool import (
     side_files,
     spool_files,
 )
-from actors.status import FLUSH_BUCKETS, STATES, TOTALS, ClientStatus, RunHandle, RunStatus
+from actors.status import (
+    FLUSH_BUCKETS,
+    STATES,
+    TOTALS,
+    ClientStatus,
+    RunHandle,
+    RunState,
+    RunStatus,
+)
 
 __all__ = [
     "FLUSH_BUCKETS",
@@ -70,6 +82,7 @@ __all__ = [
     "CreateRunCall",
     "PendingRunId",
     "RunHandle",
+    "RunState",
     "RunStatus",
     "Session",
     "SessionConfig",

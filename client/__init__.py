@@ -4,7 +4,7 @@
 ``mlflow.utils.autologging_utils.MlflowAutologgingQueueingClient`` switches by one import.
 """
 
-from actors import ClientStatus, PendingRunId, RunStatus
+from actors import ClientStatus, PendingRunId, RunState, RunStatus
 from client._client import MlflowAutologgingQueueingClient, QueueingClient
 from client._operations import RunOperations
 from client._status_server import StatusServer
@@ -15,6 +15,7 @@ __all__ = [
     "PendingRunId",
     "QueueingClient",
     "RunOperations",
+    "RunState",
     "RunStatus",
     "StatusServer",
 ]

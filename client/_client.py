@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import uuid
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mlflow.entities.dataset_input import DatasetInput
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
+from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.utils.time import get_current_time_millis
 
 from actors import (
@@ -22,26 +21,23 @@ from actors import (
     PendingRunId,
     RunHandle,
     Session,
-    SessionConfig,
     Terminate,
     check_dataset_input,
     check_metrics_mapping,
-    check_spool_dir,
     check_status,
     check_step,
     check_text,
     check_timestamp,
     closed_error,
-    exit_timeout,
     get_system,
     metric_rows,
     param_pairs,
     tag_pairs,
 )
 from client._operations import RunOperations
-from client._registry import STATUS_PORT_ENV
+from client._options import invalid, session_config
+from client._registry import STATUS_PORT_ENV, release
 from client._registry import live as _live
-from client._tracking_uri import resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
@@ -49,7 +45,6 @@ if TYPE_CHECKING:
     from client._status_server import StatusServer
 
 RunIdLike = str | PendingRunId
-EXECUTORS = ("thread", "process")
 
 
 def _start_status_from_env() -> None:
@@ -57,43 +52,6 @@ def _start_status_from_env() -> None:
         from client._status_server import start_from_environment
 
         start_from_environment()
-
-
-def _invalid(message: str) -> MlflowException:
-    return MlflowException(message, INVALID_PARAMETER_VALUE)
-
-
-def _release(session: Session) -> None:
-    """Finalizer of a client dropped without ``close()``: send what it queued, then stop;
-    what is lost is logged (warnings), as the exit handler logs it.
-
-    Runs on its own short-lived thread, since garbage collection may happen anywhere, and
-    within ``RUNACTORS_EXIT_TIMEOUT`` seconds, as at exit: a hung store must not keep the
-    thread, the session's actors and its executor forever.
-    """
-    if session.closed:
-        return
-
-    def close() -> None:
-        # Nobody to raise to: what close() would raise is logged, as at exit.
-        get_system().close_unattended(session, exit_timeout(), "a client dropped without close()")
-
-    threading.Thread(target=close, name="runactors-release", daemon=True).start()
-
-
-def _check_spool_dir(spool_dir: Any) -> str | None:
-    """The spool folder as an absolute path (a pickled copy must write to the same one),
-    made (0700) and proven writable now: a folder that cannot be used fails here, naming
-    it, not at the first outage. The journal itself is created at the first spool write."""
-    if spool_dir is None:
-        return None
-    if not isinstance(spool_dir, str | os.PathLike) or not os.fspath(spool_dir):
-        raise _invalid(f"Invalid spool_dir {spool_dir!r}: expected a folder path (str, PathLike).")
-    path = os.path.abspath(os.fspath(spool_dir))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise _invalid(f"Invalid spool_dir {path!r}: it exists and is not a folder.")
-    check_spool_dir(path)
-    return path
 
 
 class QueueingClient:
@@ -108,6 +66,18 @@ class QueueingClient:
     ...     for step in range(100):
     ...         client.log_metrics(run, {"loss": 1 / (step + 1)}, step=step)
     ...     client.set_terminated(run, "FINISHED")
+
+    Args:
+        tracking_uri: the store; ``None``: ``mlflow.get_tracking_uri()``, resolved now.
+        executor: ``"thread"`` or ``"process"`` (worker processes) for the tracking calls.
+        max_workers: tracking calls at once; ``None``: ``min(2 x CPUs, 8)``.
+        flush_interval: seconds between background flushes; ``None``: none.
+        max_queued: entities held in memory at most; ``None``: no bound.
+        retry_timeout: seconds a transient failure is retried before it is an error.
+        spool_dir: a folder where what cannot be delivered is journaled; ``None``: none.
+
+    Raises:
+        MlflowException: an invalid option (``INVALID_PARAMETER_VALUE``, naming it).
     """
 
     def __init__(
@@ -121,39 +91,14 @@ class QueueingClient:
         retry_timeout: float = 60.0,
         spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        if executor not in EXECUTORS:
-            raise _invalid(f"Invalid executor {executor!r}: expected one of {list(EXECUTORS)}.")
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
-        ):
-            raise _invalid(f"Invalid max_workers {max_workers!r}: expected an integer >= 1.")
-        if flush_interval is not None and (
-            isinstance(flush_interval, bool)
-            or not isinstance(flush_interval, int | float)
-            or not 0 < flush_interval < math.inf
-        ):
-            raise _invalid(
-                f"Invalid flush_interval {flush_interval!r}: expected a number of seconds > 0, "
-                "or None for no background flushes."
-            )
-        if max_queued is not None and (
-            isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1
-        ):
-            raise _invalid(
-                f"Invalid max_queued {max_queued!r}: expected an integer >= 1 (entities held "
-                "in memory), or None for no bound."
-            )
-        if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
-            raise _invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
-        self._config = SessionConfig(
-            # Checked and made absolute here: a pickled copy must reach the same store.
-            tracking_uri=resolve_tracking_uri(tracking_uri),
-            executor=executor,
-            max_workers=max_workers,
-            flush_interval=None if flush_interval is None else float(flush_interval),
-            max_queued=max_queued,
-            retry_timeout=float(retry_timeout),
-            spool_dir=_check_spool_dir(spool_dir),
+        self._config = session_config(
+            tracking_uri,
+            executor,
+            max_workers,
+            flush_interval,
+            max_queued,
+            retry_timeout,
+            spool_dir,
         )
         self._closed = False
         self._reset()
@@ -173,6 +118,7 @@ class QueueingClient:
 
     @property
     def tracking_uri(self) -> str:
+        """The store this client delivers to, resolved and made absolute at construction."""
         return self._config.tracking_uri
 
     # -- sessions and runs ------------------------------------------------------------
@@ -186,7 +132,7 @@ class QueueingClient:
                 raise closed_error()
             if self._session is None:
                 session = get_system().open_session(self._config)
-                self._finalizer = weakref.finalize(self, _release, session)
+                self._finalizer = weakref.finalize(self, release, session)
                 self._finalizer.atexit = False  # the actor system's exit handler closes it
                 self._session = session
             return self._session
@@ -196,12 +142,12 @@ class QueueingClient:
         if self._closed:
             raise closed_error()
         if isinstance(run_id, PendingRunId):
-            raise _invalid(
+            raise invalid(
                 f"{run_id!r} was not created by this client: a PendingRunId can only be used "
                 "with the client whose create_run() returned it."
             )
         if not isinstance(run_id, str) or not run_id:
-            raise _invalid(
+            raise invalid(
                 f"Invalid run_id {run_id!r}: expected a run ID string or a PendingRunId "
                 "returned by this client's create_run()."
             )
@@ -224,13 +170,26 @@ class QueueingClient:
         tags: dict[str, Any] | None = None,
         run_name: str | None = None,
     ) -> PendingRunId:
-        """Queue the creation of a run and return its ``PendingRunId``."""
+        """Queue the creation of a run.
+
+        Args:
+            experiment_id: the experiment of the run.
+            start_time: milliseconds since the epoch; ``None``: now.
+            tags: the run's tags, sent with its creation.
+            run_name: the run's name.
+
+        Returns:
+            The ``PendingRunId`` that stands for the run in this client's calls.
+
+        Raises:
+            MlflowException: invalid input, or the client is closed.
+        """
         if self._closed:
             raise closed_error()
         if experiment_id is None:
-            raise _invalid("Invalid experiment_id None: expected an experiment ID.")
+            raise invalid("Invalid experiment_id None: expected an experiment ID.")
         if run_name is not None and not isinstance(run_name, str):
-            raise _invalid(f"Invalid run_name {run_name!r}: expected a string.")
+            raise invalid(f"Invalid run_name {run_name!r}: expected a string.")
         check_text(run_name, "run_name")
         experiment_id = str(experiment_id)
         check_text(experiment_id, "experiment_id")
@@ -248,7 +207,16 @@ class QueueingClient:
     def set_terminated(
         self, run_id: RunIdLike, status: str | None = None, end_time: int | None = None
     ) -> None:
-        """Queue the termination of a run; it is sent after everything queued before it."""
+        """Queue the termination of a run; it is sent after everything queued before it.
+
+        Args:
+            run_id: a run ID string or a ``PendingRunId`` of this client.
+            status: a ``RunStatus`` name (``FINISHED`` when ``None``, as MLflow).
+            end_time: milliseconds since the epoch; ``None``: now.
+
+        Raises:
+            MlflowException: invalid input, a termination already queued, a closed client.
+        """
         handle = self._handle(run_id)
         check_status(status)
         check_timestamp(end_time, "end_time")
@@ -262,14 +230,16 @@ class QueueingClient:
             )
 
     def log_params(self, run_id: RunIdLike, params: dict[str, Any]) -> None:
-        """Queue params; keys and values are truncated as MLflow's seed client does."""
+        """Queue params (name to value); keys and values are truncated as MLflow's seed
+        client does. Raises ``MlflowException`` for a bad run ID or param, or once closed."""
         handle = self._handle(run_id)
         pairs = param_pairs(params)
         if pairs:
             handle.queues.add_params(pairs)
 
     def set_tags(self, run_id: RunIdLike, tags: dict[str, Any]) -> None:
-        """Queue tags; keys and values are truncated as MLflow's seed client does."""
+        """Queue tags (name to value); keys and values are truncated as MLflow's seed
+        client does. Raises ``MlflowException`` for a bad run ID or tag, or once closed."""
         handle = self._handle(run_id)
         pairs = tag_pairs(tags)
         if pairs:
@@ -283,7 +253,18 @@ class QueueingClient:
         dataset: Dataset | None = None,
         model_id: str | None = None,
     ) -> None:
-        """Queue metrics at ``step`` (default 0), timestamped now."""
+        """Queue metrics at ``step`` (default 0), timestamped now.
+
+        Args:
+            run_id: a run ID string or a ``PendingRunId`` of this client.
+            metrics: metric name to a real number.
+            step: the step of every metric of the call.
+            dataset: the dataset the metrics were computed on (its name and digest).
+            model_id: the logged model the metrics belong to.
+
+        Raises:
+            MlflowException: invalid input, no room (``max_queued``) within ``retry_timeout``.
+        """
         try:
             handle = self._runs[run_id]
         except (KeyError, TypeError):
@@ -303,20 +284,28 @@ class QueueingClient:
             handle.queues.add_metrics(rows)
 
     def log_inputs(self, run_id: RunIdLike, datasets: list[DatasetInput] | None) -> None:
-        """Queue dataset inputs; ``None`` or ``[]`` does nothing."""
+        """Queue dataset inputs; ``None`` or ``[]`` does nothing. Raises ``MlflowException``
+        for a bad run ID or dataset, or once the client is closed."""
         if not datasets:
             return
         handle = self._handle(run_id)
         for dataset in datasets:
             if not isinstance(dataset, DatasetInput):
-                raise _invalid(
+                raise invalid(
                     f"Invalid dataset {dataset!r}: expected mlflow.entities.DatasetInput."
                 )
             check_dataset_input(dataset)
         handle.queues.add_datasets(list(datasets))
 
     def flush(self, synchronous: bool = True) -> RunOperations:
-        """Send everything this client queued; wait for it unless ``synchronous=False``."""
+        """Send everything this client queued; wait for it unless ``synchronous=False``.
+
+        Returns:
+            The flush's ``RunOperations`` (already completed when ``synchronous``).
+
+        Raises:
+            MlflowException: what it failed to deliver (``synchronous``), or a closed client.
+        """
         if self._closed:
             raise closed_error()
         session = self._session
@@ -330,6 +319,9 @@ class QueueingClient:
 
         After ``close()`` it keeps answering, with each run's final state (``stopped`` or
         ``closed``), what was logged and what failed.
+
+        Returns:
+            A ``ClientStatus``, one ``RunStatus`` per run.
         """
         closed = self._closed
         session = self._closed_session if closed else self._session
@@ -348,7 +340,11 @@ class QueueingClient:
         (Prometheus). ``port=0`` picks a free port (see ``StatusServer.url``). No
         authentication: binding beyond loopback is the caller's explicit choice.
 
-        Raises ``MlflowException`` if the address is in use or cannot be bound.
+        Returns:
+            The running ``StatusServer``.
+
+        Raises:
+            MlflowException: a bad, used or unbindable address, or a closed client.
         """
         if self._closed:
             raise closed_error()
@@ -359,9 +355,14 @@ class QueueingClient:
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, wait up to ``timeout`` s, and stop this client's actors.
 
-        Raises ``MlflowException`` for what is lost: operations that failed permanently or
-        could be neither delivered nor spooled, and that no ``flush()`` raised. What is in
-        the spool (``spool_dir``) is not lost: one warning names it and ``runactors replay``.
+        Args:
+            timeout: seconds to wait for the last flush; ``None``: as long as it takes.
+
+        Raises:
+            MlflowException: what is lost: operations that failed permanently or could be
+                neither delivered nor spooled, and that no ``flush()`` raised. What is in the
+                spool (``spool_dir``) is not lost: one warning names it and ``runactors replay``.
+
         Calling it again does nothing; any other method but ``status()`` raises once the
         client is closed. A call racing ``close()`` in another thread either returns and is
         in that last flush, or raises.

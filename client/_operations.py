@@ -20,7 +20,12 @@ class RunOperations:
     def await_completion(self, timeout: float | None = None) -> None:
         """Block until every operation of the flush is done; raise if any failed.
 
-        Raises ``TimeoutError`` if ``timeout`` seconds pass first (nothing is cancelled).
+        Args:
+            timeout: seconds to wait at most; ``None``: as long as it takes.
+
+        Raises:
+            MlflowException: one, naming every run whose operations failed.
+            TimeoutError: ``timeout`` seconds passed first (nothing is cancelled).
         """
         failures = wait_tickets(self._tickets, timeout)
         if failures:
@@ -30,7 +35,11 @@ class RunOperations:
             )
 
     def done(self) -> bool:
-        """Whether every operation of the flush has finished, successfully or not."""
+        """Whether every operation of the flush has finished, successfully or not.
+
+        Returns:
+            ``True`` once no run of the flush is still in progress.
+        """
         return all(ticket_done(ticket) for ticket in self._tickets)
 
     def __repr__(self) -> str:

@@ -1,4 +1,5 @@
-"""The registry of this process's open clients: what a status server serves, what a fork resets.
+"""The registry of this process's open clients: what a status server serves, what a fork resets,
+and what becomes of a client dropped without ``close()``.
 
 Its own module so that both :mod:`client._client` (which adds and removes clients) and
 :mod:`client._status_server` (which reads them) import it, and neither imports the other.
@@ -6,10 +7,11 @@ Its own module so that both :mod:`client._client` (which adds and removes client
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Protocol
 
-from actors import ClientStatus
+from actors import ClientStatus, Session, exit_timeout, get_system
 
 STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a status server
 
@@ -34,3 +36,21 @@ def open_clients() -> list[OpenClient]:
             return list(live)
         except RuntimeError:  # a client was made while we read the set: read it again
             continue
+
+
+def release(session: Session) -> None:
+    """Finalizer of a client dropped without ``close()``: send what it queued, then stop;
+    what is lost is logged (warnings), as the exit handler logs it.
+
+    Runs on its own short-lived thread, since garbage collection may happen anywhere, and
+    within ``RUNACTORS_EXIT_TIMEOUT`` seconds, as at exit: a hung store must not keep the
+    thread, the session's actors and its executor forever.
+    """
+    if session.closed:
+        return
+
+    def close() -> None:
+        # Nobody to raise to: what close() would raise is logged, as at exit.
+        get_system().close_unattended(session, exit_timeout(), "a client dropped without close()")
+
+    threading.Thread(target=close, name="runactors-release", daemon=True).start()

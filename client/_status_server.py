@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 from actors import FLUSH_BUCKETS, KINDS, STATES, TOTALS, ClientStatus
 from client._registry import STATUS_PORT_ENV, open_clients
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.status_server")
 
 STATUS_HOST_ENV = "RUNACTORS_STATUS_HOST"
 DEFAULT_HOST = "127.0.0.1"
@@ -210,7 +210,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A connection cut (its time was up, or the server closes) or reset by its client:
         # nothing to report beyond a debug line, never a traceback on stderr.
-        _logger.debug("runactors status: connection from %s ended", client_address, exc_info=True)
+        _logger.debug("connection from %s ended", client_address, exc_info=True)
 
     def close_all(self) -> None:
         """End every open connection now (their handler threads then finish at once)."""
@@ -251,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found: /status, /metrics\n")
         except Exception as exc:  # never a dead handler thread without an answer
-            _logger.exception("runactors: the status endpoint failed")
+            _logger.exception("the status endpoint failed")
             self._send(500, "text/plain; charset=utf-8", f"{exc!r}\n".encode())
 
     def _send(self, code: int, content_type: str, body: bytes) -> None:
@@ -262,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
-        _logger.debug("runactors status: " + format, *args)
+        _logger.debug(format, *args)
 
 
 def _check_address(host: Any, port: Any) -> tuple[str, int]:
@@ -291,6 +291,15 @@ class StatusServer:
     Made by ``QueueingClient.serve_status()``; serves every open client of the process (not
     only the one that made it) until :meth:`close`, also as a context manager. Each
     connection is closed after ``timeout`` seconds, answered or not.
+
+    Args:
+        host: the address to bind (no authentication: beyond loopback is your choice).
+        port: the port; ``0``: a free one (then read :attr:`port` or :attr:`url`).
+        timeout: seconds a connection may last.
+
+    Raises:
+        MlflowException: a bad host, port or timeout (``INVALID_PARAMETER_VALUE``), or the
+            address is in use (``RESOURCE_ALREADY_EXISTS``).
     """
 
     def __init__(
@@ -335,6 +344,7 @@ class StatusServer:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def close(self) -> None:
@@ -392,7 +402,7 @@ def start_from_environment() -> StatusServer | None:
         port = int(value)
     except ValueError:
         _logger.warning(
-            "runactors: %s=%r is not a port number; no status server started.",
+            "%s=%r is not a port number; no status server started.",
             STATUS_PORT_ENV,
             value,
         )
@@ -400,12 +410,12 @@ def start_from_environment() -> StatusServer | None:
     try:
         server = StatusServer(host, port)
     except MlflowException as exc:
-        _logger.warning("runactors: %s: %s", STATUS_PORT_ENV, exc.message)
+        _logger.warning("%s: %s", STATUS_PORT_ENV, exc.message)
         return None
     except Exception as exc:  # pragma: no cover - the client must work on regardless
-        _logger.warning("runactors: %s: no status server: %r", STATUS_PORT_ENV, exc)
+        _logger.warning("%s: no status server: %r", STATUS_PORT_ENV, exc)
         return None
-    _logger.info("runactors: status served at %s (/status, /metrics)", server.url)
+    _logger.info("status served at %s (/status, /metrics)", server.url)
     return server
 
 

@@ -29,7 +29,7 @@ _EXAMPLES = "e.g. sqlite:///mlflow.db, http://HOST:PORT or a folder for a file s
 # starting with a digit), or a bare localhost or IPv4 address, with an optional path.
 _SERVER_ADDRESS = re.compile(r"^(?:[\w.-]+:\d{1,5}|localhost|\d{1,3}(?:\.\d{1,3}){3})(?:/.*)?$")
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.tracking_uri")
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

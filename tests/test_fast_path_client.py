@@ -112,7 +112,7 @@ def test_an_unproven_schema_revision_falls_back_stores_everything_and_says_so(
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeedbeef'")
         engine.dispose()
-        with caplog.at_level(logging.WARNING, logger="actors.delivery._fast_path"):
+        with caplog.at_level(logging.WARNING, logger="runactors.delivery"):
             for round_ in range(3):
                 for step in range(600):
                     client.log_metrics(run, {"loss": step / 7, "acc": round_}, step=step)

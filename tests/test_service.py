@@ -89,7 +89,7 @@ def test_a_full_batch_flushes_before_the_interval(executor, tracking_uri, store,
 def test_a_background_failure_is_in_status_logged_and_raised_by_close(executor, dead_uri, caplog):
     client = QueueingClient(dead_uri, executor=executor, flush_interval=0.2, retry_timeout=0.5)
     run_id = "0" * 32
-    with caplog.at_level(logging.WARNING, logger="actors"):
+    with caplog.at_level(logging.WARNING, logger="runactors"):
         client.log_metrics(run_id, {"loss": 1.0}, step=0)
         errors = wait_until(
             lambda: [e for run in client.status().runs for e in run.errors],

@@ -226,7 +226,7 @@ def test_existing_open_folder_is_kept_with_a_warning(
     folder = tmp_path / "shared"
     folder.mkdir()
     folder.chmod(0o755)
-    with caplog.at_level(logging.WARNING, logger="actors.spool._files"):
+    with caplog.at_level(logging.WARNING, logger="runactors.spool"):
         spool = Spool.create(folder, URI)
     spool.close()
     assert folder.stat().st_mode & 0o777 == 0o755

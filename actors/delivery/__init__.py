@@ -5,7 +5,7 @@ imported on first use only, so it is not imported here).
 """
 
 from actors.delivery._create_key import CREATE_KEY_TAG
-from actors.delivery._jobs import KINDS, Job, JobResult, empty_counts, failure_message
+from actors.delivery._jobs import KINDS, Job, JobResult, JobState, empty_counts, failure_message
 from actors.delivery._new_sqlite import create_sqlite_store
 from actors.delivery._perform import perform_job
 from actors.delivery._retry import call_with_retry, is_transient
@@ -16,6 +16,7 @@ __all__ = [
     "KINDS",
     "Job",
     "JobResult",
+    "JobState",
     "call_with_retry",
     "create_sqlite_store",
     "empty_counts",

@@ -24,7 +24,7 @@ from mlflow.entities import ViewType
 
 from actors.queueing._queues import CreateRunCall
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.delivery")
 
 CREATE_KEY_TAG = "runactors.create_key"
 _PAGE = 1000

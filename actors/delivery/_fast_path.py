@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from actors.queueing._queues import MetricRow
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.delivery")
 
 
 class FastPathUnavailable(Exception):

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from actors.queueing._plan import Call, LogBatchCall, LogInputsCall, SetTerminatedCall
 from actors.queueing._queues import CreateRunCall
 
 KINDS = ("metrics", "params", "tags", "datasets")
+
+# What a round in progress is doing, as the one performing it reports it (an executor: waiting
+# for a worker, flushing, retrying; the spooler: spooled). Part of ``RunState``.
+JobState = Literal["waiting", "flushing", "retrying", "spooled"]
 
 
 RetryHook = Callable[[BaseException, float], None]

@@ -36,7 +36,6 @@ retried, not a fallback.
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 import sqlite3
@@ -64,8 +63,6 @@ from actors.delivery._fast_path import FastPathUnavailable
 from actors.delivery._retry import is_transient
 from actors.delivery._sqlite_gate import database_gate, database_key
 from actors.queueing._queues import MetricRow, metric_entity
-
-_logger = logging.getLogger(__name__)
 
 # The alembic revisions (``alembic_version.version_num``) of MLflow's schema that the
 # equivalence tests were run on. A database on any other revision goes through MLflow's API.

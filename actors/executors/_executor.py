@@ -17,11 +17,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from actors.delivery._jobs import Job, JobResult, JobStopped, retry_error_text
+from actors.delivery._jobs import Job, JobResult, JobState, JobStopped, retry_error_text
 from actors.delivery._perform import perform_job
 from actors.queueing._plan import Call
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.executors")
 
 S = TypeVar("S")
 
@@ -30,7 +30,7 @@ class StateHook(Protocol):
     """Hears what a job is doing: ``state`` (``flushing``, ``retrying``, ``waiting``), on
     which ``worker``, and for ``retrying`` the transient error being retried (``detail``)."""
 
-    def __call__(self, state: str, worker: str | None, detail: str | None = None) -> None: ...
+    def __call__(self, state: JobState, worker: str | None, detail: str | None = None) -> None: ...
 
 
 DoneHook = Callable[[JobResult], None]
@@ -115,7 +115,7 @@ class JobPool(Generic[S]):
                 try:
                     on_done(result)
                 except BaseException:  # never lose the thread to a callback's fault
-                    _logger.exception("runactors: delivering a job's result failed")
+                    _logger.exception("delivering a job's result failed")
         finally:
             self._close(state)
 
@@ -126,7 +126,7 @@ class JobPool(Generic[S]):
         try:
             return self._perform(state, job, on_state)
         except BaseException as exc:  # a bug, a MemoryError: this job fails, the thread goes on
-            _logger.exception("runactors: performing a job failed")
+            _logger.exception("performing a job failed")
             return failed_result(job, exc)
 
     def _open(self, index: int) -> S:

@@ -33,7 +33,7 @@ from mlflow.utils.validation import (
 
 from actors.queueing._queues import MetricRow, Pair
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.queueing")
 
 # What every store can hold: steps and timestamps are int64 (SQL BIGINT, protobuf int64),
 # metric values doubles. An int within _MAX_DOUBLE converts to a double; beyond it, float()

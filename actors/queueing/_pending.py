@@ -34,8 +34,15 @@ class PendingRunId:
     def resolve(self, timeout: float | None = None) -> str:
         """Block until the run is created and return its ID.
 
-        Raises ``MlflowException`` if its creation failed (or was dropped), and
-        ``TimeoutError`` if ``timeout`` seconds pass first.
+        Args:
+            timeout: seconds to wait at most; ``None``: as long as it takes.
+
+        Returns:
+            The run's ID in the tracking store.
+
+        Raises:
+            MlflowException: its creation failed (or was dropped).
+            TimeoutError: ``timeout`` seconds passed first.
         """
         try:
             return str(self._future.get(timeout=timeout))
@@ -44,7 +51,11 @@ class PendingRunId:
             raise TimeoutError(f"{self!r} was not created within {waited} s") from None
 
     def done(self) -> bool:
-        """Whether creation has finished, successfully or not."""
+        """Whether creation has finished, successfully or not (never blocks).
+
+        Returns:
+            ``True`` once :meth:`resolve` would return or raise at once.
+        """
         try:
             self._future.get(timeout=0)
         except pykka.Timeout:

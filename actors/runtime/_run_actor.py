@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors.delivery._jobs import Job, JobResult, JobStopped, empty_counts, failure_message
+from actors.delivery._jobs import (
+    Job,
+    JobResult,
+    JobState,
+    JobStopped,
+    empty_counts,
+    failure_message,
+)
 from actors.executors._executor import DoneHook, failed_result
 from actors.queueing._plan import plan_snapshot
 from actors.runtime._failures import FailureLog, round_failure
@@ -30,9 +37,10 @@ from actors.runtime._failures import FailureLog, round_failure
 if TYPE_CHECKING:
     from actors.runtime._session import Session
     from actors.status._handle import RunHandle, RunWait
+    from actors.status._results import RunState
 
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.runtime")
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,7 @@ class RunActor(pykka.ThreadingActor):
             waits, self._waiters = self._waiters, []
             message = failure_message(record.label, [f"could not start the flush: {exc!r}"])
             if not waits:
-                _logger.warning("runactors: a background flush failed: %s", message)
+                _logger.warning("a background flush failed: %s", message)
             _fail(waits, message, self._session.failures, message)
             self._end_round()
 
@@ -153,7 +161,7 @@ class RunActor(pykka.ThreadingActor):
         ref = self.actor_ref
         budget, held = self._session.budget, snapshot.held()
 
-        def on_state(state: str, worker: str | None, detail: str | None = None) -> None:
+        def on_state(state: JobState, worker: str | None, detail: str | None = None) -> None:
             # Called on the executor's thread, while only this run's job writes these fields.
             with record.lock:
                 if state == "retrying":
@@ -213,7 +221,7 @@ class RunActor(pykka.ThreadingActor):
         if result.errors or result.spool_notes:
             message = failure_message(record.label, result.errors + result.spool_notes)
             if not waiters:
-                _logger.warning("runactors: a background flush failed: %s", message)
+                _logger.warning("a background flush failed: %s", message)
             lost = failure_message(record.label, result.errors) if result.errors else None
             _fail(waiters, message, self._session.failures, lost)
         else:
@@ -221,7 +229,7 @@ class RunActor(pykka.ThreadingActor):
                 waiter.settle()
         self._end_round()
 
-    def _at_rest(self) -> str:
+    def _at_rest(self) -> RunState:
         """The state a round leaves its run in, set before its waiters hear the outcome (a
         ``flush()`` that returned sees ``stopped`` for a finished run, not a moment later)."""
         handle = self._handle
@@ -264,7 +272,7 @@ class RunActor(pykka.ThreadingActor):
         record.state = "crashed"
         if not self._waiters:  # nobody waits to hear it: keep it for close()
             self._session.failures.add(failure_message(record.label, [error]))
-            _logger.warning("runactors: %s", failure_message(record.label, [error]))
+            _logger.warning("%s", failure_message(record.label, [error]))
         self._fail_waiters(error)
         # The supervisor frees the actor's place and gives later requests to a new actor.
         self._end_round(crashed=True)

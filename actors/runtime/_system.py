@@ -40,7 +40,7 @@ from actors.runtime._ticker import Ticker
 from actors.spool._spooling import close_reserve
 from actors.status._handle import RunHandle
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.runtime")
 
 EXIT_TIMEOUT_ENV = "RUNACTORS_EXIT_TIMEOUT"
 DEFAULT_EXIT_TIMEOUT = 30.0
@@ -169,7 +169,7 @@ class ActorSystem:
                 pykka.get_all(stops, timeout=deadline.remaining())
             except pykka.Timeout:
                 waited = format_seconds(0.0 if timeout is None else timeout)
-                _logger.warning("runactors: some run actors did not stop within %s s", waited)
+                _logger.warning("some run actors did not stop within %s s", waited)
             grace = deadline.remaining()
             if spooler is not None and late:
                 # Past the flush's bound: jobs still running stop at their next retry or
@@ -187,7 +187,7 @@ class ActorSystem:
         try:
             sessions = self.sessions(deadline)
         except Exception:  # no answer: the daemon threads end with the process anyway
-            _logger.warning("runactors: the actor system did not answer at exit")
+            _logger.warning("the actor system did not answer at exit")
             return
         for session in sessions:
             self.close_unattended(session, deadline.remaining(), "at exit")
@@ -200,10 +200,10 @@ class ActorSystem:
         try:
             failures = self.close_session(session, timeout)
         except Exception:
-            _logger.exception("runactors: closing a client %s failed", when)
+            _logger.exception("closing a client %s failed", when)
             return
         for failure in failures:
-            _logger.warning("runactors: %s: %s", when, failure)
+            _logger.warning("%s: %s", when, failure)
 
 
 _system: ActorSystem | None = None
@@ -262,7 +262,7 @@ def _forget_inherited_engines() -> None:
     engines = getattr(store, "_engine_map", None)  # MLflow's engine per URI (private)
     if not isinstance(engines, dict):
         _logger.warning(
-            "runactors: MLflow has no SqlAlchemyStore._engine_map; a forked child"
+            "MLflow has no SqlAlchemyStore._engine_map; a forked child"
             " may share its parent's database connections"
         )
         return
@@ -271,7 +271,7 @@ def _forget_inherited_engines() -> None:
         try:
             engine.dispose(close=False)
         except Exception:  # pragma: no cover - best effort
-            _logger.debug("runactors: could not reset an inherited engine", exc_info=True)
+            _logger.debug("could not reset an inherited engine", exc_info=True)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.runtime")
 
 
 class Ticker:
@@ -61,5 +61,5 @@ class Ticker:
             try:
                 self._tick()
             except Exception:  # the supervisor is gone: nothing left to time
-                _logger.debug("runactors: the ticker stops", exc_info=True)
+                _logger.debug("the ticker stops", exc_info=True)
                 return

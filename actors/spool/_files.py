@@ -36,7 +36,7 @@ from actors.spool._format import (
 )
 from actors.spool._journal_check import check_wal, loss_message, totals_mismatch
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.spool")
 
 
 def is_journal_name(name: str) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -56,9 +55,6 @@ from actors.spool._format import (
     SpoolError,
     bad,
 )
-
-_logger = logging.getLogger(__name__)
-
 
 # Journals open in this process: a fork child must not keep their locks (see _after_fork).
 _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from actors.executors._executor import DoneHook, Executor, StateHook
     from actors.status._handle import RunHandle
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("runactors.spool")
 
 WORKER = "spool"  # the ``worker`` a run's status names while its spooled calls are re-sent
 CLOSE_RESERVE = 5.0  # seconds of a bounded close kept for spooling what could not be sent
@@ -139,7 +139,7 @@ class Spooler:
                 if result.unsent:
                     self._spool_unsent(handle, result)
             except BaseException:  # pragma: no cover - never lose the round's answer
-                _logger.exception("runactors: spooling a round failed")
+                _logger.exception("spooling a round failed")
             try:
                 on_done(result)  # before close() goes on: what the round lost is known
             finally:
@@ -228,7 +228,7 @@ class Spooler:
             try:
                 work()
             except BaseException:  # pragma: no cover - the thread serves every spooled run
-                _logger.exception("runactors: re-sending spooled calls failed")
+                _logger.exception("re-sending spooled calls failed")
 
     def _resend(
         self,
@@ -364,7 +364,7 @@ class Spooler:
         spool.close()
         if left:  # safe on disk: said once, not raised
             _logger.warning(
-                "runactors: %d calls of %d runs were not delivered and are in the spool %s; "
+                "%d calls of %d runs were not delivered and are in the spool %s; "
                 "run `runactors replay %s` once the store is back to deliver them",
                 left,
                 runs,

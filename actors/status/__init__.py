@@ -4,7 +4,7 @@
 
 from actors.status._handle import FlushCall, RunHandle, RunWait
 from actors.status._record import ErrorLog, RunRecord
-from actors.status._results import STATES, ClientStatus, RunStatus
+from actors.status._results import STATES, ClientStatus, RunState, RunStatus
 from actors.status._totals import FLUSH_BUCKETS, TOTALS
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "FlushCall",
     "RunHandle",
     "RunRecord",
+    "RunState",
     "RunStatus",
     "RunWait",
 ]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from actors.delivery._jobs import KINDS, JobResult, empty_counts
 from actors.queueing._pending import PendingRunId
 from actors.queueing._queues import RunQueues
-from actors.status._results import RunStatus
+from actors.status._results import RunState, RunStatus
 from actors.status._totals import TOTALS
 
 ERRORS_FIRST = 10  # a run's first distinct error messages, kept for good
@@ -107,7 +107,7 @@ class RunRecord:
 
     pending: PendingRunId | None
     run_id: str | None = None
-    state: str = "idle"
+    state: RunState = "idle"
     inflight: dict[str, int] = field(default_factory=empty_counts)
     logged: dict[str, int] = field(default_factory=empty_counts)
     errors: ErrorLog = field(default_factory=ErrorLog)

@@ -22,31 +22,36 @@ States (``RunStatus.state``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from actors.delivery._jobs import empty_counts
+from actors.delivery._jobs import JobState, empty_counts
 from actors.queueing._pending import PendingRunId
 
-STATES = (
-    "idle",
-    "ready",
-    "waiting",
-    "flushing",
-    "retrying",
-    "spooled",
-    "stopped",
-    "crashed",
-    "closed",
-)
+# A run's state (the table above); mypy checks every literal written to or compared with one.
+RunState = Literal["idle", "ready", JobState, "stopped", "crashed", "closed"]
+
+# Every state, in the table's order (the status endpoint's order of its ``state`` labels).
+STATES: tuple[RunState, ...] = get_args(RunState)
 
 
 @dataclass(frozen=True)
 class RunStatus:
-    """One run, as its actor saw it at the moment of the snapshot."""
+    """One run, as its actor saw it at the moment of the snapshot (``docs/api.md`` has every
+    field; the commented ones below are said there too).
+
+    Attributes:
+        pending_id: the run's ``PendingRunId``, or ``None`` for a run addressed by its ID.
+        run_id: the run's ID once known, else ``None``.
+        state: what the run's actor is doing now (see the table above).
+        queued: entities per kind accepted and not yet acknowledged by the store.
+        logged: entities per kind acknowledged by the store.
+        errors: messages of failed operations, oldest first, repeats counted.
+        worker: the executor thread or worker process that has the run's job now.
+    """
 
     pending_id: PendingRunId | None
     run_id: str | None
-    state: str
+    state: RunState
     queued: dict[str, int]
     logged: dict[str, int]
     errors: list[str]
@@ -60,6 +65,11 @@ class RunStatus:
     sql_fast_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The snapshot as JSON-ready data (the status server's ``/status`` document).
+
+        Returns:
+            A dict of the fields, the pending ID as its label.
+        """
         return {
             "pending_id": None if self.pending_id is None else str(self.pending_id),
             "run_id": self.run_id,
@@ -78,7 +88,13 @@ class RunStatus:
 
 @dataclass(frozen=True)
 class ClientStatus:
-    """A snapshot of every run of one client."""
+    """A snapshot of every run of one client, as ``QueueingClient.status()`` returns it.
+
+    Attributes:
+        runs: one ``RunStatus`` per run the client has used.
+        tracking_uri: the client's store.
+        executor: ``"thread"`` or ``"process"``.
+    """
 
     runs: list[RunStatus]
     tracking_uri: str | None = None
@@ -87,13 +103,22 @@ class ClientStatus:
     client_id: int | None = None  # the number in its runs' pending labels; None before use
 
     def counts(self) -> dict[str, int]:
-        """Runs per state, e.g. ``{"idle": 3, "flushing": 1}``."""
+        """Runs per state.
+
+        Returns:
+            The number of runs in each state that has any, e.g. ``{"idle": 3, "flushing": 1}``.
+        """
         counts: dict[str, int] = {}
         for run in self.runs:
             counts[run.state] = counts.get(run.state, 0) + 1
         return counts
 
     def to_dict(self) -> dict[str, Any]:
+        """The snapshot as JSON-ready data, its runs included (one client of ``/status``).
+
+        Returns:
+            A dict of the fields, ``runs`` as a list of ``RunStatus.to_dict()``.
+        """
         return {
             "client_id": self.client_id,
             "tracking_uri": self.tracking_uri,
