@@ -103,7 +103,7 @@ def _on_sqlite(
 def hot(options: Options) -> ScenarioResult:
     """Per-call cost of ``log_metrics(run, {2 metrics}, step)``: runactors vs the seed."""
     with tempfile.TemporaryDirectory() as folder:
-        uri = f"sqlite:///{folder}/hot.db"
+        uri = _new_sqlite_store(folder, "hot")
         seed, ours = SeedClient(uri), QueueingClient(uri)
         metrics = {"loss": 0.25, "accuracy": 0.9}
 
