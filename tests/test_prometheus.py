@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import select
 import shutil
 import signal
 import socket
@@ -306,8 +307,10 @@ def service(tmp_path: Path, template_db: Path) -> Iterator[tuple[subprocess.Pope
 
 
 def expect_line(process: subprocess.Popen[str], line: str) -> None:
+    """The service's next line is ``line`` (within ``WAIT``: a hung service fails the test)."""
     assert process.stdout is not None
-    got = process.stdout.readline().strip()
+    ready, _, _ = select.select([process.stdout], [], [], WAIT)
+    got = process.stdout.readline().strip() if ready else "nothing"
     assert got == line, f"the service said {got!r}, not {line!r} (exit code {process.poll()})"
 
 
