@@ -43,6 +43,7 @@ from actors.runtime import (
     Ticket,
     exit_timeout,
     get_system,
+    session_problems,
     ticket_done,
     wait_tickets,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "metric_rows",
     "param_pairs",
     "remove_stale_new",
+    "session_problems",
     "side_files",
     "spool_files",
     "tag_pairs",

@@ -17,7 +17,10 @@ STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a stat
 
 
 class OpenClient(Protocol):
-    """What the registry needs of a client."""
+    """What the registry needs of a client (and :mod:`client._health`, its session)."""
+
+    _closed: bool
+    _session: Session | None
 
     def status(self) -> ClientStatus: ...
 

@@ -1,8 +1,10 @@
 """``StatusServer``: every open client's status over HTTP, as JSON and as Prometheus metrics.
 
 ``GET /status`` answers ``{"pid": ..., "clients": [ClientStatus.to_dict(), ...]}``;
-``GET /metrics`` the Prometheus text format, made by ``prometheus_client`` from a collector
-over a private registry (the process's default registry is left alone). Both read the runs'
+``GET /healthz`` 200 ``ok``, or 503 and one line per fault of an open client (a Kubernetes
+liveness probe, see :mod:`client._health`); ``GET /metrics`` the Prometheus text
+format, made by ``prometheus_client`` from a collector over a private registry (the
+process's default registry is left alone). Both read the runs'
 records as ``status()`` does: no actor is asked anything, so a request never waits on a flush
 and the ``log_*`` path pays nothing for being watched. The counters come from
 :data:`actors.status._status.TOTALS`, which keeps what closed clients did: they never go down.
@@ -42,6 +44,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from actors import FLUSH_BUCKETS, KINDS, STATES, TOTALS, ClientStatus
+from client._health import health_problems
 from client._registry import STATUS_PORT_ENV, open_clients
 
 _logger = logging.getLogger("runactors.status_server")
@@ -230,6 +233,9 @@ def _cut(sock: socket.socket) -> None:
         pass  # already closed by its handler
 
 
+_PATHS = b"runactors: /status, /metrics, /healthz\n"
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
@@ -246,10 +252,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, "application/json", body)
             elif path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+            elif path == "/healthz":
+                problems = health_problems()
+                text = "".join(f"{problem}\n" for problem in problems) or "ok\n"
+                self._send(503 if problems else 200, "text/plain; charset=utf-8", text.encode())
             elif path == "":
-                self._send(200, "text/plain; charset=utf-8", b"runactors: /status, /metrics\n")
+                self._send(200, "text/plain; charset=utf-8", _PATHS)
             else:
-                self._send(404, "text/plain; charset=utf-8", b"not found: /status, /metrics\n")
+                self._send(404, "text/plain; charset=utf-8", b"not found: " + _PATHS)
         except Exception as exc:  # never a dead handler thread without an answer
             _logger.exception("the status endpoint failed")
             self._send(500, "text/plain; charset=utf-8", f"{exc!r}\n".encode())
@@ -286,7 +296,7 @@ _servers_lock = threading.Lock()
 
 
 class StatusServer:
-    """An HTTP server of this process's status: ``GET /status`` and ``GET /metrics``.
+    """An HTTP server of this process's status: ``GET /status``, ``/metrics``, ``/healthz``.
 
     Made by ``QueueingClient.serve_status()``; serves every open client of the process (not
     only the one that made it) until :meth:`close`, also as a context manager. Each
@@ -415,7 +425,7 @@ def start_from_environment() -> StatusServer | None:
     except Exception as exc:  # pragma: no cover - the client must work on regardless
         _logger.warning("%s: no status server: %r", STATUS_PORT_ENV, exc)
         return None
-    _logger.info("status served at %s (/status, /metrics)", server.url)
+    _logger.info("status served at %s (/status, /metrics, /healthz)", server.url)
     return server
 
 

@@ -48,6 +48,8 @@ class Executor(Protocol):
 
     def shutdown(self, timeout: float | None = None) -> None: ...
 
+    def problems(self) -> list[str]: ...
+
 
 def failed_result(job: Job, exc: BaseException) -> JobResult:
     """The result of a job that could not be performed at all.
@@ -163,6 +165,17 @@ class JobPool(Generic[S]):
 
     def _after_shutdown(self) -> None:
         """Whatever must not outlive the pool even past the deadline."""
+
+    def problems(self) -> list[str]:
+        """Why the pool cannot perform jobs now (empty: it can): it was shut down, or one of
+        its threads died (a job never kills one; something else did)."""
+        if self._closed:
+            return [f"worker pool {self.name}: shut down"]
+        return [
+            f"worker pool {self.name}: its thread {thread.name} died"
+            for thread in list(self._threads)
+            if thread.ident is not None and not thread.is_alive()
+        ]
 
 
 class ThreadExecutor(JobPool[str]):

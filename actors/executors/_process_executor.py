@@ -425,6 +425,19 @@ class ProcessExecutor(JobPool[_Slot]):
             slot.close()
         _template.release()
 
+    def problems(self) -> list[str]:
+        """The pool's problems, and each worker process that died (killed, out of memory)
+        and is not replaced yet: its slot starts a new one at its next job."""
+        problems = super().problems()
+        for slot in list(self._slots):
+            worker = slot.worker
+            if worker is not None and worker.exited():
+                problems.append(
+                    f"worker pool {self.name}: its worker process {worker.name} died "
+                    "(a new one starts at its next job)"
+                )
+        return problems
+
     def worker_pids(self) -> list[int]:
         """PIDs of the live worker processes."""
         pids = []

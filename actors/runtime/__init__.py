@@ -3,6 +3,7 @@ client's session, the background-flush ticker and the failed rounds a flush rais
 """
 
 from actors.runtime._failures import FailureLog, RoundFailure
+from actors.runtime._health import session_problems
 from actors.runtime._run_actor import RunActor
 from actors.runtime._session import Session, SessionConfig
 from actors.runtime._supervisor import Supervisor, Ticket
@@ -21,6 +22,7 @@ __all__ = [
     "Ticket",
     "exit_timeout",
     "get_system",
+    "session_problems",
     "ticket_done",
     "wait_tickets",
 ]

@@ -133,6 +133,10 @@ class Session:
                     self._executor = self._make_executor()
         return self._executor
 
+    def started_executor(self) -> Executor | None:
+        """The session's executor if it was started (never starts one)."""
+        return self._executor
+
     def _make_executor(self) -> Executor:
         name = f"runactors-{self.id}"
         if self.config.executor == "process":

@@ -39,6 +39,11 @@ class Ticker:
                 self._due = due
                 self._wake.notify()
 
+    def died(self) -> bool:
+        """Whether the thread ended while the ticker was not stopped (its supervisor was
+        gone): no background flush happens any more in this process."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stopped
+
     def stop(self, timeout: float | None = None) -> None:
         with self._wake:
             self._stopped = True

@@ -89,22 +89,28 @@ def check_spool_dir(spool_dir: str | os.PathLike[str]) -> None:
 
     Called when a client is made, so that a folder that cannot be used (under ``/proc``,
     below a regular file, read-only) is an error of the constructor naming the path, not a
-    loss at the first outage. The probe is a ``*.spool-new`` file, the name of a journal
-    being created: one left by a crash here holds nothing and is cleaned up as such. The
-    journal itself is still created at the first spool write.
+    loss at the first outage (the probe: :func:`probe_write`). The journal itself is still
+    created at the first spool write.
     """
     folder = Path(spool_dir)
     try:
         private_folder(folder)
-        probe = folder / f"{PREFIX}{uuid.uuid4().hex}{NEW_SUFFIX}"
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"probe")
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
+        probe_write(folder)
     except OSError as exc:
         raise bad(f"spool_dir {folder} cannot be used: {exc}") from None
+
+
+def probe_write(folder: Path) -> None:
+    """Create, write and remove a file in ``folder``; ``OSError`` if a journal could not be
+    created there now. The probe is a ``*.spool-new`` file, the name of a journal being
+    created: one left by a crash here holds nothing and is cleaned up as such."""
+    probe = folder / f"{PREFIX}{uuid.uuid4().hex}{NEW_SUFFIX}"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"probe")
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def fsync_dir(folder: Path) -> None:

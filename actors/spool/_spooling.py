@@ -29,6 +29,7 @@ runs whose creation is spooled fail, and the journal is closed (deleted if empty
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,6 +50,7 @@ from actors.delivery._jobs import (
 from actors.delivery._store import make_client
 from actors.queueing._plan import Call, call_kind, plan_snapshot
 from actors.queueing._queues import CreateRunCall
+from actors.spool._files import probe_write
 from actors.spool._replay import deliver_run
 from actors.spool._spool import Spool
 
@@ -316,6 +318,32 @@ class Spooler:
         finally:
             with self._lock:
                 self._refresh(handle, spool, key)
+
+    # -- health -------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """What keeps the spool from taking a write now (empty: nothing): its journal was
+        removed (writes would go to a file nobody can replay), or no journal can be created
+        in ``spool_dir`` (proved by a probe file, as the constructor proved it)."""
+        spool = self._spool
+        if self._closed:
+            return []
+        if spool is not None and not spool.path.exists():
+            return [
+                f"spool: the journal {spool.path} was removed: what it holds and what is "
+                "spooled next cannot be replayed"
+            ]
+        folder = Path(self.spool_dir)
+        if spool is None and not folder.exists():  # made at the first spool write
+            parent = next(p for p in folder.parents if p.exists())
+            if os.access(parent, os.W_OK | os.X_OK):
+                return []
+            return [f"spool: cannot create {folder}: {parent} is not writable"]
+        try:
+            probe_write(folder)
+        except OSError as exc:
+            return [f"spool: cannot write in {folder}: {exc.strerror or repr(exc)}"]
+        return []
 
     # -- closing ------------------------------------------------------------------------
 
