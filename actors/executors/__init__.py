@@ -4,6 +4,7 @@ imported on first use of ``executor="process"``, so it is not imported here).
 """
 
 from actors.executors._executor import Executor, JobPool, ThreadExecutor, default_max_workers
+from actors.executors._python import python_main
 from actors.executors._threads import DaemonThreads, ThreadsStopped
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "ThreadExecutor",
     "ThreadsStopped",
     "default_max_workers",
+    "python_main",
 ]
