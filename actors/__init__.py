@@ -22,6 +22,7 @@ from actors.delivery import (
     empty_counts,
     make_client,
 )
+from actors.executors import python_main
 from actors.queueing import (
     CreateRunCall,
     PendingRunId,
@@ -110,6 +111,7 @@ __all__ = [
     "make_client",
     "metric_rows",
     "param_pairs",
+    "python_main",
     "remove_stale_new",
     "session_problems",
     "side_files",

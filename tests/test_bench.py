@@ -84,7 +84,16 @@ def test_postgres_scenario_skips_with_a_clear_line_without_the_binaries(monkeypa
 
 
 @pytest.mark.slow
-def test_scale_scenario_reports_absolute_figures():
+def test_scale_scenario_reports_absolute_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # From a folder holding a ``client/`` package of its own: the measurement's subprocess
+    # must import runactors' ``client`` all the same, as the worker template imports its
+    # ``actors`` (tests/test_template_path.py).
+    project = tmp_path / "project"
+    (project / "client").mkdir(parents=True)
+    (project / "client" / "__init__.py").write_text(
+        "raise ImportError('the project client package was imported')\n"
+    )
+    monkeypatch.chdir(project)
     figures = run_bench("--scenario", "scale-10k")
     (result,) = figures["scenarios"]
     assert result["ratios"] == []

@@ -211,7 +211,7 @@ def test_a_job_that_cannot_be_sent_fails_alone_and_the_pool_stays_whole(
         client.log_metrics(good, {"m": 2.0})
         client.flush(synchronous=False).await_completion(TIMEOUT)
         assert store.get_run(good.resolve()).data.metrics == {"m": 2.0}
-        assert [t.is_alive() for t in executor_of(client)._threads] == [True]
+        assert [t.is_alive() for t in executor_of(client)._threads.threads()] == [True]
     finally:
         close_quietly(client)
 

@@ -1,24 +1,24 @@
 """Executors: where the tracking calls run, bounded so that many runs do not mean many writers.
 
 :class:`ThreadExecutor` runs jobs on at most ``max_workers`` daemon threads, started on
-demand and stopped by :meth:`~ThreadExecutor.shutdown`. Daemon threads (not
-``concurrent.futures``, whose workers are joined before ``atexit`` handlers run and refuse new
-work there) let the actor system's exit handler still flush and then stop within its bound.
+demand (:class:`~actors.executors._threads.DaemonThreads`), ending when idle, and stopped by
+:meth:`~ThreadExecutor.shutdown`. Daemon threads (not ``concurrent.futures``, whose workers
+are joined before ``atexit`` handlers run and refuse new work there) let the actor system's
+exit handler still flush and then stop within its bound.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from actors.delivery._jobs import Job, JobResult, JobState, JobStopped, retry_error_text
 from actors.delivery._perform import perform_job
+from actors.executors._threads import IDLE_TIMEOUT, DaemonThreads, ThreadsStopped
 from actors.queueing._plan import Call
 
 _logger = logging.getLogger("runactors.executors")
@@ -71,7 +71,8 @@ class ExecutorShutDown(JobStopped):
 
 class JobPool(Generic[S]):
     """What both executors share: a job queue and up to ``max_workers`` daemon threads,
-    started on demand, each holding a per-thread state ``S`` (a worker process, say).
+    started on demand (:class:`DaemonThreads`), each holding a per-thread state ``S`` (a
+    worker process, say); a thread idle for :attr:`idle_timeout` seconds ends.
 
     A pool thread never dies of a job: whatever performing a job raises becomes that job's
     failed result, so the pool stays whole and every job gets an answer. Once
@@ -79,47 +80,34 @@ class JobPool(Generic[S]):
     without being performed, and ``_after_shutdown`` stops whatever is still running.
     """
 
+    idle_timeout: float | None = IDLE_TIMEOUT
+
     def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
         self.name = name
-        self._queue: queue.SimpleQueue[tuple[Job, StateHook, DoneHook] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._started = 0
+        self._threads: DaemonThreads[tuple[Job, StateHook, DoneHook], S] = DaemonThreads(
+            name,
+            self.max_workers,
+            self._serve,
+            self._open,
+            self._close,
+            idle_timeout=self.idle_timeout,
+            what="delivering a job's result",  # _run never raises: only on_done can
+        )
         self._lock = threading.Lock()
         self._closed = False
         self._abandoned = False
         self._stop_timeout: float | None = None
 
     def submit(self, job: Job, on_state: StateHook, on_done: DoneHook) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("executor is shut down")
-            self._queue.put((job, on_state, on_done))
-            # Only live threads count: a thread lost to a fault must not shrink the pool.
-            self._threads = [t for t in self._threads if t.is_alive()]
-            if len(self._threads) < self.max_workers:
-                index, self._started = self._started, self._started + 1
-                thread = threading.Thread(
-                    target=self._serve, args=(index,), name=f"{self.name}-{index}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-
-    def _serve(self, index: int) -> None:
-        state = self._open(index)
         try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                job, on_state, on_done = item
-                result = self._run(state, job, on_state)
-                try:
-                    on_done(result)
-                except BaseException:  # never lose the thread to a callback's fault
-                    _logger.exception("delivering a job's result failed")
-        finally:
-            self._close(state)
+            self._threads.submit((job, on_state, on_done))
+        except ThreadsStopped:
+            raise RuntimeError("executor is shut down") from None
+
+    def _serve(self, state: S, item: tuple[Job, StateHook, DoneHook]) -> None:
+        job, on_state, on_done = item
+        on_done(self._run(state, job, on_state))
 
     def _run(self, state: S, job: Job, on_state: StateHook) -> JobResult:
         """Perform one job; never raises."""
@@ -139,7 +127,7 @@ class JobPool(Generic[S]):
         raise NotImplementedError
 
     def _close(self, state: S) -> None:
-        """Release a thread's state when the pool shuts down."""
+        """Release a thread's state when the thread ends (idle, or the pool shut down)."""
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Finish the jobs already submitted, then stop; wait up to ``timeout`` seconds.
@@ -153,13 +141,7 @@ class JobPool(Generic[S]):
                 return
             self._closed = True
             self._stop_timeout = timeout
-            threads = list(self._threads)
-            for _ in threads:
-                self._queue.put(None)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        self._threads.stop(timeout)
         self._abandoned = True
         self._after_shutdown()
 

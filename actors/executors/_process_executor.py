@@ -396,6 +396,8 @@ def _stop_rest(
 class ProcessExecutor(JobPool[_Slot]):
     """Performs jobs in up to ``max_workers`` worker processes, started on demand."""
 
+    idle_timeout = None  # a worker process is costly to start: it lives as long as the pool
+
     def __init__(self, max_workers: int | None = None, name: str = "runactors") -> None:
         super().__init__(max_workers, name)
         self._slots: list[_Slot] = []

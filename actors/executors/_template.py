@@ -3,8 +3,8 @@
 A worker process needs MLflow and the store code, about 2 s of CPU to import; paid by each
 fresh interpreter, serially on a small machine, that made the first flush of a process-executor
 client slower than logging directly. So each process that uses the process executor has one
-*template* (the "zygote" pattern): a fresh interpreter (:data:`BOOTSTRAP`, never a fork of
-the user's process, so a user's unguarded ``__main__`` is never re-imported)
+*template* (the "zygote" pattern): a fresh interpreter (started by ``python_main``, never a
+fork of the user's process, so a user's unguarded ``__main__`` is never re-imported)
 that imports that code once, in the background from the moment the first process executor is
 made, and then forks a worker per request. The template never starts a thread or takes a lock,
 so forking it is safe; it holds no state, so it can be killed at any time.
@@ -30,6 +30,8 @@ import sys
 import threading
 from pathlib import Path
 
+from actors.executors._python import python_main
+
 # The folder that holds the ``actors`` package, so that the template imports the same code.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # actors/executors/_template.py
 
@@ -43,20 +45,6 @@ PRELOAD = (
     "mlflow.store.tracking.sqlalchemy_workspace_store",
     "sqlalchemy.dialects.sqlite",
     "alembic.command",
-)
-
-
-# How the template starts: ``python -c BOOTSTRAP FD``. Not ``python -m actors.executors._template``,
-# which puts the current folder first on ``sys.path``: an ``actors/`` folder there (common in
-# actor projects) would be imported instead of this package, and no worker could start. With
-# ``-c`` the current folder is the entry ``''``, dropped before anything is imported (absent
-# under ``python -P``/``PYTHONSAFEPATH``: then the first entry is a real one and is kept).
-BOOTSTRAP = (
-    "import sys\n"
-    "if sys.path and sys.path[0] == '':\n"
-    "    del sys.path[0]\n"
-    "from actors.executors._template import main\n"
-    "main()\n"
 )
 
 
@@ -156,7 +144,8 @@ class _Template:
         ours, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", BOOTSTRAP, str(theirs.fileno())],
+                # Not ``python -m``: an ``actors/`` folder in the current folder would shadow us.
+                python_main("actors.executors._template", str(theirs.fileno())),
                 pass_fds=(theirs.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -188,28 +188,42 @@ class RunQueues:
                 raise param_changed(key, old, value)
         return new
 
-    def _append_params(self, new: list[Pair]) -> None:
-        # Under the lock, with the pairs _new_params returned.
-        self.param_values.update(new)
-        self.params += new
-
     def add_params(self, pairs: list[Pair]) -> None:
-        with self._lock:
-            if self.sealed:
-                raise closed_error()
-            self._append_params(self._new_params(pairs))
+        self._add("params", pairs)
 
     def add_tags(self, pairs: list[Pair]) -> None:
-        with self._lock:
-            if self.sealed:
-                raise closed_error()
-            self.tags += pairs
+        self._add("tags", pairs)
 
     def add_datasets(self, datasets: list[Any]) -> None:
+        self._add("datasets", datasets)
+
+    def _add(self, kind: str, items: list[Any]) -> None:
+        """Append to the ``kind`` queue (``params``, ``tags`` or ``datasets``) what this
+        class admits of ``items``: one body for every class, which differ only in the hooks
+        :meth:`_admit`, :meth:`_filled` and :meth:`_on_full`. (``add_metrics``, the hot path
+        of a training loop, is written out in each class instead.)"""
         with self._lock:
-            if self.sealed:
-                raise closed_error()
-            self.datasets += datasets
+            new = self._admit(kind, items)
+            if kind == "params":
+                self.param_values.update(new)
+            getattr(self, kind).extend(new)
+            full = self._filled(kind)
+        if full:
+            self._on_full()
+
+    def _admit(self, kind: str, items: list[Any]) -> list[Any]:
+        """Under the lock: what of ``items`` to append (for params, the new ones); raises,
+        with nothing appended, if the queues are sealed or a param changes."""
+        if self.sealed:
+            raise closed_error()
+        return self._new_params(items) if kind == "params" else items
+
+    def _filled(self, kind: str) -> bool:
+        """Under the lock, after an append to ``kind``: whether :meth:`_on_full` is due."""
+        return False
+
+    def _on_full(self) -> None:
+        """Outside the lock, after an append that made :meth:`_filled` true."""
 
     def set_terminate(self, terminate: Terminate) -> bool:
         """Queue a termination; ``False`` if one is already queued (nothing changes)."""
@@ -306,7 +320,7 @@ class BoundedRunQueues(RunQueues):
         self._lock = budget.lock
         self._budget = budget
 
-    def _admit(self, n: int) -> None:
+    def _take_room(self, n: int) -> None:
         # Under self._lock, before appending n entities.
         if self.sealed:
             raise closed_error()
@@ -319,7 +333,7 @@ class BoundedRunQueues(RunQueues):
         budget.room = room
 
     def add_metrics(self, rows: list[MetricRow]) -> None:
-        # The hot path of a training loop: _admit inlined, a subtraction and a comparison.
+        # The hot path of a training loop: _take_room inlined, a subtraction and a comparison.
         n = len(rows)
         with self._lock:
             if self.sealed:
@@ -346,19 +360,11 @@ class BoundedRunQueues(RunQueues):
                 return new
             budget.wait_for_room(len(new))
 
-    def add_params(self, pairs: list[Pair]) -> None:
-        with self._lock:
-            self._append_params(self._admit_params(pairs))
-
-    def add_tags(self, pairs: list[Pair]) -> None:
-        with self._lock:
-            self._admit(len(pairs))
-            self.tags += pairs
-
-    def add_datasets(self, datasets: list[Any]) -> None:
-        with self._lock:
-            self._admit(len(datasets))
-            self.datasets += datasets
+    def _admit(self, kind: str, items: list[Any]) -> list[Any]:
+        if kind == "params":
+            return self._admit_params(items)
+        self._take_room(len(items))
+        return items
 
     def release(self, snapshot: Snapshot) -> None:
         self._budget.release(snapshot.held())
@@ -384,7 +390,7 @@ class WatchedRunQueues(BoundedRunQueues):
 
     def add_metrics(self, rows: list[MetricRow]) -> None:
         with self._lock:
-            self._admit(len(rows))
+            self._take_room(len(rows))
             self.metrics += rows
             full = len(self.metrics) >= self._metrics_mark
             if full:
@@ -392,27 +398,17 @@ class WatchedRunQueues(BoundedRunQueues):
         if full:
             self.on_full()
 
-    def _pairs_full(self) -> bool:
-        # Under self._lock, after an append of params or tags.
+    def _filled(self, kind: str) -> bool:
+        # Under self._lock, after an append: params and tags share one batch limit.
+        if kind == "datasets":
+            return False
         full = len(self.params) + len(self.tags) >= self._pairs_mark
         if full:
             self._pairs_mark = _NEVER
         return full
 
-    def add_params(self, pairs: list[Pair]) -> None:
-        with self._lock:
-            self._append_params(self._admit_params(pairs))
-            full = self._pairs_full()
-        if full:
-            self.on_full()
-
-    def add_tags(self, pairs: list[Pair]) -> None:
-        with self._lock:
-            self._admit(len(pairs))
-            self.tags += pairs
-            full = self._pairs_full()
-        if full:
-            self.on_full()
+    def _on_full(self) -> None:
+        self.on_full()
 
     def _take_locked(self) -> Snapshot:
         snapshot = super()._take_locked()

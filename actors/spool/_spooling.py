@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from actors.delivery._jobs import (
     record_outcome,
 )
 from actors.delivery._store import make_client
+from actors.executors import DaemonThreads, ThreadsStopped
 from actors.queueing._plan import Call, call_kind, plan_snapshot
 from actors.queueing._queues import CreateRunCall
 from actors.spool._files import probe_write
@@ -90,10 +90,10 @@ class Spooler:
         self._lock = threading.Lock()  # opening and closing the journal, the keys
         self._idle = threading.Condition(threading.Lock())
         self._outstanding = 0  # rounds tracked and not yet reported
-        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.workers = max(workers, 1)
-        self._threads: list[threading.Thread] = []
-        self._started = 0
+        self._threads: DaemonThreads[Callable[[], None], None] = DaemonThreads(
+            f"{name}-spool", self.workers, _call, _no_state, what="re-sending spooled calls"
+        )
         self._client_lock = threading.Lock()
         self._client: Any = None
         self._closed = False
@@ -209,28 +209,10 @@ class Spooler:
         """Re-send the run's spooled calls, then hand ``job`` (the round's new calls) to
         the executor; or, if re-sending fails transiently, append its calls behind."""
         on_state("spooled", None)  # on disk, waiting for a re-sending thread
-        self._submit(lambda: self._resend(handle, job, executor, on_state, on_done))
-
-    def _submit(self, work: Callable[[], None]) -> None:
-        """Queue ``work`` for the re-sending threads, starting one more (up to ``workers``)
-        as the executor's pool does."""
-        with self._lock:
-            self._work.put(work)
-            self._threads = [t for t in self._threads if t.is_alive()]
-            if len(self._threads) < self.workers:
-                index, self._started = self._started, self._started + 1
-                thread = threading.Thread(
-                    target=self._serve, name=f"{self.name}-spool-{index}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-
-    def _serve(self) -> None:
-        while (work := self._work.get()) is not None:
-            try:
-                work()
-            except BaseException:  # pragma: no cover - the thread serves every spooled run
-                _logger.exception("re-sending spooled calls failed")
+        try:
+            self._threads.submit(lambda: self._resend(handle, job, executor, on_state, on_done))
+        except ThreadsStopped as exc:  # the client closed meanwhile: spooled if it can be
+            on_done(_stopped(job, exc))
 
     def _resend(
         self,
@@ -366,12 +348,13 @@ class Spooler:
                     break
                 self._idle.wait(left)
         with self._lock:
-            for _ in self._threads:
-                self._work.put(None)
             for handle in handles:
                 lost += self._spool_queued(handle)
             self._closed = True
             spool, self._spool = self._spool, None
+        # Not under self._lock, which a re-sending thread takes: idle, or stopping at its next
+        # retry now that the client is closed.
+        self._threads.stop(None if end is None else max(end - time.monotonic(), 0.0))
         if spool is None:
             return lost
         left = spool.pending_calls()
@@ -420,6 +403,14 @@ class Spooler:
             handle.record.errors.add([message])
             return [failure_message(handle.record.label, [message])]
         return []
+
+
+def _call(_: None, work: Callable[[], None]) -> None:
+    work()
+
+
+def _no_state(index: int) -> None:
+    return None
 
 
 def _stopped(job: Job, exc: BaseException) -> JobResult:

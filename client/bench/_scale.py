@@ -1,5 +1,5 @@
-"""The scale scenario's measurement, run in a subprocess of its own (``python -m
-client.bench._scale RUNS URI``) so that its peak RSS is its own, not the bench's.
+"""The scale scenario's measurement, run in a subprocess of its own (:func:`main`, with
+``RUNS URI``) so that its peak RSS is its own, not the bench's.
 
 It queues ``RUNS`` runs of one metric each on a thread-executor client, then measures how
 long ``flush(synchronous=False)`` takes to return, the most threads the process had until the
@@ -82,6 +82,11 @@ def measure(runs: int, uri: str) -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``RUNS URI`` from the command line: print the figures as one line of JSON."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     print(json.dumps(measure(int(sys.argv[1]), sys.argv[2])))
+
+
+if __name__ == "__main__":
+    main()

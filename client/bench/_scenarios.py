@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import timeit
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from mlflow.utils.autologging_utils import MlflowAutologgingQueueingClient as SeedClient
 
-from actors import create_sqlite_store
+from actors import create_sqlite_store, python_main
 from client._client import QueueingClient
 from client.bench import _postgres
 from client.bench._contenders import Contender, DirectLoop, Queueing, Workload
@@ -273,7 +272,8 @@ def scale(options: Options) -> ScenarioResult:
     with tempfile.TemporaryDirectory(dir=shm) as folder:
         uri = f"sqlite:///{folder}/scale.db"
         done = subprocess.run(
-            [sys.executable, "-m", "client.bench._scale", str(options.scale_runs), uri],
+            # Not ``python -m``: a ``client/`` folder in the current folder would shadow ours.
+            python_main("client.bench._scale", str(options.scale_runs), uri),
             capture_output=True,
             text=True,
             env=env,

@@ -1,0 +1,135 @@
+"""``DaemonThreads``, the on-demand daemon threads of the executors' pool and of the spool's
+re-sending: bounded, in order, ended when idle, and joined by ``stop``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from actors.executors import DaemonThreads, ThreadsStopped
+
+WAIT = 10.0  # seconds at most for what takes milliseconds
+
+
+def _alive(prefix: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix + "-")]
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _threads(
+    handle: Callable[[int, int], None], limit: int, idle_timeout: float | None = None
+) -> DaemonThreads[int, int]:
+    return DaemonThreads(
+        f"t-{uuid.uuid4().hex[:8]}", limit, handle, lambda index: index, idle_timeout=idle_timeout
+    )
+
+
+def test_at_most_limit_threads_run_the_work_then_stop_joins_them_all():
+    release, running, peak, lock = threading.Event(), [0], [0], threading.Lock()
+
+    def handle(_: int, item: int) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        release.wait(WAIT)
+        with lock:
+            running[0] -= 1
+
+    pool = _threads(handle, limit=2)
+    for i in range(6):
+        pool.submit(i)
+    _until(lambda: running[0] == 2)
+    assert len(pool.threads()) == 2 and len(_alive(pool.name)) == 2
+    release.set()
+    assert pool.stop(WAIT) is True  # the queued work is done first, then the threads end
+    assert peak[0] == 2 and running[0] == 0
+    assert _alive(pool.name) == [] and pool.threads() == []
+    with pytest.raises(ThreadsStopped):
+        pool.submit(7)
+
+
+def test_each_thread_takes_its_work_in_the_order_it_was_submitted():
+    done: list[tuple[int, int]] = []  # (thread number, item)
+    pool = _threads(lambda index, item: done.append((index, item)), limit=3)
+    for i in range(60):
+        pool.submit(i)
+    assert pool.stop(WAIT)
+    assert sorted(item for _, item in done) == list(range(60))
+    for index in {index for index, _ in done}:
+        mine = [item for i, item in done if i == index]
+        assert mine == sorted(mine), f"thread {index} took {mine}"
+
+    one: list[int] = []
+    single = _threads(lambda _, item: one.append(item), limit=1)
+    for i in range(20):
+        single.submit(i)
+    assert single.stop(WAIT)
+    assert one == list(range(20))
+
+
+def test_an_idle_thread_ends_and_the_next_submit_starts_another():
+    opened: list[int] = []
+    closed: list[int] = []
+    done: list[int] = []
+    pool: DaemonThreads[int, int] = DaemonThreads(
+        f"t-{uuid.uuid4().hex[:8]}",
+        2,
+        lambda _, item: done.append(item),
+        lambda index: opened.append(index) or index,
+        closed.append,
+        idle_timeout=0.05,
+    )
+    try:
+        pool.submit(1)
+        _until(lambda: done == [1] and _alive(pool.name) == [])
+        assert closed == opened == [0]  # its state was released as it ended
+        pool.submit(2)
+        _until(lambda: done == [1, 2])
+    finally:
+        assert pool.stop(WAIT)
+    assert _alive(pool.name) == [] and len(closed) == len(opened) == 2
+
+
+def test_a_failing_item_is_logged_and_the_thread_goes_on(caplog):
+    done: list[int] = []
+
+    def handle(_: int, item: int) -> None:
+        if item == 0:
+            raise ValueError("boom")
+        done.append(item)
+
+    pool: DaemonThreads[int, int] = DaemonThreads(
+        f"t-{uuid.uuid4().hex[:8]}", 1, handle, lambda index: index, what="the test's work"
+    )
+    with caplog.at_level(logging.ERROR, logger="runactors.executors"):
+        pool.submit(0)
+        pool.submit(1)
+        assert pool.stop(WAIT)
+    assert done == [1]
+    assert "the test's work failed" in caplog.text and "boom" in caplog.text
+
+
+def test_stop_waits_no_longer_than_its_timeout():
+    release = threading.Event()
+    pool = _threads(lambda _, item: release.wait(WAIT) and None, limit=1)
+    pool.submit(0)
+    _until(lambda: len(pool.threads()) == 1)
+    try:
+        started = time.monotonic()
+        assert pool.stop(0.1) is False  # the thread is still in its item
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+        assert pool.stop(WAIT) is True
+    assert _alive(pool.name) == []
