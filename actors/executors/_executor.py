@@ -153,11 +153,7 @@ class JobPool(Generic[S]):
         its threads died (a job never kills one; something else did)."""
         if self._closed:
             return [f"worker pool {self.name}: shut down"]
-        return [
-            f"worker pool {self.name}: its thread {thread.name} died"
-            for thread in list(self._threads)
-            if thread.ident is not None and not thread.is_alive()
-        ]
+        return [f"worker pool {self.name}: its thread {t.name} died" for t in self._threads.died()]
 
 
 class ThreadExecutor(JobPool[str]):

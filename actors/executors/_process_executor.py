@@ -445,7 +445,6 @@ class ProcessExecutor(JobPool[_Slot]):
         pids = []
         for slot in list(self._slots):
             worker = slot.worker
-            pid = None if worker is None else worker.pid
-            if pid is not None and worker is not None and not worker.exited():
-                pids.append(pid)
+            if worker is not None and worker.pid is not None and not worker.exited():
+                pids.append(worker.pid)
         return pids

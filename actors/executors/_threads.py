@@ -72,6 +72,11 @@ class DaemonThreads(Generic[W, S]):
         with self._lock:
             return [t for t in self._serving.values() if t.is_alive()]
 
+    def died(self) -> list[threading.Thread]:
+        """Threads that ended without leaving: killed by something other than their work."""
+        with self._lock:
+            return [t for t in self._serving.values() if t.ident is not None and not t.is_alive()]
+
     def submit(self, item: W) -> None:
         """Queue ``item``; raises :class:`ThreadsStopped` after :meth:`stop`."""
         with self._lock:
