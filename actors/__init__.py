@@ -43,6 +43,7 @@ from actors.runtime import (
     Ticket,
     exit_timeout,
     get_system,
+    stop_at_exit,
     ticket_done,
     wait_tickets,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "remove_stale_new",
     "side_files",
     "spool_files",
+    "stop_at_exit",
     "tag_pairs",
     "ticket_done",
     "wait_tickets",

@@ -6,7 +6,14 @@ from actors.runtime._failures import FailureLog, RoundFailure
 from actors.runtime._run_actor import RunActor
 from actors.runtime._session import Session, SessionConfig
 from actors.runtime._supervisor import Supervisor, Ticket
-from actors.runtime._system import ActorSystem, exit_timeout, get_system, ticket_done, wait_tickets
+from actors.runtime._system import (
+    ActorSystem,
+    exit_timeout,
+    get_system,
+    stop_at_exit,
+    ticket_done,
+    wait_tickets,
+)
 from actors.runtime._ticker import Ticker
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "Ticket",
     "exit_timeout",
     "get_system",
+    "stop_at_exit",
     "ticket_done",
     "wait_tickets",
 ]

@@ -209,6 +209,7 @@ class ActorSystem:
 _system: ActorSystem | None = None
 _system_lock = threading.Lock()
 _exit_registered = False
+_stopped = False  # stop_at_exit() ran: the exit handler has nothing left to do
 
 
 def get_system() -> ActorSystem:
@@ -227,9 +228,19 @@ def get_system() -> ActorSystem:
 
 
 def _stop_at_exit() -> None:
+    stop_at_exit()
+
+
+def stop_at_exit() -> None:
+    """Close every open client of this process now, as the exit handler does (within
+    ``RUNACTORS_EXIT_TIMEOUT``): called early by a process that dies of a signal. Once."""
+    global _stopped
     system = _system
-    if system is not None and system.pid == os.getpid():
-        system.stop(exit_timeout())
+    with _system_lock:
+        if system is None or system.pid != os.getpid() or _stopped:
+            return
+        _stopped = True
+    system.stop(exit_timeout())
 
 
 def _after_fork_in_child() -> None:
@@ -239,8 +250,9 @@ def _after_fork_in_child() -> None:
     parent's worker sockets, which would otherwise keep those workers (and the parent's
     ``close()``) waiting for as long as the child lives.
     """
-    global _system, _system_lock
+    global _system, _system_lock, _stopped
     _system_lock = threading.Lock()
+    _stopped = False
     if _system is None:
         return
     _system = None
