@@ -33,6 +33,7 @@ processes never import this package.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -66,6 +67,7 @@ _previous_hook: Callable[[type[BaseException], BaseException, TracebackType | No
 _previous_hook = sys.__excepthook__
 _hook_installed = False
 _dying: int | None = None  # the signal this process is dying of
+_interrupted = False  # an uncaught KeyboardInterrupt ends this process
 
 
 class Signalled(SystemExit):
@@ -90,6 +92,7 @@ def install() -> None:
         if not _hook_installed:
             _previous_hook = sys.excepthook  # the program's hook, if it set one: called first
             sys.excepthook = _excepthook
+            atexit.register(_after_exit)  # before the exit handler's delivery: runs after it
             _hook_installed = True
         if _signals_checked or threading.current_thread() is not threading.main_thread():
             return
@@ -112,16 +115,23 @@ def keeps_queued(exc: BaseException | None) -> bool:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """The handler of a deadly signal: hand the work to a thread, unwind the main thread."""
     global _dying
-    if _dying is not None or not threading.main_thread().is_alive():
-        return  # dying already, or exiting: that path delivers, within its bound
+    if _dying is not None:
+        return  # dying already: that delivery bounds the end
     _dying = signum
     try:
         signal.signal(signum, signal.SIG_DFL)  # the same signal again ends the process now
     except (OSError, ValueError):  # pragma: no cover
         pass
     # Not a daemon: the interpreter, once the main thread has unwound, waits for it.
-    threading.Thread(target=_die_of, args=(signum,), name="runactors-dying").start()
-    raise Signalled(signum)
+    helper = threading.Thread(target=_die_of, args=(signum,), name="runactors-dying")
+    try:
+        helper.start()
+    except RuntimeError:  # pragma: no cover - no thread now: the exit handler delivers
+        pass
+    if threading.main_thread().is_alive():
+        raise Signalled(signum)
+    # Else the program has ended: the interpreter waits for its other threads (which the
+    # thread ends now, as the signal would have) or runs its exit handlers (it waits for them).
 
 
 def _die_of(signum: int) -> None:
@@ -149,15 +159,31 @@ def _excepthook(
 ) -> object:
     """``sys.excepthook``: an exception that ended the main thread ends the runs (after the
     program's hook, which prints the traceback); the exit handler delivers them next."""
+    global _interrupted
     try:
         _previous_hook(exc_type, exc, traceback)
     finally:
         if _uncaught():
+            _interrupted = issubclass(exc_type, KeyboardInterrupt)
             try:
-                end_runs("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+                end_runs("KILLED" if _interrupted else "FAILED")
             except Exception:  # pragma: no cover - never hide the program's own error
                 _logger.exception("ending the runs after an uncaught exception failed")
     return None
+
+
+def _after_exit() -> None:
+    """After the exit handler's delivery: a process that an uncaught ``KeyboardInterrupt``
+    ends dies of SIGINT, as Python makes it. CPython forgets that it should whenever any
+    thread runs ``exec`` or ``eval`` of a string (it clears its flag there), as the store's
+    code on our flush threads may meanwhile; running one that raises sets it again."""
+    if not _interrupted:
+        return
+    stop_at_exit()  # normally done already (the exit handler runs first): then it returns
+    try:
+        exec("raise KeyboardInterrupt")  # sets CPython's "unhandled KeyboardInterrupt" flag
+    except KeyboardInterrupt:
+        pass
 
 
 def _uncaught() -> bool:
@@ -219,11 +245,12 @@ def _report(ended: list[RunHandle], why: str) -> None:
             continue
         spooled = record.state == "spooled" or any(record.spooled.values())
         _logger.warning(
-            "%s: the run %s was not created within RUNACTORS_EXIT_TIMEOUT (%s s): %s",
+            "%s: the run %s was not created before the process died (the store did not take "
+            "it within RUNACTORS_EXIT_TIMEOUT, %s s): %s",
             why,
             record.label,
             f"{exit_timeout():g}",
-            "it is in the spool, with its end (KILLED), for runactors replay"
+            "it is in the spool with its operations and its end (KILLED), for runactors replay"
             if spooled
             else "it and its operations are lost",
         )
@@ -233,9 +260,9 @@ def _after_fork_in_child() -> None:
     """A forked child keeps no handler of ours (one that uses no client dies of SIGTERM as
     before); its first client installs them again. The exit hook stays: it ends only the
     runs of the child's own clients."""
-    global _signals_checked, _dying, _lock
+    global _signals_checked, _dying, _lock, _interrupted
     _lock = threading.Lock()  # another thread may have held it at fork time
-    _dying = None
+    _dying, _interrupted = None, False
     for signum in list(_ours):
         try:
             if signal.getsignal(signum) is _on_signal:

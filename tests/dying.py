@@ -46,17 +46,28 @@ if os.environ.get("DYING_FLUSH_FIRST"):  # the runs exist before the death
     client.flush()
 end_at = int(os.environ.get("DYING_END_AT", "-1"))
 pause = float(os.environ.get("DYING_STEP_SECONDS", "0.001"))  # a training step
-step = 0
-while not stop:
-    for run in runs:
-        client.log_metrics(run, {"loss": 1.0 / (step + 1)}, step=step)
-    print(step, flush=True)  # logged on both runs
-    if step == end_at:
-        if how == "raise":
-            raise RuntimeError(f"boom at step {step}")
-        sys.exit(int(how.removeprefix("exit-")))
-    step += 1
-    time.sleep(pause)
+
+
+def train():
+    global stop
+    step = 0
+    while not stop:
+        for run in runs:
+            client.log_metrics(run, {"loss": 1.0 / (step + 1)}, step=step)
+        print(step, flush=True)  # logged on both runs
+        if step == end_at:
+            if how == "raise":
+                raise RuntimeError(f"boom at step {step}")
+            sys.exit(int(how.removeprefix("exit-")))
+        step += 1
+        time.sleep(pause)
+
+
+if os.environ.get("DYING_WITH"):  # left by the signal's exception: what is queued stays
+    with client:
+        train()
+else:
+    train()
 print("clean end", flush=True)
 """
 
@@ -112,7 +123,7 @@ def die(
         env.setdefault("DYING_END_AT", str(after_steps))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, uri, experiment_id, executor, how, str(flush_interval)],
-        env=script_env(**env),
+        env=script_env(PYTHONFAULTHANDLER="1", **env),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -137,7 +148,12 @@ def die(
                 break
         if signum is not None:
             child.send_signal(signum)
-        rest, stderr = child.communicate(timeout=timeout)
+        try:
+            rest, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # hung: its threads' stacks say where
+            child.send_signal(signal.SIGABRT)
+            rest, stderr = child.communicate()
+            raise AssertionError(f"the child did not end within {timeout} s:\n{stderr}") from None
     finally:
         if child.poll() is None:
             child.kill()

@@ -14,7 +14,7 @@ from dying import Death, die
 
 from client import QueueingClient
 
-pytestmark = pytest.mark.slow  # each test runs a program to its death
+slow = pytest.mark.slow  # the test runs a program to its death
 
 # A signal that comes before the first background flush (flush_interval=5: nothing was sent,
 # not even the runs' creation) or between them (0.2).
@@ -33,12 +33,19 @@ def _assert_all_delivered(death: Death) -> None:
         assert run.duplicates == 0, run
 
 
+@slow
 @pytest.mark.parametrize(("signum", "flush_interval"), SIGNALS)
 def test_a_signal_delivers_everything_and_ends_the_runs_killed(
     tracking_uri, experiment_id, executor, signum, flush_interval
 ):
     death = die(
-        tracking_uri, experiment_id, executor, "run", signum=signum, flush_interval=flush_interval
+        tracking_uri,
+        experiment_id,
+        executor,
+        "run",
+        signum=signum,
+        flush_interval=flush_interval,
+        DYING_WITH="1",  # inside ``with client:``, which the signal's exception leaves
     )
     assert death.returncode == -signum, death.stderr  # died of that signal, as it would have
     _assert_all_delivered(death)
@@ -47,6 +54,7 @@ def test_a_signal_delivers_everything_and_ends_the_runs_killed(
         assert run.end_time, run
 
 
+@slow
 def test_an_uncaught_exception_ends_the_runs_failed(tracking_uri, experiment_id, executor):
     death = die(tracking_uri, experiment_id, executor, "raise", after_steps=300)
     assert death.returncode == 1, death.stderr
@@ -59,6 +67,7 @@ def test_an_uncaught_exception_ends_the_runs_failed(tracking_uri, experiment_id,
         assert run.end_time, run
 
 
+@slow
 def test_the_programs_own_handler_is_kept(tracking_uri, experiment_id):
     # Installed before the client: the client leaves it; it stops the loop, the program
     # exits cleanly, and its runs are the program's to end.
@@ -69,6 +78,7 @@ def test_the_programs_own_handler_is_kept(tracking_uri, experiment_id):
     assert [run.status for run in death.runs] == ["RUNNING", "RUNNING"]
 
 
+@slow
 def test_a_clean_exit_leaves_the_runs_running(tracking_uri, experiment_id):
     # As MLflow's client. (So does sys.exit(n), whose status Python does not tell the exit
     # handlers: the same path, see docs/operations.md.)
@@ -78,6 +88,7 @@ def test_a_clean_exit_leaves_the_runs_running(tracking_uri, experiment_id):
     assert [(run.status, run.end_time) for run in death.runs] == [("RUNNING", None)] * 2
 
 
+@slow
 def test_end_runs_false_leaves_the_runs_running(tracking_uri, experiment_id):
     death = die(
         tracking_uri,
@@ -108,3 +119,15 @@ def test_a_forked_child_keeps_the_default_disposition(tracking_uri):
         os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+
+
+def test_ctrl_c_in_a_with_block_keeps_what_is_queued(tracking_uri, experiment_id, store):
+    # Any other exception drops it (the seed's contract); KeyboardInterrupt (and a deadly
+    # signal's SystemExit) is the process dying: what it queued is delivered.
+    client = QueueingClient(tracking_uri)
+    with pytest.raises(KeyboardInterrupt), client:
+        run = client.create_run(experiment_id)
+        client.log_metrics(run, {"m": 1.0}, step=7)
+        raise KeyboardInterrupt
+    client.close()
+    assert [m.step for m in store.get_metric_history(run.resolve(timeout=0), "m")] == [7]

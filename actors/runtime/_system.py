@@ -210,6 +210,7 @@ _system: ActorSystem | None = None
 _system_lock = threading.Lock()
 _exit_registered = False
 _stopped = False  # stop_at_exit() ran: the exit handler has nothing left to do
+_stop_lock = threading.Lock()
 
 
 def get_system() -> ActorSystem:
@@ -235,12 +236,12 @@ def stop_at_exit() -> None:
     """Close every open client of this process now, as the exit handler does (within
     ``RUNACTORS_EXIT_TIMEOUT``): called early by a process that dies of a signal. Once."""
     global _stopped
-    system = _system
-    with _system_lock:
+    with _stop_lock:  # a second caller waits for the first one's delivery
+        system = _system
         if system is None or system.pid != os.getpid() or _stopped:
             return
         _stopped = True
-    system.stop(exit_timeout())
+        system.stop(exit_timeout())
 
 
 def _after_fork_in_child() -> None:
@@ -250,9 +251,9 @@ def _after_fork_in_child() -> None:
     parent's worker sockets, which would otherwise keep those workers (and the parent's
     ``close()``) waiting for as long as the child lives.
     """
-    global _system, _system_lock, _stopped
+    global _system, _system_lock, _stopped, _stop_lock
     _system_lock = threading.Lock()
-    _stopped = False
+    _stopped, _stop_lock = False, threading.Lock()
     if _system is None:
         return
     _system = None
