@@ -402,7 +402,7 @@ class QueueingClient:
     def _drop_queued(self) -> None:
         """Forget every operation this client queued and has not flushed yet."""
         session = self._session
-        if session is None:
+        if session is None or session.sealed:  # closing: its last flush sends what is queued
             return
         for handle in list(session.handles.values()):
             snapshot = handle.queues.drop()

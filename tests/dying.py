@@ -63,12 +63,21 @@ def train():
         time.sleep(pause)
 
 
-if os.environ.get("DYING_WITH"):  # left by the signal's exception: what is queued stays
-    with client:
+def run():
+    if os.environ.get("DYING_WITH"):  # left by the signal's exception: what is queued stays
+        with client:
+            train()
+    else:
         train()
+    print("clean end", flush=True)
+
+
+if how == "service":  # the main thread ends; the work goes on in a (non-daemon) thread
+    import threading
+
+    threading.Thread(target=run).start()
 else:
-    train()
-print("clean end", flush=True)
+    run()
 """
 
 

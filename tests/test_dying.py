@@ -18,10 +18,11 @@ slow = pytest.mark.slow  # the test runs a program to its death
 
 # A signal that comes before the first background flush (flush_interval=5: nothing was sent,
 # not even the runs' creation) or between them (0.2).
+# SIGHUP comes to a service whose main thread has ended: the work goes on in its threads.
 SIGNALS = [
-    pytest.param(signal.SIGTERM, 5.0, id="SIGTERM"),
-    pytest.param(signal.SIGINT, 0.2, id="SIGINT"),
-    pytest.param(signal.SIGHUP, 0.2, id="SIGHUP"),
+    pytest.param(signal.SIGTERM, 5.0, "run", id="SIGTERM"),
+    pytest.param(signal.SIGINT, 0.2, "run", id="SIGINT"),
+    pytest.param(signal.SIGHUP, 0.2, "service", id="SIGHUP-service"),
 ]
 
 
@@ -34,15 +35,15 @@ def _assert_all_delivered(death: Death) -> None:
 
 
 @slow
-@pytest.mark.parametrize(("signum", "flush_interval"), SIGNALS)
+@pytest.mark.parametrize(("signum", "flush_interval", "how"), SIGNALS)
 def test_a_signal_delivers_everything_and_ends_the_runs_killed(
-    tracking_uri, experiment_id, executor, signum, flush_interval
+    tracking_uri, experiment_id, executor, signum, flush_interval, how
 ):
     death = die(
         tracking_uri,
         experiment_id,
         executor,
-        "run",
+        how,
         signum=signum,
         flush_interval=flush_interval,
         DYING_WITH="1",  # inside ``with client:``, which the signal's exception leaves
