@@ -45,6 +45,7 @@ from actors.runtime import (
     exit_timeout,
     get_system,
     session_problems,
+    stop_at_exit,
     ticket_done,
     wait_tickets,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "session_problems",
     "side_files",
     "spool_files",
+    "stop_at_exit",
     "tag_pairs",
     "ticket_done",
     "wait_tickets",

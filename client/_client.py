@@ -34,6 +34,7 @@ from actors import (
     param_pairs,
     tag_pairs,
 )
+from client import _dying
 from client._operations import RunOperations
 from client._options import invalid, session_config
 from client._registry import STATUS_PORT_ENV, release
@@ -75,6 +76,7 @@ class QueueingClient:
         max_queued: entities held in memory at most; ``None``: no bound.
         retry_timeout: seconds a transient failure is retried before it is an error.
         spool_dir: a folder where what cannot be delivered is journaled; ``None``: none.
+        end_runs: a process dying of a signal or exception ends this client's runs.
 
     Raises:
         MlflowException: an invalid option (``INVALID_PARAMETER_VALUE``, naming it).
@@ -90,6 +92,7 @@ class QueueingClient:
         max_queued: int | None = None,
         retry_timeout: float = 60.0,
         spool_dir: str | os.PathLike[str] | None = None,
+        end_runs: bool = True,
     ) -> None:
         self._config = session_config(
             tracking_uri,
@@ -99,9 +102,12 @@ class QueueingClient:
             max_queued,
             retry_timeout,
             spool_dir,
+            end_runs,
         )
         self._closed = False
         self._reset()
+        if end_runs:
+            _dying.install()
         _start_status_from_env()
 
     def _reset(self) -> None:
@@ -198,6 +204,8 @@ class QueueingClient:
         if start_time is None:  # fixed now: a spooled creation is re-sent identical
             start_time = get_current_time_millis()
         create = CreateRunCall(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
+        if self._config.end_runs:  # made off the main thread, or before a fork: now
+            _dying.install()
         handle = get_system().register_run(self._get_session(), None, create)
         with self._lock:
             self._runs[handle.key] = handle
@@ -394,7 +402,7 @@ class QueueingClient:
     def _drop_queued(self) -> None:
         """Forget every operation this client queued and has not flushed yet."""
         session = self._session
-        if session is None:
+        if session is None or session.sealed:  # closing: its last flush sends what is queued
             return
         for handle in list(session.handles.values()):
             snapshot = handle.queues.drop()
@@ -412,7 +420,7 @@ class QueueingClient:
     ) -> None:
         if exc_type is None and exc is None and traceback is None:
             self.flush(synchronous=True)
-        else:
+        elif not _dying.keeps_queued(exc):  # a dying process delivers it (client._dying)
             self._drop_queued()
 
     # -- processes --------------------------------------------------------------------
@@ -424,6 +432,8 @@ class QueueingClient:
         self._config = state["config"]
         self._closed = False
         self._reset()
+        if self._config.end_runs:
+            _dying.install()
         _start_status_from_env()  # an unpickled copy may be its process's first client
 
     def _after_fork_in_child(self) -> None:

@@ -43,6 +43,7 @@ def session_config(
     max_queued: Any,
     retry_timeout: Any,
     spool_dir: Any,
+    end_runs: Any = True,
 ) -> SessionConfig:
     """The client's options, checked, as the configuration of its session."""
     if executor not in EXECUTORS:
@@ -69,6 +70,8 @@ def session_config(
         )
     if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
         raise invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
+    if not isinstance(end_runs, bool):
+        raise invalid(f"Invalid end_runs {end_runs!r}: expected True or False.")
     return SessionConfig(
         # Checked and made absolute here: a pickled copy must reach the same store.
         tracking_uri=resolve_tracking_uri(tracking_uri),
@@ -78,4 +81,5 @@ def session_config(
         max_queued=max_queued,
         retry_timeout=float(retry_timeout),
         spool_dir=_check_spool_dir(spool_dir),
+        end_runs=end_runs,
     )

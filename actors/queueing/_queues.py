@@ -150,6 +150,7 @@ class RunQueues:
         "sealed",
         "tags",
         "terminate",
+        "terminate_queued",
     )
 
     def __init__(self, create: CreateRunCall | None = None) -> None:
@@ -161,6 +162,9 @@ class RunQueues:
         self.metrics: list[MetricRow] = []
         self.datasets: list[Any] = []
         self.sealed = False
+        # Whether the client ever queued a termination (kept after it is sent): a process
+        # that dies ends the runs its client created and did not terminate (``end_runs``).
+        self.terminate_queued = False
         # Every param queued for this run, flushed or not: key -> value (as MLflow stores it).
         self.param_values: dict[str, str] = {}
 
@@ -233,6 +237,7 @@ class RunQueues:
             if self.terminate is not None:
                 return False
             self.terminate = terminate
+            self.terminate_queued = True
             return True
 
     def take(self) -> Snapshot:
@@ -265,6 +270,8 @@ class RunQueues:
             snapshot = self._take_locked()
             for key, _ in snapshot.params:
                 self.param_values.pop(key, None)
+            if snapshot.terminate is not None:  # never sent: the run was not terminated
+                self.terminate_queued = False
         self.release(snapshot)
         return snapshot
 

@@ -7,7 +7,14 @@ from actors.runtime._health import session_problems
 from actors.runtime._run_actor import RunActor
 from actors.runtime._session import Session, SessionConfig
 from actors.runtime._supervisor import Supervisor, Ticket
-from actors.runtime._system import ActorSystem, exit_timeout, get_system, ticket_done, wait_tickets
+from actors.runtime._system import (
+    ActorSystem,
+    exit_timeout,
+    get_system,
+    stop_at_exit,
+    ticket_done,
+    wait_tickets,
+)
 from actors.runtime._ticker import Ticker
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "exit_timeout",
     "get_system",
     "session_problems",
+    "stop_at_exit",
     "ticket_done",
     "wait_tickets",
 ]

@@ -43,6 +43,7 @@ class SessionConfig:
     max_queued: int | None = None
     retry_timeout: float = 60.0
     spool_dir: str | None = None
+    end_runs: bool = True  # the client's: when the process dies, end the runs it created
 
 
 class Session:

@@ -209,6 +209,8 @@ class ActorSystem:
 _system: ActorSystem | None = None
 _system_lock = threading.Lock()
 _exit_registered = False
+_stopped = False  # stop_at_exit() ran: the exit handler has nothing left to do
+_stop_lock = threading.Lock()
 
 
 def get_system() -> ActorSystem:
@@ -227,8 +229,18 @@ def get_system() -> ActorSystem:
 
 
 def _stop_at_exit() -> None:
-    system = _system
-    if system is not None and system.pid == os.getpid():
+    stop_at_exit()
+
+
+def stop_at_exit() -> None:
+    """Close every open client of this process now, as the exit handler does (within
+    ``RUNACTORS_EXIT_TIMEOUT``): called early by a process that dies of a signal. Once."""
+    global _stopped
+    with _stop_lock:  # a second caller waits for the first one's delivery
+        system = _system
+        if system is None or system.pid != os.getpid() or _stopped:
+            return
+        _stopped = True
         system.stop(exit_timeout())
 
 
@@ -239,8 +251,9 @@ def _after_fork_in_child() -> None:
     parent's worker sockets, which would otherwise keep those workers (and the parent's
     ``close()``) waiting for as long as the child lives.
     """
-    global _system, _system_lock
+    global _system, _system_lock, _stopped, _stop_lock
     _system_lock = threading.Lock()
+    _stopped, _stop_lock = False, threading.Lock()
     if _system is None:
         return
     _system = None
