@@ -37,7 +37,8 @@ ENDED_WITHIN = 10.0  # seconds from the death to every run ended (the contract's
 # The client process. Phase 1: runs A, B, C created; A and B logged steps and flushed (stored);
 # B terminated FINISHED. Phase 2 (once the file ``down`` exists, the store then answering 503):
 # A logs more and D is created and logged, all spooled. Then it logs A's steps on and on,
-# flushed every few steps, saying how far the store has them, until it is killed.
+# flushed every few steps, saying how far the store has them, until it is killed. Before it
+# ends with os._exit, it kills its keeper, whose replacement must then know all of the above.
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
@@ -59,6 +60,12 @@ for step in range(10):
 client.set_terminated(b, "FINISHED")
 client.flush()
 keeper = LINK and LINK.pid
+if cfg["die"] == "os._exit" and keeper:  # its keeper killed first: the new one must do
+    os.kill(keeper, 9)
+    while client.status().keeper != "restarted":
+        time.sleep(0.01)
+    keeper = LINK.pid
+    time.sleep(2)  # a keeper that has lived a moment: its imports made (RUNACTORS_KEEPER_WARMUP)
 say = lambda **kw: print(json.dumps({"pid": os.getpid(), "keeper": keeper, **kw}), flush=True)
 step = 10
 if cfg["phase2"]:
@@ -113,7 +120,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             stdin=subprocess.DEVNULL,
-            env=script_env(RUNACTORS_KEEPER_WARMUP="60"),  # the recovery imports at the death
+            env=script_env(RUNACTORS_KEEPER_WARMUP="0"),  # a keeper that has lived a while
             cwd=REPO,
             text=True,
         )

@@ -170,12 +170,16 @@ def watch(sock: socket.socket, parent: int, state: KeeperState) -> str:
             return "left"
 
 
-def _warm_up(delay: float) -> None:
+def _warm_up(delay: float, state: KeeperState) -> None:
+    """Import the recovery and open the stores now, so that a death is handled at once."""
     time.sleep(delay)
     try:
-        import actors.keeper._recovery  # noqa: F401
-    except Exception:  # reported, if it matters, when the recovery imports it
-        pass
+        from actors.keeper._recovery import prepare
+    except Exception:  # reported, if it matters, when the recovery needs it
+        return
+    while True:  # sessions opened later may use other stores
+        prepare(state.sessions)
+        time.sleep(1.0)
 
 
 def main(argv: list[str]) -> None:
@@ -186,8 +190,8 @@ def main(argv: list[str]) -> None:
         delay = float(os.environ.get(WARMUP_ENV, DEFAULT_WARMUP))
     except ValueError:
         delay = DEFAULT_WARMUP
-    threading.Thread(target=_warm_up, args=(delay,), name="warm-up", daemon=True).start()
     state = KeeperState()
+    threading.Thread(target=_warm_up, args=(delay, state), name="warm-up", daemon=True).start()
     outcome = watch(sock, parent, state)
     state.finish()
     if outcome == "died":

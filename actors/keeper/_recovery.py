@@ -46,6 +46,30 @@ WORKER_GRACE = 2.0  # seconds past retry_timeout a dead process's worker may sti
 LOCK_WAIT = 5.0  # seconds a journal's lock may stay taken (by a replay) before it is left
 
 
+_clients: dict[str, Any] = {}  # tracking URI -> its MlflowClient, made once
+
+
+def prepare(sessions: dict[int, dict[str, Any]]) -> None:
+    """Open the sessions' stores ahead of a death (a SQLite store checks its schema, which
+    takes a second or two); a store that cannot be opened now is opened after the death."""
+    for uri in {str(session["tracking_uri"]) for session in list(sessions.values())}:
+        if uri not in _clients:
+            try:
+                _client(uri, 0.0)
+            except Exception:
+                pass
+
+
+def _client(uri: str, retry_timeout: float) -> Any:
+    """The store's client; made outside any lock (opening a locked SQLite store waits), so
+    two threads may make one each: the first kept is used."""
+    client = _clients.get(uri)
+    if client is None:
+        client = call_with_retry(partial(make_client, uri), retry_timeout)
+        client = _clients.setdefault(uri, client)
+    return client
+
+
 def _wait_workers(workers: dict[int, int], timeout: float) -> None:
     """Wait until every worker's pidfd is readable (it exited); kill the rest after
     ``timeout`` and wait for them a moment more."""
@@ -120,7 +144,7 @@ def recover_session(session: dict[str, Any], died_ms: int) -> None:
         if not spools:
             return
         try:
-            client = call_with_retry(partial(make_client, uri), retry_timeout)
+            client = _client(uri, retry_timeout)
         except Exception as exc:
             _logger.warning("keeper: tracking store %s unavailable: %r", uri, exc)
             return
