@@ -57,10 +57,16 @@ BOOTSTRAP = (
     "module.main(sys.argv[2:])\n"
 )
 
+ENABLED_ENV = "RUNACTORS_KEEPER"  # "0": no keeper (a death leaves it all to runactors replay)
 SEND_TIMEOUT = 1.0  # seconds a record may wait for room in the socket
 STOP_GRACE = 2.0  # seconds a keeper let go of may take to exit before it is killed
 MAX_RESTARTS = 3
 RESTART_WINDOW = 30.0
+
+
+def enabled() -> bool:
+    """Whether clients with ``spool_dir`` get a keeper (``RUNACTORS_KEEPER`` is not ``0``)."""
+    return os.environ.get(ENABLED_ENV, "1").strip() != "0"
 
 
 def _create_json(create: CreateRunCall) -> dict[str, Any]:

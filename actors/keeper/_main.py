@@ -37,7 +37,7 @@ MAX_FDS = 64
 # (its descriptors close a moment before it is reaped) before the keeper leaves it be.
 DEATH_GRACE = 5.0
 WARMUP_ENV = "RUNACTORS_KEEPER_WARMUP"
-DEFAULT_WARMUP = 5.0  # seconds idle before the recovery's imports are made in the background
+DEFAULT_WARMUP = 10.0  # seconds before the recovery's imports are made in the background
 
 
 def encode(record: dict[str, Any]) -> bytes:

@@ -11,6 +11,7 @@ from typing import Any
 
 from actors.executors._executor import Executor, ThreadExecutor, default_max_workers
 from actors.keeper._link import LINK, KeeperLink
+from actors.keeper._link import enabled as keeper_enabled
 from actors.queueing._budget import Budget
 from actors.queueing._queues import (
     BoundedRunQueues,
@@ -93,7 +94,7 @@ class Session:
         )
         # With spool_dir: the process's keeper, told of this session (started if need be).
         self.keeper: KeeperLink | None = None
-        if self.spooler is not None:
+        if self.spooler is not None and keeper_enabled():
             self.keeper = LINK
             LINK.open_session(self.id, config)
             self.spooler.on_journal = partial(LINK.journal, self.id)
