@@ -371,3 +371,18 @@ def test_a_killed_keeper_is_restarted(
     while alive(second) and time.monotonic() - start < 5:
         time.sleep(0.02)
     assert not alive(second)
+
+
+def test_no_keeper_with_runactors_keeper_0(
+    tmp_path: Path, tracking_uri: str, experiment_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from actors.keeper import LINK
+
+    monkeypatch.setenv("RUNACTORS_KEEPER", "0")
+    client = QueueingClient(tracking_uri, spool_dir=tmp_path / "spool")
+    try:
+        client.create_run(experiment_id)
+        assert client.status().keeper is None and LINK.pid is None
+        assert client.keeper_healthy()
+    finally:
+        client.close()
