@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -100,12 +101,12 @@ class KeeperLink:
     # -- what status() says ------------------------------------------------------------
 
     def state(self) -> str:
-        """``running``, ``restarted`` (running, after a restart) or ``dead``."""
-        with self._lock:
-            proc = self._proc
-            if self.dead or proc is None or proc.poll() is not None:
-                return "dead"
-            return "restarted" if self.restarts else "running"
+        """``running``, ``restarted`` (running, after a restart) or ``dead``. Without the
+        lock: ``status()`` answers at once, also while a record waits for the socket."""
+        proc = self._proc
+        if self.dead or proc is None or proc.poll() is not None:
+            return "dead"
+        return "restarted" if self.restarts else "running"
 
     @property
     def pid(self) -> int | None:
@@ -289,12 +290,12 @@ class KeeperLink:
                     proc.returncode,
                 )
                 return
+            self.restarts += 1  # before it runs: status() never reads "running" for it
             try:
                 self._start()
             except Exception as exc:
                 _logger.warning("the keeper process died and could not be restarted: %r", exc)
                 return
-            self.restarts += 1
             _logger.warning(
                 "the keeper process died (exit status %s); a new one was started",
                 proc.returncode,
@@ -314,8 +315,6 @@ class KeeperLink:
 
 
 def _exited(pidfd: int) -> bool:
-    import select
-
     return bool(select.select([pidfd], [], [], 0)[0])
 
 
