@@ -5,7 +5,8 @@
 outliving its parent, a worker) is re-parented here rather than to init, and reaped here.
 Once no child is left, or TIMEOUT seconds after the start, it prints one JSON line:
 ``{"reaped": {pid: seconds after the start}, "left": [pids still running]}`` (those are then
-killed), and exits. COMMAND shares this process's stdin, stdout and stderr.
+killed), and exits. COMMAND shares this process's stdin, stdout and stderr, and leads a
+process group of its own (a test may signal that group).
 
 A test-only helper: a test that made itself a subreaper would adopt the orphans of every
 other test running in its process.
@@ -46,7 +47,7 @@ def main() -> None:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     start = time.monotonic()
-    subprocess.Popen(command)  # reaped below, with the orphans
+    subprocess.Popen(command, start_new_session=True)  # its own group; reaped below
     reaped: dict[int, float] = {}
     while time.monotonic() - start < timeout:
         try:

@@ -197,7 +197,7 @@ def _assert_nothing_left(report: dict[str, Any], keeper: int, child: Child) -> N
 
 
 @pytest.mark.parametrize(
-    ("executor", "die"), [("thread", "kill"), ("process", "kill"), ("thread", "os._exit")]
+    ("executor", "die"), [("thread", "kill"), ("process", "killpg"), ("thread", "os._exit")]
 )
 def test_a_process_killed_mid_logging_has_its_runs_ended(
     tmp_path: Path,
@@ -219,6 +219,8 @@ def test_a_process_killed_mid_logging_has_its_runs_ended(
     died = time.time()
     if die == "kill":
         os.kill(said["pid"], signal.SIGKILL)
+    elif die == "killpg":  # its whole process group, as a terminal's Ctrl-C reaches it
+        os.killpg(said["pid"], signal.SIGKILL)
     took = _wait_ended(store, experiment_id, "AC", ENDED_WITHIN)
     report = child.finish()
     print(f"{executor}/{die}: runs ended {took:.2f} s after the death; tree gone: {report}")
