@@ -37,8 +37,9 @@ ENDED_WITHIN = 10.0  # seconds from the death to every run ended (the contract's
 # The client process. Phase 1: runs A, B, C created; A and B logged steps and flushed (stored);
 # B terminated FINISHED. Phase 2 (once the file ``down`` exists, the store then answering 503):
 # A logs more and D is created and logged, all spooled. Then it logs A's steps on and on,
-# flushed every few steps, saying how far the store has them, until it is killed. Before it
-# ends with os._exit, it kills its keeper, whose replacement must then know all of the above.
+# flushed every few steps, saying how far the store has them, until it is killed (or, past
+# step 30, ends with os._exit: before that, it kills its keeper, whose replacement must then
+# know all of the above).
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
@@ -85,16 +86,16 @@ if cfg["phase2"]:
     step = 20
 if cfg["die"] == "wait":
     time.sleep(120)
-while True:
+while step < 5000:  # killed meanwhile, mid-logging
     client.log_metrics(a, {"m": float(step)}, step=step)
     step += 1
     if step % 5 == 0:
         client.flush()
         say(stored=step)
-        if step >= 30:
-            if cfg["die"] == "os._exit":
-                os._exit(3)
-            time.sleep(120)
+        if step >= 30 and cfg["die"] == "os._exit":
+            os._exit(3)
+    time.sleep(0.002)
+time.sleep(120)
 """
 
 
