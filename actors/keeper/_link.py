@@ -127,8 +127,8 @@ class KeeperLink:
         with self._lock:
             self._sessions[session_id] = record
             self._journals[session_id], self._runs[session_id] = [], {}
-            if self._proc is None:
-                self.dead = False
+            if self._proc is None:  # the first session, or the keeper is dead: a fresh one
+                self.dead, self.restarts = False, 0
                 self._deaths.clear()
                 try:
                     self._start()  # tells it every session, this one included
