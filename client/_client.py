@@ -37,8 +37,9 @@ from actors import (
 from client import _dying
 from client._operations import RunOperations
 from client._options import invalid, session_config
-from client._registry import STATUS_PORT_ENV, release
 from client._registry import live as _live
+from client._registry import release
+from client._registry import start_status_from_env as _start_status_from_env
 
 if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
@@ -46,13 +47,6 @@ if TYPE_CHECKING:
     from client._status_server import StatusServer
 
 RunIdLike = str | PendingRunId
-
-
-def _start_status_from_env() -> None:
-    if os.environ.get(STATUS_PORT_ENV) is not None:
-        from client._status_server import start_from_environment
-
-        start_from_environment()
 
 
 class QueueingClient:
@@ -340,7 +334,12 @@ class QueueingClient:
             executor=self._config.executor,
             closed=closed,
             client_id=session.id if session else None,
+            keeper=session.keeper_state() if session else None,
         )
+
+    def keeper_healthy(self) -> bool:
+        """False while this client's keeper process (``spool_dir``) is dead: for ``/healthz``."""
+        return self.status().keeper != "dead"
 
     def serve_status(self, host: str = "127.0.0.1", port: int = 0) -> StatusServer:
         """Serve the status of every open client of this process over HTTP, until the

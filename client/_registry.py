@@ -7,6 +7,7 @@ Its own module so that both :mod:`client._client` (which adds and removes client
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Protocol
@@ -14,6 +15,14 @@ from typing import Protocol
 from actors import ClientStatus, Session, exit_timeout, get_system
 
 STATUS_PORT_ENV = "RUNACTORS_STATUS_PORT"  # set: the first client starts a status server
+
+
+def start_status_from_env() -> None:
+    """Start the process's status server if ``RUNACTORS_STATUS_PORT`` asks for one."""
+    if os.environ.get(STATUS_PORT_ENV) is not None:
+        from client._status_server import start_from_environment
+
+        start_from_environment()
 
 
 class OpenClient(Protocol):

@@ -34,6 +34,7 @@ from actors import (
     call_with_retry,
     deliver,
     empty_counts,
+    end_pending_runs,
     make_client,
     remove_stale_new,
     side_files,
@@ -52,6 +53,7 @@ class JournalReport:
     calls: int = 0
     delivered: dict[str, int] = field(default_factory=empty_counts)
     calls_left: int = 0
+    ended: int = 0  # runs of a dead process ended KILLED (the keeper could not)
     status: str = "delivered"
     errors: list[str] = field(default_factory=list)
 
@@ -164,7 +166,11 @@ def _deliver_one(
         report.delivered = summary.delivered
         report.calls_left = summary.calls_left
         report.errors = summary.errors
-        if report.calls_left:
+        # Then the runs a keeper recorded and could not end (their process died).
+        known = {run.key: run.run_id for run in summary.runs if run.run_id is not None}
+        ends = end_pending_runs(spool, client, uri, retry_timeout, known)
+        report.ended, report.errors = len(ends.ended), report.errors + ends.errors
+        if report.calls_left or ends.left:
             report.status = "left"
     except SpoolError as exc:
         report.status, report.errors = "journal error", [exc.message]
@@ -189,6 +195,8 @@ def _summary(console: Console, reports: list[JournalReport]) -> None:
         )
     console.print(table)
     for report in reports:
+        if report.ended:
+            console.print(f"{report.name}: {report.ended} runs of a dead process ended KILLED")
         for error in report.errors:
             console.print(f"{report.name}: {error}", markup=False, soft_wrap=True)
 

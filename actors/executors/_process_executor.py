@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import cloudpickle
@@ -42,6 +43,10 @@ from actors.queueing._queues import CreateRunCall
 # child never inherits a socket that is not registered yet.
 _workers_lock = threading.Lock()
 _workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+# Told ``(pid, pidfd)`` of every worker once it runs: the keeper (actors.keeper) waits for a
+# dead process's workers to be gone before it ends that process's runs. Must not raise.
+worker_started: list[Callable[[int, int], None]] = []
 
 
 class _Worker:
@@ -88,6 +93,8 @@ class _Worker:
         with self._lock:
             self.pid, self._pidfd = pid, fds[0]
             self.name = f"{self.label}[pid {pid}]"
+        for hook in list(worker_started):
+            hook(pid, fds[0])
         self.conn.send_bytes(pickle.dumps((dict(os.environ), os.getcwd())))
 
     def exited(self) -> bool:

@@ -199,10 +199,13 @@ class RunActor(pykka.ThreadingActor):
     def _on_job_done(self, result: JobResult) -> None:
         handle, record = self._handle, self._handle.record
         self._inflight = False
+        keeper = self._session.keeper if handle.pending is not None else None
         if result.created and result.run_id is not None:
             record.run_id = result.run_id
             if handle.pending is not None:
                 handle.pending._set_created(result.run_id)
+            if keeper is not None:
+                keeper.run_id(self._session.id, str(handle.pending), result.run_id)
         elif self._creating and result.create_error is not None:
             record.create_error = result.create_error
             if handle.pending is not None:
@@ -217,6 +220,8 @@ class RunActor(pykka.ThreadingActor):
             record.errors.add(result.errors + result.spool_notes)
             record.terminated = record.terminated or result.terminated
             record.state, record.worker = ("spooled" if result.spooled else self._at_rest()), None
+        if keeper is not None and result.terminated:  # delivered: not the keeper's to end
+            keeper.terminated(self._session.id, str(handle.pending))
         waiters, self._waiters = self._waiters, []
         if result.errors or result.spool_notes:
             message = failure_message(record.label, result.errors + result.spool_notes)

@@ -6,9 +6,12 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from actors.executors._executor import Executor, ThreadExecutor, default_max_workers
+from actors.keeper._link import LINK, KeeperLink
+from actors.keeper._link import enabled as keeper_enabled
 from actors.queueing._budget import Budget
 from actors.queueing._queues import (
     BoundedRunQueues,
@@ -90,10 +93,23 @@ class Session:
                 workers=config.max_workers or default_max_workers(),  # re-sent in parallel
             )
         )
+        # With spool_dir: the process's keeper, told of this session (started if need be).
+        self.keeper: KeeperLink | None = None
+        if self.spooler is not None and keeper_enabled():
+            self.keeper = LINK
+            LINK.open_session(self.id, config)
+            self.spooler.on_journal = partial(LINK.journal, self.id)
         if config.executor == "process":
             # Made now, at the client's first use, not at its first flush: the executor starts
             # the worker template, whose imports (~2 s of CPU) then overlap the user's work.
             self.executor()
+
+    def keeper_state(self) -> str | None:
+        """What ``status()`` says of the keeper: None without ``spool_dir``, ``stopped``
+        once closed, else ``running``, ``restarted`` or ``dead``."""
+        if self.keeper is None:
+            return None
+        return "stopped" if self.closed else self.keeper.state()
 
     def new_queues(self, create: CreateRunCall | None = None) -> RunQueues:
         """The queues of a new run: plain, unless ``max_queued`` or ``flush_interval`` is set."""

@@ -155,6 +155,8 @@ class Supervisor(pykka.ThreadingActor):
             label = session.next_label()
             pending = PendingRunId._issue(label)
             handle = RunHandle(pending, pending, session.new_queues(message.create))
+            if session.keeper is not None and message.create is not None:
+                session.keeper.created(session.id, label, message.create)
         else:
             existing = session.handles.get(message.key)
             if existing is not None:

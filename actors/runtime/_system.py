@@ -177,7 +177,11 @@ class ActorSystem:
                 grace = 0.0
             session.shutdown_executor(grace)
             if spooler is not None:
-                failures += spooler.close(list(session.handles.values()), deadline.remaining())
+                try:
+                    failures += spooler.close(list(session.handles.values()), deadline.remaining())
+                finally:
+                    if session.keeper is not None:  # closed cleanly: the keeper forgets it
+                        session.keeper.close_session(session.id)
         return session.failures.take_unraised() + failures
 
     def stop(self, timeout: float | None = None) -> None:

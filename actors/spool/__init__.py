@@ -2,6 +2,7 @@
 its format and checks, the live spooling of a session's failed work, and its replay.
 """
 
+from actors.spool._ends import end_pending_runs
 from actors.spool._files import check_spool_dir, remove_stale_new, side_files, spool_files
 from actors.spool._format import (
     NEW_SUFFIX,
@@ -31,6 +32,7 @@ __all__ = [
     "check_spool_dir",
     "deliver",
     "deliver_run",
+    "end_pending_runs",
     "remove_stale_new",
     "side_files",
     "spool_files",

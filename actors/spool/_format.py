@@ -47,6 +47,11 @@ SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 STALE_NEW_AGE = 60.0  # seconds
 
 
+# The ``meta`` key under which a keeper records the runs it could not end (a JSON list, see
+# ``actors.spool._ends``): a journal holding it is not empty, and a replay ends those runs.
+ENDS_KEY = "end_runs"
+
+
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE runs (

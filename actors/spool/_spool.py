@@ -50,6 +50,7 @@ from actors.spool._files import (
     side_files,
 )
 from actors.spool._format import (
+    ENDS_KEY,
     RunEntry,
     SpoolCorrupt,
     SpoolError,
@@ -219,9 +220,25 @@ class Spool:
         return int(calls) + int(creations[0][0])
 
     def is_empty(self) -> bool:
-        return not self._read("SELECT 1 FROM runs LIMIT 1") and not self._read(
-            "SELECT 1 FROM calls LIMIT 1"
+        return (
+            not self._read("SELECT 1 FROM runs LIMIT 1")
+            and not self._read("SELECT 1 FROM calls LIMIT 1")
+            and self.get_meta(ENDS_KEY) is None
         )
+
+    def get_meta(self, key: str) -> str | None:
+        """One value of the journal's ``meta`` table (``None`` if absent)."""
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Durably set (or, with ``None``, delete) one value of the ``meta`` table: how the
+        keeper records the runs it could not end (``actors.spool._ends``) in a journal of
+        any format version, without a schema change."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            if value is not None:
+                db.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -342,8 +359,10 @@ class Spool:
                 return False
             _OPEN.discard(self)
             try:
-                empty = not db.execute("SELECT 1 FROM runs LIMIT 1").fetchone() and not (
-                    db.execute("SELECT 1 FROM calls LIMIT 1").fetchone()
+                empty = (
+                    not db.execute("SELECT 1 FROM runs LIMIT 1").fetchone()
+                    and not db.execute("SELECT 1 FROM calls LIMIT 1").fetchone()
+                    and not db.execute("SELECT 1 FROM meta WHERE key = ?", (ENDS_KEY,)).fetchone()
                 )
             finally:
                 db.close()

@@ -97,6 +97,7 @@ class Spooler:
         self._client_lock = threading.Lock()
         self._client: Any = None
         self._closed = False
+        self.on_journal: Callable[[Path], None] | None = None  # told the new journal's path
 
     # -- which runs are spooled ---------------------------------------------------------
 
@@ -118,6 +119,8 @@ class Spooler:
             raise JobStopped("the client is closed: its journal is closed")
         if self._spool is None:
             self._spool = Spool.create(self.spool_dir, self.tracking_uri)
+            if self.on_journal is not None:
+                self.on_journal(self._spool.path)
         return self._spool
 
     def _refresh(self, handle: RunHandle, spool: Spool, key: str) -> None:

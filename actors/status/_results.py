@@ -101,6 +101,10 @@ class ClientStatus:
     executor: str | None = None
     closed: bool = False  # the client is closed: ``runs`` hold their final state
     client_id: int | None = None  # the number in its runs' pending labels; None before use
+    # With spool_dir, the keeper process: "running", "restarted" (running, after it died and
+    # was replaced), "dead" (not running: a death of the process would leave runs RUNNING),
+    # "stopped" (the client is closed); None without spool_dir or before first use.
+    keeper: str | None = None
 
     def counts(self) -> dict[str, int]:
         """Runs per state.
@@ -124,5 +128,6 @@ class ClientStatus:
             "tracking_uri": self.tracking_uri,
             "executor": self.executor,
             "closed": self.closed,
+            "keeper": self.keeper,
             "runs": [run.to_dict() for run in self.runs],
         }
