@@ -2,7 +2,7 @@
 
 A client's faults are those of the runtime its session runs on
 (:func:`actors.session_problems`: the supervisor actor and the ticker thread, the run
-actors, the worker pool, the spool). A check of another part of a client is one more line
+actors, the worker pool, the spool), and its keeper process. A check of another part of a client is one more line
 in :func:`client_health`. A client closing, closed or not used yet has none: its actors and
 pool stop on purpose, or have not started.
 """
@@ -19,6 +19,8 @@ def client_health(client: OpenClient) -> list[str]:
     if session is None:
         return []
     problems = session_problems(session)  # actors, ticker, worker pool, spool
+    if session.keeper_state() == "dead":  # restarted at once; dead: it died too often
+        problems.append("its keeper process died and is not restarted (see status().keeper)")
     return [f"client {session.id}: {problem}" for problem in problems]
 
 
