@@ -74,7 +74,8 @@ class QueueingClient:
         flush_interval: seconds between background flushes; ``None``: none.
         max_queued: entities held in memory at most; ``None``: no bound.
         retry_timeout: seconds a transient failure is retried before it is an error.
-        spool_dir: a folder where what cannot be delivered is journaled; ``None``: none.
+        spool_dir: a folder for the write-ahead journal of every logged call; ``None``: none.
+        journal_interval: with ``spool_dir``, most seconds a call waits to be on disk.
 
     Raises:
         MlflowException: an invalid option (``INVALID_PARAMETER_VALUE``, naming it).
@@ -90,16 +91,10 @@ class QueueingClient:
         max_queued: int | None = None,
         retry_timeout: float = 60.0,
         spool_dir: str | os.PathLike[str] | None = None,
+        journal_interval: float = 0.2,
     ) -> None:
-        self._config = session_config(
-            tracking_uri,
-            executor,
-            max_workers,
-            flush_interval,
-            max_queued,
-            retry_timeout,
-            spool_dir,
-        )
+        options = (max_workers, flush_interval, max_queued, retry_timeout, spool_dir)
+        self._config = session_config(tracking_uri, executor, *options, journal_interval)
         self._closed = False
         self._reset()
         _start_status_from_env()

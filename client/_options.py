@@ -43,6 +43,7 @@ def session_config(
     max_queued: Any,
     retry_timeout: Any,
     spool_dir: Any,
+    journal_interval: Any = 0.2,
 ) -> SessionConfig:
     """The client's options, checked, as the configuration of its session."""
     if executor not in EXECUTORS:
@@ -69,6 +70,15 @@ def session_config(
         )
     if not isinstance(retry_timeout, int | float) or not retry_timeout >= 0:
         raise invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
+    if (
+        isinstance(journal_interval, bool)
+        or not isinstance(journal_interval, int | float)
+        or not 0 <= journal_interval < math.inf
+    ):
+        raise invalid(
+            f"Invalid journal_interval {journal_interval!r}: expected a number of seconds "
+            ">= 0 (0: every logged call is on disk before it returns)."
+        )
     return SessionConfig(
         # Checked and made absolute here: a pickled copy must reach the same store.
         tracking_uri=resolve_tracking_uri(tracking_uri),
@@ -78,4 +88,5 @@ def session_config(
         max_queued=max_queued,
         retry_timeout=float(retry_timeout),
         spool_dir=_check_spool_dir(spool_dir),
+        journal_interval=float(journal_interval),
     )

@@ -9,14 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.executors._executor import Executor, ThreadExecutor, default_max_workers
+from actors.queueing._bounded_queues import BoundedRunQueues, WatchedRunQueues
 from actors.queueing._budget import Budget
-from actors.queueing._queues import (
-    BoundedRunQueues,
-    CreateRunCall,
-    RunQueues,
-    WatchedRunQueues,
-    closed_error,
-)
+from actors.queueing._queues import CreateRunCall, RunQueues, closed_error
 from actors.runtime._failures import FailureLog
 from actors.spool._spooling import Spooler
 from actors.status._handle import RunHandle
@@ -43,6 +38,7 @@ class SessionConfig:
     max_queued: int | None = None
     retry_timeout: float = 60.0
     spool_dir: str | None = None
+    journal_interval: float = 0.2  # with spool_dir: most seconds an append waits for the disk
 
 
 class Session:
@@ -87,6 +83,7 @@ class Session:
                 config.retry_timeout,
                 f"runactors-{self.id}",
                 workers=config.max_workers or default_max_workers(),  # re-sent in parallel
+                journal_interval=config.journal_interval,
             )
         )
         if config.executor == "process":
@@ -107,7 +104,10 @@ class Session:
         with self._handles_lock:
             if self.sealed:
                 raise closed_error()
-            return self.handles.setdefault(handle.key, handle)
+            registered = self.handles.setdefault(handle.key, handle)
+        if registered is handle and self.spooler is not None:
+            self.spooler.attach(handle)  # its appends are journaled from now on
+        return registered
 
     def seal(self) -> None:
         """Refuse new runs and new operations from now on; idempotent.
