@@ -296,6 +296,8 @@ class RunQueues:
                 self.param_values.pop(key, None)
         if self.journal_run is not None:  # never to be sent: it leaves the journal too
             self.journal_run.ack(self.taken)
+            if snapshot.create is not None:
+                self.journal_run.abandon()
         self.release(snapshot)
         return snapshot
 

@@ -62,6 +62,7 @@ class JournalRun:
     drained from the sink and acknowledged by the store, and its rows ``(seq, last)``."""
 
     __slots__ = (
+        "abandoned",
         "acked",
         "create",
         "drained",
@@ -85,12 +86,18 @@ class JournalRun:
         self.written = 0  # appends on disk (or skipped: acknowledged before being written)
         self.acked = 0  # appends the store has acknowledged (or that will never be sent)
         self.rows: deque[tuple[int, int]] = deque()  # (seq, last position it holds)
+        self.abandoned = False  # its creation will never be sent: it leaves the journal
 
     def ack(self, position: int) -> None:
         """The store has every append up to ``position``: it may leave the journal."""
         if position > self.acked:
             self.acked = position
-            self.journal.acked.add(self)
+            self.journal.acked.append(self)
+
+    def abandon(self) -> None:
+        """The run's creation failed for good, or was dropped: nothing of it will be sent."""
+        self.abandoned = True
+        self.journal.acked.append(self)
 
     def wait(self, position: int) -> None:
         """Until the append at ``position`` is on disk (or acknowledged)."""
@@ -143,8 +150,12 @@ class Journal:
     def __init__(self, open_spool: Callable[[], Spool], interval: float, name: str) -> None:
         self.interval = interval
         self.sink: deque[Any] = deque()
-        self.acked: set[JournalRun] = set()  # runs with acknowledgements not yet applied
+        # Runs with acknowledgements not yet applied (deques: appended from any thread, and
+        # drained by popping, so that nothing appended during a commit is missed).
+        self.acked: deque[JournalRun] = deque()
         self._open_spool = open_spool
+        # Creations to note durably: (run, None) attempted, (run, run ID) created.
+        self._notes: deque[tuple[JournalRun, str | None]] = deque()
         self._commit_lock = threading.Lock()
         self._written = threading.Condition(threading.Lock())
         self._wake = threading.Event()
@@ -204,7 +215,8 @@ class Journal:
                 run, kind, payload = sink.popleft()
                 run.drained += 1
                 drained.setdefault(run, []).append((run.drained, kind, payload))
-            acked, self.acked = self.acked, set()
+            acked = {self.acked.popleft() for _ in range(len(self.acked))}
+            notes = [self._notes.popleft() for _ in range(len(self._notes))]
             writes: list[GroupWrite] = []
             positions: list[list[int]] = []
             for run, ops in drained.items():
@@ -222,15 +234,20 @@ class Journal:
             dropped: list[str] = []
             for run in acked:
                 deletes += [seq for seq, last in run.rows if last <= run.acked]
-                if run.run_id is None and run.create is not None and run.acked >= 1:
-                    dropped.append(run.key)  # its creation failed or was dropped
-            if writes or deletes or dropped:
+                if run.abandoned and run.run_id is None:
+                    dropped.append(run.key)
+            if writes or deletes or dropped or notes:
+                attempted = [(run.key, run.create) for run, run_id in notes if run_id is None]
+                created = [(run.key, run_id) for run, run_id in notes if run_id is not None]
                 try:
-                    seqs = self._open_spool().commit_group(writes, deletes, dropped)
+                    seqs = self._open_spool().commit_group(
+                        writes, deletes, dropped, attempted, created
+                    )
                 except Exception as exc:
                     self._failed = f"{type(exc).__name__}: {exc}"
                     _logger.warning("could not write the journal: %s", self._failed)
                     self._undo(drained, acked)
+                    self._notes.extendleft(reversed(notes))
                     raise
                 self._failed = None
                 for run in acked:
@@ -249,7 +266,7 @@ class Journal:
     ) -> None:
         """A commit failed: its appends go back to the front of the sink, in order, to be
         written by the next one (they are still in memory too); its acknowledgements wait."""
-        self.acked |= acked
+        self.acked.extend(acked)
         back = [(run, kind, payload) for run, ops in drained.items() for _, kind, payload in ops]
         for run in drained:
             run.drained -= len(drained[run])
@@ -259,16 +276,17 @@ class Journal:
     # -- creations ------------------------------------------------------------------------
 
     def begin_creation(self, run: JournalRun) -> None:
-        """Durably note the run's creation as attempted, before it is sent."""
+        """Durably note the run's creation as attempted, before it is sent. Runs created at
+        once share a commit: this one's, or the one in progress when it asks."""
         assert run.create is not None
-        with self._commit_lock:
-            self._open_spool().note_creation(run.key, run.create)
+        self._notes.append((run, None))
+        self.commit()
 
     def created(self, run: JournalRun, run_id: str) -> None:
         """Durably record the run's ID, before anything else is sent to the run."""
-        with self._commit_lock:
-            run.run_id = run_id
-            self._open_spool().mark_created(run.key, run_id)
+        run.run_id = run_id
+        self._notes.append((run, run_id))
+        self.commit()
 
     def learned(self, run: JournalRun, run_id: str) -> None:
         """The run's ID, recorded in the journal by a delivery from it."""

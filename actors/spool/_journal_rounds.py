@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from actors.delivery._attempts import CreationFailed, Retries, create_once
 from actors.delivery._jobs import Job, JobResult, JobStopped
 from actors.delivery._retry import is_transient
+from actors.delivery._store import make_client
 from actors.queueing._plan import LogBatchCall
 from actors.queueing._queues import CreateRunCall
 from actors.spool._journal import Journal
@@ -39,6 +40,7 @@ class JournalRounds:
     tracking_uri: str
     _lock: threading.Lock
     _closed: bool
+    _stopping = False  # closing: what the spooler is still retrying stops, and is spooled
     _spool: Spool | None
 
     @staticmethod
@@ -51,8 +53,15 @@ class JournalRounds:
     def _refresh(self, handle: RunHandle, spool: Spool, key: str) -> None:
         raise NotImplementedError
 
+    _client_lock: threading.Lock
+    _client: Any
+
     def _store_client(self) -> Any:
-        raise NotImplementedError
+        # Not under self._lock: opening a store can wait on a locked database, close() not.
+        with self._client_lock:
+            if self._client is None:  # as the executors make theirs: one HTTP attempt per call
+                self._client = make_client(self.tracking_uri)
+            return self._client
 
     def _hold(self, handle: RunHandle, result: JobResult) -> None:
         """With the write-ahead journal, a round's undelivered calls are in it already, and
@@ -90,7 +99,7 @@ class JournalRounds:
         assert run.create is not None
 
         def on_retry(exc: BaseException, delay: float) -> None:
-            if self._closed:
+            if self._closed or self._stopping:
                 raise JobStopped("the client was closed")
             on_state("retrying", WORKER)
 
@@ -107,6 +116,7 @@ class JournalRounds:
                 return False
             first.create_error = error  # the rest is reported unsent by the executor
             first.errors.append(error)
+            run.abandon()
             job.calls, job.run_id = job.calls[1:], None
             return True
         first.run_id, first.created = run_id, True

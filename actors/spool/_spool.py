@@ -286,25 +286,27 @@ class Spool:
         return seqs
 
     def commit_group(
-        self, writes: list[GroupWrite], deletes: list[int], dropped: list[str]
+        self,
+        writes: list[GroupWrite],
+        deletes: list[int],
+        dropped: list[str],
+        attempted: Sequence[tuple[str, Any]] = (),
+        created: Sequence[tuple[str, str]] = (),
     ) -> list[list[int]]:
         """A write-ahead journal's group commit, in one durable transaction (see
         :func:`~actors.spool._group_commit.group_commit`); the seqs per write."""
         rows = [[self._row(write.key, call) for call in write.calls] for write in writes]
         with self._transaction() as db:
+            for key, create in attempted:  # noted before anything is written for the run
+                if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
+                    db.execute("UPDATE runs SET create_attempted = 1 WHERE key = ?", (key,))
+                else:
+                    insert_run(db, key, None, create, True)
+            db.executemany("UPDATE runs SET run_id = ? WHERE key = ?", [(i, k) for k, i in created])
             seqs = group_commit(db, writes, rows, deletes, dropped)
-            if deletes or dropped:
+            if deletes or dropped or created:
                 self._prune(db)
             return seqs
-
-    def note_creation(self, key: str, create: CreateRunCall) -> None:
-        """Durably note that the run's creation is about to be sent (adding the run with it
-        if the journal does not have it yet): from now on it is looked up before any resend."""
-        with self._transaction() as db:
-            if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
-                db.execute("UPDATE runs SET create_attempted = 1 WHERE key = ?", (key,))
-            else:
-                insert_run(db, key, None, create, True)
 
     def mark_create_attempted(self, key: str) -> None:
         """Durably note that the run's creation is being sent: from now on its outcome is

@@ -6,9 +6,9 @@ With ``spool_dir``, every job runs with ``stop_on_transient``: it stops at the f
 that still fails transiently after its retries (or at the client closing), and reports the
 calls it did not deliver. Those are in the journal already (every append is), and so is what
 the run queued since once a commit is made (:mod:`actors.spool._journal_rounds`): they leave
-memory before the run's actor hears of the round, so the flush reports only once they are
-on disk. Permanent failures are reported as before, never spooled. A round that delivered
-everything acknowledges its run's appends: they leave the journal at its next commit.
+memory before the run's actor hears of the round, so the flush reports only once they are on
+disk. Permanent failures are reported, never spooled. A round that delivered everything
+acknowledges its run's appends: they leave the journal at its next commit.
 
 While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on one
 of the spooler's threads (up to the client's ``max_workers``, started on demand, so that runs
@@ -47,7 +47,6 @@ from actors.delivery._jobs import (
     merge_results,
     record_outcome,
 )
-from actors.delivery._store import make_client
 from actors.queueing._plan import Call, call_kind, plan_snapshot
 from actors.queueing._queues import CreateRunCall
 from actors.spool._journal import Journal
@@ -159,7 +158,7 @@ class Spooler(JournalRounds):
             try:
                 if result.unsent:
                     self._spool_unsent(handle, result)
-                elif run is not None:
+                elif run is not None and not result.spooled:  # not still on disk
                     run.ack(position)
             except BaseException:  # pragma: no cover - never lose the round's answer
                 _logger.exception("spooling a round failed")
@@ -219,13 +218,6 @@ class Spooler(JournalRounds):
             f"{result.unsent_error}; {len(calls)} calls spooled to {spool.path} for redelivery"
         )
         result.unsent, result.spooled = [], True
-
-    def _store_client(self) -> Any:
-        # Not under self._lock: opening a store can wait on a locked database, close() not.
-        with self._client_lock:
-            if self._client is None:  # as the executors make theirs: one HTTP attempt per call
-                self._client = make_client(self.tracking_uri)
-            return self._client
 
     # -- re-sending ---------------------------------------------------------------------
 
@@ -315,7 +307,7 @@ class Spooler(JournalRounds):
         run = handle.queues.journal_run
 
         def on_retry(exc: BaseException, delay: float) -> None:
-            if self._closed:
+            if self._closed or self._stopping:
                 raise JobStopped("the client was closed")
             on_state("retrying", WORKER)
 
@@ -371,6 +363,7 @@ class Spooler(JournalRounds):
         bound: what they had not sent is not in the spool)."""
         end = None if timeout is None else time.monotonic() + timeout
         lost: list[str] = []
+        self._stopping = True  # what the spooler still retries stops (and is spooled)
         with self._idle:
             while self._outstanding:
                 left = None if end is None else end - time.monotonic()
