@@ -38,8 +38,10 @@ def insert_run(
     run_id: str | None,
     create: CreateRunCall | None,
     attempted: bool,
+    create_key: str | None = None,
 ) -> None:
-    """Add a run: by its ID, or by its creation (and whether that was attempted)."""
+    """Add a run: by its ID, or by its creation (and whether that was attempted; its key is
+    ``create_key``, or the creation's own)."""
     db.execute(
         "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -49,7 +51,7 @@ def insert_run(
             create.run_name if create else None,
             create.start_time if create else None,
             dumps([list(pair) for pair in create.tags]) if create else None,
-            create.create_key if create else None,
+            (create_key or create.create_key) if create else None,
             int(attempted and create is not None),
         ),
     )

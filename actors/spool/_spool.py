@@ -253,9 +253,7 @@ class Spool:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
                 raise bad(f"run {key} is already in journal {self.path}")
-            if create is not None:
-                create = create._replace(create_key=create_key)
-            insert_run(db, key, run_id, create, create_attempted)
+            insert_run(db, key, run_id, create, create_attempted, create_key)
             self._insert(db, rows)
         return RunEntry(key, run_id, create, create_key, create_attempted and create is not None)
 
