@@ -221,3 +221,43 @@ def test_a_bad_journal_interval_raises_naming_it(tracking_uri: str, bad: object)
     with pytest.raises(MlflowException, match="Invalid journal_interval") as raised:
         QueueingClient(tracking_uri, journal_interval=bad)  # type: ignore[arg-type]
     assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+@pytest.mark.slow  # runs `runactors replay` as a process
+def test_a_journal_replayed_after_its_calls_were_delivered_stores_nothing_twice(
+    tmp_path: Path, tracking_uri: str, experiment_id: str, executor: str
+) -> None:
+    """The state a death leaves between a delivery and the commit that deletes its rows:
+    with journal_interval=0 every call is on disk before it returns, and the deletes of what
+    the flush delivered wait for the next commit; a copy of the journal taken then holds
+    every call, delivered, with the run's ID. Replaying it sends them all again."""
+    import shutil
+
+    spool_dir, copy = tmp_path / "spool", tmp_path / "copy"
+    with QueueingClient(
+        tracking_uri, executor=executor, spool_dir=spool_dir, journal_interval=0
+    ) as client:
+        run = client.create_run(experiment_id, run_name="twice", tags={"t": "v"})
+        client.log_params(run, {"lr": "0.1"})
+        client.set_tags(run, {"phase": "train"})
+        for step in range(30):
+            client.log_metrics(run, {"loss": 1.0 / (step + 1), "acc": step / 100}, step=step)
+        client.set_terminated(run, "FINISHED")
+        client.flush()
+        assert _journal_calls(spool_dir) >= 32  # delivered, not yet deleted
+        shutil.copytree(spool_dir, copy)
+    done = _replay(copy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "delivered" in done.stdout
+    run_id, steps = _stored(tracking_uri, experiment_id)  # one run, each point once
+    assert steps == list(range(30))
+    stored = MlflowClient(tracking_uri).get_run(run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags["phase"] == "train" and stored.data.params == {"lr": "0.1"}
+    db = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"))
+    try:
+        for table in ("params", "tags", "latest_metrics"):
+            rows = db.execute(f"SELECT key, COUNT(*) FROM {table} GROUP BY key").fetchall()
+            assert all(count == 1 for _, count in rows), (table, rows)
+    finally:
+        db.close()
