@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 import weakref
 from collections.abc import Mapping
 from types import TracebackType
@@ -17,7 +16,6 @@ from mlflow.utils.time import get_current_time_millis
 
 from actors import (
     ClientStatus,
-    CreateRunCall,
     PendingRunId,
     RunHandle,
     Session,
@@ -26,7 +24,6 @@ from actors import (
     check_metrics_mapping,
     check_status,
     check_step,
-    check_text,
     check_timestamp,
     closed_error,
     get_system,
@@ -35,6 +32,7 @@ from actors import (
     tag_pairs,
 )
 from client import _dying
+from client._creation import creation
 from client._operations import RunOperations
 from client._options import invalid, session_config
 from client._registry import live as _live
@@ -69,7 +67,8 @@ class QueueingClient:
         flush_interval: seconds between background flushes; ``None``: none.
         max_queued: entities held in memory at most; ``None``: no bound.
         retry_timeout: seconds a transient failure is retried before it is an error.
-        spool_dir: a folder where what cannot be delivered is journaled; ``None``: none.
+        spool_dir: a folder for the write-ahead journal of every logged call; ``None``: none.
+        journal_interval: with ``spool_dir``, most seconds a call waits to be on disk.
         end_runs: a process dying of a signal or exception ends this client's runs.
 
     Raises:
@@ -86,18 +85,11 @@ class QueueingClient:
         max_queued: int | None = None,
         retry_timeout: float = 60.0,
         spool_dir: str | os.PathLike[str] | None = None,
+        journal_interval: float = 0.2,
         end_runs: bool = True,
     ) -> None:
-        self._config = session_config(
-            tracking_uri,
-            executor,
-            max_workers,
-            flush_interval,
-            max_queued,
-            retry_timeout,
-            spool_dir,
-            end_runs,
-        )
+        options = (max_workers, flush_interval, max_queued, retry_timeout, spool_dir)
+        self._config = session_config(tracking_uri, executor, *options, journal_interval, end_runs)
         self._closed = False
         self._reset()
         if end_runs:
@@ -186,18 +178,7 @@ class QueueingClient:
         """
         if self._closed:
             raise closed_error()
-        if experiment_id is None:
-            raise invalid("Invalid experiment_id None: expected an experiment ID.")
-        if run_name is not None and not isinstance(run_name, str):
-            raise invalid(f"Invalid run_name {run_name!r}: expected a string.")
-        check_text(run_name, "run_name")
-        experiment_id = str(experiment_id)
-        check_text(experiment_id, "experiment_id")
-        check_timestamp(start_time, "start_time")
-        pairs = tag_pairs(tags) if tags else []
-        if start_time is None:  # fixed now: a spooled creation is re-sent identical
-            start_time = get_current_time_millis()
-        create = CreateRunCall(experiment_id, start_time, pairs, run_name, str(uuid.uuid4()))
+        create = creation(experiment_id, start_time, tags, run_name)
         if self._config.end_runs:  # made off the main thread, or before a fork: now
             _dying.install()
         handle = get_system().register_run(self._get_session(), None, create)

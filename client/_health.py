@@ -2,9 +2,9 @@
 
 A client's faults are those of the runtime its session runs on
 (:func:`actors.session_problems`: the supervisor actor and the ticker thread, the run
-actors, the worker pool, the spool), and its keeper process. A check of another part of a client is one more line
-in :func:`client_health`. A client closing, closed or not used yet has none: its actors and
-pool stop on purpose, or have not started.
+actors, the worker pool, the spool), and its keeper process. A check of another part of a
+client is one more line in :func:`client_health`. A client closing, closed or not used yet
+has none: its actors and pool stop on purpose, or have not started.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def session_config(
     max_queued: Any,
     retry_timeout: Any,
     spool_dir: Any,
+    journal_interval: Any = 0.2,
     end_runs: Any = True,
 ) -> SessionConfig:
     """The client's options, checked, as the configuration of its session."""
@@ -72,6 +73,15 @@ def session_config(
         raise invalid(f"Invalid retry_timeout {retry_timeout!r}: expected >= 0 seconds.")
     if not isinstance(end_runs, bool):
         raise invalid(f"Invalid end_runs {end_runs!r}: expected True or False.")
+    if (
+        isinstance(journal_interval, bool)
+        or not isinstance(journal_interval, int | float)
+        or not 0 <= journal_interval < math.inf
+    ):
+        raise invalid(
+            f"Invalid journal_interval {journal_interval!r}: expected a number of seconds "
+            ">= 0 (0: every logged call is on disk before it returns)."
+        )
     return SessionConfig(
         # Checked and made absolute here: a pickled copy must reach the same store.
         tracking_uri=resolve_tracking_uri(tracking_uri),
@@ -81,5 +91,6 @@ def session_config(
         max_queued=max_queued,
         retry_timeout=float(retry_timeout),
         spool_dir=_check_spool_dir(spool_dir),
+        journal_interval=float(journal_interval),
         end_runs=end_runs,
     )

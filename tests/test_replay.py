@@ -462,7 +462,7 @@ SPOOL_THEN_DIE = """
     from client import QueueingClient
 
     uri, experiment_id, spool_dir = sys.argv[1:4]
-    client = QueueingClient(uri, retry_timeout=0, spool_dir=spool_dir)
+    client = QueueingClient(uri, retry_timeout=0, spool_dir=spool_dir, journal_interval=60)
     run = client.create_run(experiment_id, run_name="damaged")
     for chunk in range(20):  # 20 flushes that fail: 20 appends to the journal
         for step in range(chunk * 1000, (chunk + 1) * 1000):

@@ -3,6 +3,7 @@
 plan that turns a run's queues into the calls of one flush.
 """
 
+from actors.queueing._bounded_queues import BoundedRunQueues, WatchedRunQueues
 from actors.queueing._budget import Budget
 from actors.queueing._inputs import (
     check_dataset_input,
@@ -24,14 +25,7 @@ from actors.queueing._plan import (
     plan_batches,
     plan_snapshot,
 )
-from actors.queueing._queues import (
-    BoundedRunQueues,
-    CreateRunCall,
-    RunQueues,
-    Terminate,
-    WatchedRunQueues,
-    closed_error,
-)
+from actors.queueing._queues import CreateRunCall, RunQueues, Terminate, closed_error
 
 __all__ = [
     "BoundedRunQueues",

@@ -15,23 +15,23 @@ nothing of that call queued.
 
 from __future__ import annotations
 
-import sys
 import threading
-from collections.abc import Callable
+from collections import deque
 from typing import Any, NamedTuple
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
-
-from actors.queueing._budget import Budget
 
 # key, value, timestamp (ms), step, model_id, dataset_name, dataset_digest.
 # Plain tuples: building mlflow.entities.Metric objects is deferred to the executor.
 MetricRow = tuple[str, Any, int, int, "str | None", "str | None", "str | None"]
 # key, value (already a str).
 Pair = tuple[str, str]
+
+# The kinds of the appends a write-ahead journal's sink receives (actors.spool._journal).
+J_CREATE, J_PARAMS, J_TAGS, J_METRICS, J_DATASETS, J_TERMINATE = range(6)
+_J_KIND = {"params": J_PARAMS, "tags": J_TAGS, "datasets": J_DATASETS}
 
 
 def metric_entity(row: MetricRow) -> Metric:
@@ -142,13 +142,17 @@ class RunQueues:
 
     __slots__ = (
         "_lock",
+        "appended",
         "create",
         "datasets",
+        "journal_run",
         "metrics",
         "param_values",
         "params",
         "sealed",
+        "sink",
         "tags",
+        "taken",
         "terminate",
         "terminate_queued",
     )
@@ -167,6 +171,24 @@ class RunQueues:
         self.terminate_queued = False
         # Every param queued for this run, flushed or not: key -> value (as MLflow stores it).
         self.param_values: dict[str, str] = {}
+        # With a write-ahead journal (spool_dir): each append also goes, in order and under
+        # the same lock, to ``sink`` as ``(journal_run, kind, payload)``; ``appended`` counts
+        # them and ``taken`` is that count at the last take (what a round acknowledges).
+        self.sink: deque[Any] | None = None
+        self.journal_run: Any = None
+        self.appended = 0
+        self.taken = 0
+
+    def _journal(self, kind: int, payload: Any) -> int:
+        """Under the lock: hand one append to the journal's sink; its position."""
+        self.appended += 1
+        self.sink.append((self.journal_run, kind, payload))  # type: ignore[union-attr]
+        return self.appended
+
+    def _wait_journal(self, position: int) -> None:
+        """After the lock: with ``journal_interval=0``, wait until the append is on disk."""
+        if self.journal_run.sync:
+            self.journal_run.wait(position)
 
     def seal(self) -> None:
         """Refuse every later append (the client is closing); what is queued stays."""
@@ -178,6 +200,9 @@ class RunQueues:
             if self.sealed:
                 raise closed_error()
             self.metrics += rows
+            position = 0 if self.sink is None else self._journal(J_METRICS, rows)
+        if position:
+            self._wait_journal(position)
 
     def _new_params(self, pairs: list[Pair]) -> list[Pair]:
         """Under the lock: the pairs whose key this run has no value for yet; raises
@@ -212,6 +237,9 @@ class RunQueues:
                 self.param_values.update(new)
             getattr(self, kind).extend(new)
             full = self._filled(kind)
+            position = 0 if self.sink is None or not new else self._journal(_J_KIND[kind], new)
+        if position:
+            self._wait_journal(position)
         if full:
             self._on_full()
 
@@ -238,7 +266,10 @@ class RunQueues:
                 return False
             self.terminate = terminate
             self.terminate_queued = True
-            return True
+            position = 0 if self.sink is None else self._journal(J_TERMINATE, terminate)
+        if position:
+            self._wait_journal(position)
+        return True
 
     def take(self) -> Snapshot:
         """Remove and return everything queued, atomically with respect to producers."""
@@ -246,6 +277,7 @@ class RunQueues:
             return self._take_locked()
 
     def _take_locked(self) -> Snapshot:
+        self.taken = self.appended
         snap = Snapshot(
             self.create, self.params, self.tags, self.metrics, self.datasets, self.terminate
         )
@@ -272,6 +304,10 @@ class RunQueues:
                 self.param_values.pop(key, None)
             if snapshot.terminate is not None:  # never sent: the run was not terminated
                 self.terminate_queued = False
+        if self.journal_run is not None:  # never to be sent: it leaves the journal too
+            self.journal_run.ack(self.taken)
+            if snapshot.create is not None:
+                self.journal_run.abandon()
         self.release(snapshot)
         return snapshot
 
@@ -303,122 +339,3 @@ class RunQueues:
             or self.tags
             or self.datasets
         )
-
-
-_NEVER = sys.maxsize
-
-
-def _no_trigger() -> None:
-    pass
-
-
-class BoundedRunQueues(RunQueues):
-    """The queues of a client with ``max_queued``: every append is counted.
-
-    The count is the client's :class:`~actors.queueing._budget.Budget`, under its lock, which is the
-    lock of all the client's queues; an append that does not fit waits for room there (the
-    lock released meanwhile) or raises, appending nothing.
-    """
-
-    __slots__ = ("_budget",)
-
-    def __init__(self, create: CreateRunCall | None, budget: Budget) -> None:
-        super().__init__(create)
-        self._lock = budget.lock
-        self._budget = budget
-
-    def _take_room(self, n: int) -> None:
-        # Under self._lock, before appending n entities.
-        if self.sealed:
-            raise closed_error()
-        budget = self._budget
-        room = budget.room - n
-        if room < 0:
-            room = budget.wait_for_room(n)  # releases the lock while it waits
-            if self.sealed:
-                raise closed_error()
-        budget.room = room
-
-    def add_metrics(self, rows: list[MetricRow]) -> None:
-        # The hot path of a training loop: _take_room inlined, a subtraction and a comparison.
-        n = len(rows)
-        with self._lock:
-            if self.sealed:
-                raise closed_error()
-            budget = self._budget
-            room = budget.room - n
-            if room < 0:
-                room = budget.wait_for_room(n)  # releases the lock while it waits
-                if self.sealed:
-                    raise closed_error()
-            budget.room = room
-            self.metrics += rows
-
-    def _admit_params(self, pairs: list[Pair]) -> list[Pair]:
-        """Under self._lock: :meth:`_new_params`, counted. Waiting for room releases the
-        lock, and another call may log the same keys meanwhile: then look again."""
-        budget = self._budget
-        while True:
-            if self.sealed:
-                raise closed_error()
-            new = self._new_params(pairs)
-            if budget.room >= len(new):
-                budget.room -= len(new)
-                return new
-            budget.wait_for_room(len(new))
-
-    def _admit(self, kind: str, items: list[Any]) -> list[Any]:
-        if kind == "params":
-            return self._admit_params(items)
-        self._take_room(len(items))
-        return items
-
-    def release(self, snapshot: Snapshot) -> None:
-        self._budget.release(snapshot.held())
-
-
-class WatchedRunQueues(BoundedRunQueues):
-    """The queues of a client with ``flush_interval`` (and perhaps ``max_queued``).
-
-    Besides counting, the queue calls ``on_full`` once when it comes to hold a full batch
-    (``MAX_METRICS_PER_BATCH`` metrics, or ``MAX_PARAMS_TAGS_PER_BATCH`` params and tags),
-    and again only after the next :meth:`take`: a comparison per append, a message per
-    batch. (Without ``max_queued`` its budget is unbounded.) Clients with neither option
-    get plain :class:`RunQueues`, whose appends pay for none of this.
-    """
-
-    __slots__ = ("_metrics_mark", "_pairs_mark", "on_full")
-
-    def __init__(self, create: CreateRunCall | None, budget: Budget) -> None:
-        super().__init__(create, budget)
-        self._metrics_mark = MAX_METRICS_PER_BATCH
-        self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH
-        self.on_full: Callable[[], None] = _no_trigger  # set by the supervisor
-
-    def add_metrics(self, rows: list[MetricRow]) -> None:
-        with self._lock:
-            self._take_room(len(rows))
-            self.metrics += rows
-            full = len(self.metrics) >= self._metrics_mark
-            if full:
-                self._metrics_mark = _NEVER
-        if full:
-            self.on_full()
-
-    def _filled(self, kind: str) -> bool:
-        # Under self._lock, after an append: params and tags share one batch limit.
-        if kind == "datasets":
-            return False
-        full = len(self.params) + len(self.tags) >= self._pairs_mark
-        if full:
-            self._pairs_mark = _NEVER
-        return full
-
-    def _on_full(self) -> None:
-        self.on_full()
-
-    def _take_locked(self) -> Snapshot:
-        snapshot = super()._take_locked()
-        self._metrics_mark = MAX_METRICS_PER_BATCH
-        self._pairs_mark = MAX_PARAMS_TAGS_PER_BATCH
-        return snapshot

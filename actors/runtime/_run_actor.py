@@ -183,7 +183,8 @@ class RunActor(pykka.ThreadingActor):
         if spooler is not None:  # undelivered calls go to the spool (actors.spool._spooling)
             job.stop_on_transient = True
             done = spooler.track(handle, on_done)
-            if spooled:
+            # With a write-ahead journal, a creation is sent by the spooler (noted durably).
+            if spooled or (spooler.journal is not None and snapshot.create is not None):
                 spooler.resend(handle, job, self._session.executor, on_state, done)
                 return
         try:

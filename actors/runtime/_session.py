@@ -12,14 +12,9 @@ from typing import Any
 from actors.executors._executor import Executor, ThreadExecutor, default_max_workers
 from actors.keeper._link import LINK, KeeperLink
 from actors.keeper._link import enabled as keeper_enabled
+from actors.queueing._bounded_queues import BoundedRunQueues, WatchedRunQueues
 from actors.queueing._budget import Budget
-from actors.queueing._queues import (
-    BoundedRunQueues,
-    CreateRunCall,
-    RunQueues,
-    WatchedRunQueues,
-    closed_error,
-)
+from actors.queueing._queues import CreateRunCall, RunQueues, closed_error
 from actors.runtime._failures import FailureLog
 from actors.spool._spooling import Spooler
 from actors.status._handle import RunHandle
@@ -47,6 +42,7 @@ class SessionConfig:
     retry_timeout: float = 60.0
     spool_dir: str | None = None
     end_runs: bool = True  # the client's: when the process dies, end the runs it created
+    journal_interval: float = 0.2  # with spool_dir: most seconds an append waits for the disk
 
 
 class Session:
@@ -91,6 +87,7 @@ class Session:
                 config.retry_timeout,
                 f"runactors-{self.id}",
                 workers=config.max_workers or default_max_workers(),  # re-sent in parallel
+                journal_interval=config.journal_interval,
             )
         )
         # With spool_dir: the process's keeper, told of this session (started if need be).
@@ -124,7 +121,10 @@ class Session:
         with self._handles_lock:
             if self.sealed:
                 raise closed_error()
-            return self.handles.setdefault(handle.key, handle)
+            registered = self.handles.setdefault(handle.key, handle)
+        if registered is handle and self.spooler is not None:
+            self.spooler.attach(handle)  # its appends are journaled from now on
+        return registered
 
     def seal(self) -> None:
         """Refuse new runs and new operations from now on; idempotent.

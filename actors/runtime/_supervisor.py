@@ -31,8 +31,9 @@ from typing import Any
 import pykka
 
 from actors.delivery._jobs import failure_message
+from actors.queueing._bounded_queues import WatchedRunQueues
 from actors.queueing._pending import PendingRunId
-from actors.queueing._queues import CreateRunCall, WatchedRunQueues, closed_error
+from actors.queueing._queues import CreateRunCall, closed_error
 from actors.runtime._failures import round_failure
 from actors.runtime._run_actor import Flush, RoundEnded, RunActor
 from actors.runtime._session import Session, SessionConfig

@@ -55,9 +55,9 @@ def encode_call(call: Call) -> tuple[str, str]:
     if isinstance(call, LogBatchCall):
         return "log_batch", dumps(
             {
-                "metrics": [list(row) for row in call.metrics],
-                "params": [list(pair) for pair in call.params],
-                "tags": [list(pair) for pair in call.tags],
+                "metrics": call.metrics,  # tuples: JSON arrays, as lists would be
+                "params": call.params,
+                "tags": call.tags,
             }
         )
     if isinstance(call, LogInputsCall):

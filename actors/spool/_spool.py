@@ -41,7 +41,7 @@ from mlflow.protos.databricks_pb2 import (
 from actors.delivery._jobs import KINDS, call_counts
 from actors.queueing._plan import Call
 from actors.queueing._queues import CreateRunCall
-from actors.spool._codec import decode_call, dumps, encode_call, str_pairs
+from actors.spool._codec import decode_call, encode_call, str_pairs
 from actors.spool._files import (
     connect,
     fsync_dir,
@@ -56,6 +56,7 @@ from actors.spool._format import (
     SpoolError,
     bad,
 )
+from actors.spool._group_commit import GroupWrite, group_commit, insert_run
 
 # Journals open in this process: a fork child must not keep their locks (see _after_fork).
 _OPEN: weakref.WeakSet[Spool] = weakref.WeakSet()
@@ -269,19 +270,7 @@ class Spool:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
                 raise bad(f"run {key} is already in journal {self.path}")
-            db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    run_id,
-                    create.experiment_id if create else None,
-                    create.run_name if create else None,
-                    create.start_time if create else None,
-                    dumps([list(pair) for pair in create.tags]) if create else None,
-                    create_key if create else None,
-                    int(create_attempted and create is not None),
-                ),
-            )
+            insert_run(db, key, run_id, create, create_attempted, create_key)
             self._insert(db, rows)
         return RunEntry(key, run_id, create, create_key, create_attempted and create is not None)
 
@@ -310,6 +299,29 @@ class Spool:
             )
             seqs.append(int(cursor.lastrowid or 0))
         return seqs
+
+    def commit_group(
+        self,
+        writes: list[GroupWrite],
+        deletes: list[int],
+        dropped: list[str],
+        attempted: Sequence[tuple[str, Any]] = (),
+        created: Sequence[tuple[str, str]] = (),
+    ) -> list[list[int]]:
+        """A write-ahead journal's group commit, in one durable transaction (see
+        :func:`~actors.spool._group_commit.group_commit`); the seqs per write."""
+        rows = [[self._row(write.key, call) for call in write.calls] for write in writes]
+        with self._transaction() as db:
+            for key, create in attempted:  # noted before anything is written for the run
+                if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
+                    db.execute("UPDATE runs SET create_attempted = 1 WHERE key = ?", (key,))
+                else:
+                    insert_run(db, key, None, create, True)
+            db.executemany("UPDATE runs SET run_id = ? WHERE key = ?", [(i, k) for k, i in created])
+            seqs = group_commit(db, writes, rows, deletes, dropped)
+            if deletes or dropped or created:
+                self._prune(db)
+            return seqs
 
     def mark_create_attempted(self, key: str) -> None:
         """Durably note that the run's creation is being sent: from now on its outcome is

@@ -1,29 +1,30 @@
-"""A live client's side of the spool: what its rounds could not deliver goes to disk, and
-each later flush of that run re-sends it first.
+"""A live client's side of the spool: with ``spool_dir``, every logged call is journaled
+(the write-ahead journal, :mod:`actors.spool._journal`), what its rounds could not deliver
+stays there, and each later flush of that run delivers it from there first.
 
 With ``spool_dir``, every job runs with ``stop_on_transient``: it stops at the first call
 that still fails transiently after its retries (or at the client closing), and reports the
-calls it did not deliver. :meth:`Spooler.track` writes those, then whatever the run queued
-since, to the session's journal (:class:`~actors.spool._spool.Spool`, created in ``spool_dir``
-at the first such write, one per client session), in one durable transaction, before the
-run's actor hears of the round: so the flush reports only once they are on disk, and they
-leave memory. Permanent failures are reported as before, never spooled.
+calls it did not deliver. Those are in the journal already (every append is), and so is what
+the run queued since once a commit is made (:mod:`actors.spool._journal_rounds`): they leave
+memory before the run's actor hears of the round, so the flush reports only once they are on
+disk. Permanent failures are reported, never spooled. A round that delivered everything
+acknowledges its run's appends: they leave the journal at its next commit.
 
 While a run has calls in the journal, its rounds go through :meth:`Spooler.resend`: on one
 of the spooler's threads (up to the client's ``max_workers``, started on demand, so that runs
-are re-sent in parallel as they are flushed), the journal's calls of that run are delivered
-in order
+are re-sent in parallel as they are flushed), the journal's calls of that run (the round's
+included) are delivered in order
 (:func:`~actors.spool._replay.deliver_run`: each removed once delivered, a creation of unknown
-outcome looked up first), then the round's new calls go to the executor as usual; if
-re-sending fails transiently again, the new calls are appended behind the spooled ones, so
+outcome looked up first); if that fails transiently again, the run stays spooled, so
 nothing is ever sent ahead of them. A spooled call that fails permanently is reported and
 dropped, as a live round reports a call and goes on. A run whose round waits for one of
 those threads reads ``spooled`` (its work is on disk), not ``waiting`` (which is for an
-executor worker).
+executor worker). A run's creation goes through those threads too (noted durably before it
+is sent), then the round goes to the executor.
 
-At close (:meth:`Spooler.close`) whatever is still queued goes to the journal too, pending
-runs whose creation is spooled fail, and the journal is closed (deleted if empty), for
-``runactors replay`` to deliver.
+At close (:meth:`Spooler.close`) the journal's last commit writes what is still queued,
+pending runs whose creation is spooled fail, and the journal is closed (deleted if empty),
+for ``runactors replay``. (Without a journal, only what could not be delivered is written.)
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ from actors.delivery._jobs import (
     merge_results,
     record_outcome,
 )
-from actors.delivery._store import make_client
 from actors.executors import DaemonThreads, ThreadsStopped
 from actors.queueing._plan import Call, call_kind, plan_snapshot
 from actors.queueing._queues import CreateRunCall
 from actors.spool._files import probe_write
+from actors.spool._journal import Journal
+from actors.spool._journal_rounds import WORKER, JournalRounds
 from actors.spool._replay import deliver_run
 from actors.spool._spool import Spool
 
@@ -60,7 +62,6 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger("runactors.spool")
 
-WORKER = "spool"  # the ``worker`` a run's status names while its spooled calls are re-sent
 CLOSE_RESERVE = 5.0  # seconds of a bounded close kept for spooling what could not be sent
 
 
@@ -70,7 +71,7 @@ def close_reserve(timeout: float | None) -> float:
     return 0.0 if timeout is None else min(CLOSE_RESERVE, timeout / 4)
 
 
-class Spooler:
+class Spooler(JournalRounds):
     """One client session's journal, and the threads (``workers`` at most) that re-send
     spooled runs.
 
@@ -79,7 +80,13 @@ class Spooler:
     """
 
     def __init__(
-        self, spool_dir: str, tracking_uri: str, retry_timeout: float, name: str, workers: int = 1
+        self,
+        spool_dir: str,
+        tracking_uri: str,
+        retry_timeout: float,
+        name: str,
+        workers: int = 1,
+        journal_interval: float | None = None,
     ) -> None:
         self.spool_dir = spool_dir
         self.tracking_uri = tracking_uri
@@ -98,6 +105,11 @@ class Spooler:
         self._client: Any = None
         self._closed = False
         self.on_journal: Callable[[Path], None] | None = None  # told the new journal's path
+        self._open_lock = threading.Lock()  # making the journal file (the writer may too)
+        # The write-ahead journal: every append on disk within journal_interval seconds.
+        self.journal = (
+            None if journal_interval is None else Journal(self._journal, journal_interval, name)
+        )
 
     # -- which runs are spooled ---------------------------------------------------------
 
@@ -122,6 +134,17 @@ class Spooler:
             if self.on_journal is not None:
                 self.on_journal(self._spool.path)
         return self._spool
+        with self._open_lock:
+            if self._closed:
+                raise JobStopped("the client is closed: its journal is closed")
+            if self._spool is None:
+                self._spool = Spool.create(self.spool_dir, self.tracking_uri)
+            return self._spool
+
+    def attach(self, handle: RunHandle) -> None:
+        """A new run of the session: with a write-ahead journal, its appends are journaled."""
+        if self.journal is not None:
+            self.journal.attach(handle.queues, self.key(handle), handle.record.run_id)
 
     def _refresh(self, handle: RunHandle, spool: Spool, key: str) -> None:
         held = spool.has_run(key)
@@ -138,11 +161,15 @@ class Spooler:
         actor hears of the round; :meth:`close` waits for every tracked round."""
         with self._idle:
             self._outstanding += 1
+        # What the round took: the store has it once the round ends with nothing unsent.
+        run, position = handle.queues.journal_run, handle.queues.taken
 
         def done(result: JobResult) -> None:
             try:
                 if result.unsent:
                     self._spool_unsent(handle, result)
+                elif run is not None and not result.spooled:  # not still on disk
+                    run.ack(position)
             except BaseException:  # pragma: no cover - never lose the round's answer
                 _logger.exception("spooling a round failed")
             try:
@@ -180,6 +207,9 @@ class Spooler:
         return spool
 
     def _spool_unsent(self, handle: RunHandle, result: JobResult) -> None:
+        if self.journal is not None:
+            self._hold(handle, result)
+            return
         since = handle.queues.take()  # queued since: goes behind, in order
         calls = list(result.unsent) + plan_snapshot(since)
         try:
@@ -228,19 +258,30 @@ class Spooler:
         key = self.key(handle)
         first = JobResult(run_id=job.run_id)
         on_state("flushing", WORKER)
-        try:
-            self._deliver(handle, key, first, on_state)
-        except Exception as exc:  # the journal cannot be read or written
-            first.errors.append(f"re-sending the spooled calls failed: {exc!r}")
-        if key in self._keys:  # still spooled: the new calls go behind, never ahead
-            if job.calls:
-                first.unsent = list(job.calls)
-                first.unsent_error = "sent behind the run's spooled calls"
-            else:
-                first.spooled = True
-            on_done(first)
-            return
-        job.run_id = first.run_id or job.run_id
+        journal = self.journal
+        if journal is not None and key not in self._keys:  # a creation, then the executor
+            if not self._create(handle, job, first, on_state):
+                on_done(first)
+                return
+        else:
+            try:
+                if journal is not None:  # the round's calls go to disk, and from there
+                    journal.commit()
+                self._deliver(handle, key, first, on_state)
+            except Exception as exc:  # the journal cannot be read or written
+                first.errors.append(f"re-sending the spooled calls failed: {exc!r}")
+            if key in self._keys:  # still spooled: the new calls go behind, never ahead
+                if job.calls:
+                    first.unsent = list(job.calls)
+                    first.unsent_error = "sent behind the run's spooled calls"
+                else:
+                    first.spooled = True
+                on_done(first)
+                return
+            if journal is not None:  # the round's calls were delivered from the journal
+                on_done(first)
+                return
+            job.run_id = first.run_id or job.run_id
         if not job.calls:
             on_done(first)
             return
@@ -254,13 +295,11 @@ class Spooler:
         failure (they stay spooled), report and drop a call that fails permanently."""
         with self._lock:
             spool = self._journal()
-        # Not under self._lock: opening a store can wait on a locked database, close() not.
-        with self._client_lock:
-            if self._client is None:  # as the executors make theirs: one HTTP attempt per call
-                self._client = make_client(self.tracking_uri)
+        client = self._store_client()
+        run = handle.queues.journal_run
 
         def on_retry(exc: BaseException, delay: float) -> None:
-            if self._closed:
+            if self._closed or self._stopping:
                 raise JobStopped("the client was closed")
             on_state("retrying", WORKER)
 
@@ -270,7 +309,7 @@ class Spooler:
                 outcome = deliver_run(
                     spool,
                     entry,
-                    self._client,
+                    client,
                     self.tracking_uri,
                     self.retry_timeout,
                     on_retry=on_retry,
@@ -280,6 +319,8 @@ class Spooler:
                     result.logged[kind] += n
                 if entry.run_id is None and outcome.run_id is not None:
                     result.run_id, result.created = outcome.run_id, True
+                    if self.journal is not None and run is not None:
+                        self.journal.learned(run, outcome.run_id)
                 if outcome.error is None:
                     continue  # the loop ends: delivered runs leave the journal
                 if outcome.transient or self._closed:  # they stay spooled: nothing lost
@@ -340,6 +381,7 @@ class Spooler:
         bound: what they had not sent is not in the spool)."""
         end = None if timeout is None else time.monotonic() + timeout
         lost: list[str] = []
+        self._stopping = True  # what the spooler still retries stops (and is spooled)
         with self._idle:
             while self._outstanding:
                 left = None if end is None else end - time.monotonic()
@@ -352,7 +394,13 @@ class Spooler:
                 self._idle.wait(left)
         with self._lock:
             for handle in handles:
-                lost += self._spool_queued(handle)
+                if self.journal is None:
+                    lost += self._spool_queued(handle)
+                else:  # in the journal's sink: the last commit writes it
+                    handle.queues.discard()
+        if self.journal is not None:
+            lost += self._close_journal(handles)
+        with self._lock:
             self._closed = True
             spool, self._spool = self._spool, None
         # Not under self._lock, which a re-sending thread takes: idle, or stopping at its next
