@@ -152,6 +152,16 @@ def hung_server(
 
 
 @pytest.fixture
+def sqlite_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    """runactors' own SQLite writes (the SQL fast path) give up on a locked database after
+    this many seconds instead of MLflow's 20 (``RUNACTORS_SQLITE_BUSY_TIMEOUT``, inherited by
+    worker processes started during the test): a lock held a few seconds makes them fail
+    with a real "database is locked". MLflow's own calls still wait their 20 s."""
+    monkeypatch.setenv("RUNACTORS_SQLITE_BUSY_TIMEOUT", "1")
+    return 1.0
+
+
+@pytest.fixture
 def lock_store(tracking_uri: str) -> Iterator[Callable[..., SqliteLock]]:
     """``lock_store(hold=None)``: a :class:`SqliteLock` on the test's store, for ``with``;
     held for ``hold`` seconds at most, or (``None``) until the ``with`` block ends.

@@ -135,13 +135,16 @@ def test_concurrent_create_run_gives_distinct_runs(client, store, experiment_id)
 
 
 @pytest.mark.slow
-def test_fifteen_hundred_pending_runs_flush_and_close_back_to_baseline(
+def test_five_hundred_pending_runs_flush_and_close_back_to_baseline(
     tracking_uri, store, experiment_id
 ):
+    """500 runs, over 30 times the client's actor slots (16): actors are handed from run to
+    run many times over, and a thread or actor leaked per run or per hand-over stays behind
+    as surely as with 1,500 (checked: with released actors never stopped, the test fails)."""
     get_system()  # the process-wide supervisor is part of the baseline
     baseline = threading.active_count()
     client = QueueingClient(tracking_uri)
-    pending = [client.create_run(experiment_id, run_name=f"run-{i}") for i in range(1500)]
+    pending = [client.create_run(experiment_id, run_name=f"run-{i}") for i in range(500)]
     for i, run in enumerate(pending):
         client.log_metrics(run, {"i": float(i)})
         if i % 2 == 0:
@@ -152,9 +155,9 @@ def test_fifteen_hundred_pending_runs_flush_and_close_back_to_baseline(
     assert wait_for_threads(baseline) == baseline
     assert wait_for_no_run_actors() == []
     runs = store.search_runs([experiment_id], max_results=2000)
-    assert len(runs) == 1500
-    assert sum(r.info.status == "FINISHED" for r in runs) == 750
-    assert {r.data.metrics["i"] for r in runs} == {float(i) for i in range(1500)}
+    assert len(runs) == 500
+    assert sum(r.info.status == "FINISHED" for r in runs) == 250
+    assert {r.data.metrics["i"] for r in runs} == {float(i) for i in range(500)}
 
 
 def test_status_answers_while_a_flush_is_blocked(client, experiment_id):

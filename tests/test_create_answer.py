@@ -44,8 +44,12 @@ class EmptyAnswerServer:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.uri = f"http://127.0.0.1:{self._server.server_address[1]}"
+        # A short poll interval: close() waits for the serving loop to notice (0.5 s by default).
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="empty-answer-server", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="empty-answer-server",
+            daemon=True,
         )
         self._thread.start()
 

@@ -133,11 +133,16 @@ def test_an_unproven_schema_revision_falls_back_stores_everything_and_says_so(
 
 @pytest.mark.slow
 def test_a_locked_sqlite_file_is_retried_through_the_fast_path(
-    tracking_uri: str, experiment_id: str, executor: str, store: MlflowClient
+    tracking_uri: str,
+    experiment_id: str,
+    executor: str,
+    store: MlflowClient,
+    sqlite_busy_timeout: float,
 ) -> None:
-    """A lock held past MLflow's 20 s busy timeout fails the writer's attempt as it fails
-    MLflow's log_batch, transiently: the run retries it and the batch lands through the fast
-    path once the lock is gone (not through a fallback)."""
+    """A lock held past the writer's busy timeout (MLflow's 20 s by default; 1 s here)
+    fails the writer's attempt as it fails MLflow's log_batch, transiently: the run retries
+    it and the batch lands through the fast path once the lock is gone (not through a
+    fallback)."""
     # One worker, whose store is open before the lock: the lock meets the fast path's
     # write, not the opening of another worker's store (which is retried anyway).
     client = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=90)
@@ -145,7 +150,8 @@ def test_a_locked_sqlite_file_is_retried_through_the_fast_path(
         run = client.create_run(experiment_id)
         client.log_metrics(run, {"loss": 0.5}, step=0)
         client.flush()
-        with SqliteLock(tracking_uri.removeprefix("sqlite:///"), hold=25) as lock:
+        hold = sqlite_busy_timeout + 3  # past the busy timeout: attempts fail while it lasts
+        with SqliteLock(tracking_uri.removeprefix("sqlite:///"), hold=hold) as lock:
             for step in range(1, 1_500):
                 client.log_metrics(run, {"loss": step / 3}, step=step)
             client.flush()

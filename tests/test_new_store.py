@@ -19,30 +19,74 @@ from scripts import script_env
 TIMEOUT = 120
 
 # Opens a store the way every runactors client does (executor threads, worker processes,
-# replay): "ready" once MLflow is imported, "done" once the store is open.
+# replay), in a fork per URI read from stdin: MLflow is imported once ("ready"), not once per
+# trial (about 2 s of CPU each), and each fork is a process of its own to interrupt, as the
+# process executor's workers are forks of a pre-imported template. A fork says its PID,
+# then "done" once the store is open, and ends as any interpreter does (a Ctrl-C's
+# KeyboardInterrupt unwinds through the creation); the parent then says "exited".
 CHILD = textwrap.dedent(
     """
+    import os
     import sys
     from actors.delivery._store import make_client
 
     print("ready", flush=True)
-    make_client(sys.argv[1])
-    print("done", flush=True)
+    for uri in iter(sys.stdin.readline, ""):
+        pid = os.fork()
+        if pid == 0:
+            print(os.getpid(), flush=True)
+            make_client(uri.strip())
+            print("done", flush=True)
+            break
+        os.waitpid(pid, 0)
+        print("exited", flush=True)
     """
 )
 
 
-def _start(uri: str) -> tuple[subprocess.Popen[str], float]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, uri],
-        env=script_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
-    return child, time.monotonic()
+class Creator:
+    """The pre-imported process of :data:`CHILD`: :meth:`start` forks one that creates a
+    store; its PID is ``pid``."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CHILD],
+            env=script_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.readline() == "ready"
+
+    def readline(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()
+
+    def start(self, uri: str) -> tuple[int, float]:
+        """Fork a process that creates the store ``uri``; its PID and when it started."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(uri + "\n")
+        self.process.stdin.flush()
+        return int(self.readline()), time.monotonic()
+
+    def wait_exited(self) -> list[str]:
+        """The lines the fork printed after its PID, up to its end."""
+        lines = []
+        while (line := self.readline()) != "exited":
+            assert line, "the creating process ended"
+            lines.append(line)
+        return lines
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(TIMEOUT)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
 
 
 def _usable_or_absent(folder: Path) -> str:
@@ -62,23 +106,28 @@ def _usable_or_absent(folder: Path) -> str:
 def test_a_creation_interrupted_at_any_moment_leaves_no_database_or_a_complete_one(
     tmp_path: Path,
 ) -> None:
-    # How long creating the store takes here, from "ready" to "done".
-    child, started = _start(f"sqlite:///{tmp_path / 'calibrate' / 'mlflow.db'}")
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "done"
-    took = time.monotonic() - started
-    child.wait(TIMEOUT)
-    outcomes = []
-    for trial in range(10):  # moments spread over the creation, Ctrl-C and SIGKILL in turn
-        folder = tmp_path / f"t{trial}"
-        child, started = _start(f"sqlite:///{folder / 'mlflow.db'}")
-        time.sleep(max(0.0, started + took * (trial + 0.5) / 10 - time.monotonic()))
-        sig = signal.SIGINT if trial % 2 == 0 else signal.SIGKILL
-        child.send_signal(sig)
-        child.wait(TIMEOUT)
-        outcomes.append(_usable_or_absent(folder))
-        if sig == signal.SIGINT and folder.exists():  # stopped in Python: nothing left over
-            assert {p.name for p in folder.iterdir()} <= {"mlflow.db"}, trial
+    creator = Creator()
+    try:
+        # How long creating the store takes here, from the fork to "done".
+        _, started = creator.start(f"sqlite:///{tmp_path / 'calibrate' / 'mlflow.db'}")
+        assert creator.wait_exited() == ["done"]
+        took = time.monotonic() - started
+        outcomes = []
+        for trial in range(10):  # moments spread over the creation, Ctrl-C and SIGKILL in turn
+            folder = tmp_path / f"t{trial}"
+            pid, started = creator.start(f"sqlite:///{folder / 'mlflow.db'}")
+            time.sleep(max(0.0, started + took * (trial + 0.5) / 10 - time.monotonic()))
+            sig = signal.SIGINT if trial % 2 == 0 else signal.SIGKILL
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # the creation was over before this moment
+                pass
+            creator.wait_exited()
+            outcomes.append(_usable_or_absent(folder))
+            if sig == signal.SIGINT and folder.exists():  # stopped in Python: nothing left over
+                assert {p.name for p in folder.iterdir()} <= {"mlflow.db"}, trial
+    finally:
+        creator.close()
     # The early moments stopped the creation before the store was in place.
     assert "absent" in outcomes, outcomes
 

@@ -346,7 +346,7 @@ def test_close_with_a_hung_store_leaves_no_worker_behind(hung_server):
 
 @pytest.mark.slow
 def test_retrying_returns_to_flushing_once_the_call_succeeds(
-    tracking_uri, store, experiment_id, executor, lock_store
+    tracking_uri, store, experiment_id, executor, lock_store, sqlite_busy_timeout
 ):
     client = QueueingClient(tracking_uri, executor=executor, max_workers=1, retry_timeout=120)
     try:
@@ -357,7 +357,8 @@ def test_retrying_returns_to_flushing_once_the_call_succeeds(
             client.log_metrics(run, {"m": float(step)}, step=step)
         with lock_store():
             operations = client.flush(synchronous=False)
-            # MLflow waits 20 s for the lock, then the call fails and is retried.
+            # The fast path waits its busy timeout (1 s here) for the lock, then the call
+            # fails and is retried.
             wait_until(lambda: run_status(client, run).state == "retrying", what="retrying")
         states = []  # the lock is gone: the retried batch lands, then the others follow
         while not operations.done():

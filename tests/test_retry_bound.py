@@ -142,6 +142,13 @@ def test_an_outage_shows_in_status_and_everything_lands_once_after_it(
             client.log_metrics(run, {"m": float(step)}, step=step)
         server.stop()
         operations = client.flush(synchronous=False)
+        # The clock starts once a worker has the run: a process executor's first worker
+        # comes from a fresh template that imports MLflow, more than MARGIN on a loaded
+        # machine (seen at a load average of 8), and its start is not what is shown here.
+        deadline = time.monotonic() + 60
+        while (now := client.status().runs[0]).worker is None and now.state != "retrying":
+            assert time.monotonic() < deadline, "no worker took the run"
+            time.sleep(0.05)
         started = time.monotonic()
         while True:
             status = client.status().runs[0]

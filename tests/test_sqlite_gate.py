@@ -174,3 +174,18 @@ def test_writers_of_one_file_lose_nothing_while_taking_turns(tmp_path: Path, exe
     finally:
         for client in clients:
             client.close()
+
+
+def test_the_fast_paths_busy_timeout_is_mlflows_unless_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RUNACTORS_SQLITE_BUSY_TIMEOUT (seconds) sets the fast path's wait for a locked file;
+    unset or unreadable, it is MLflow's 20 s."""
+    monkeypatch.delenv(_sqlite_gate.BUSY_TIMEOUT_ENV, raising=False)
+    assert _sqlite_gate.busy_timeout_ms() == 20_000
+    for value, expected in (("1", 1_000), ("0.25", 250), ("0", 0)):
+        monkeypatch.setenv(_sqlite_gate.BUSY_TIMEOUT_ENV, value)
+        assert _sqlite_gate.busy_timeout_ms() == expected
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv(_sqlite_gate.BUSY_TIMEOUT_ENV, bad)
+        assert _sqlite_gate.busy_timeout_ms() == 20_000, bad

@@ -61,7 +61,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from actors.delivery._fast_path import FastPathUnavailable
 from actors.delivery._retry import is_transient
-from actors.delivery._sqlite_gate import database_gate, database_key
+from actors.delivery._sqlite_gate import busy_timeout_ms, database_gate, database_key
 from actors.queueing._queues import MetricRow, metric_entity
 
 # The alembic revisions (``alembic_version.version_num``) of MLflow's schema that the
@@ -321,9 +321,10 @@ class SqlMetricsWriter:
             with database_gate(self._gate), self.engine.begin() as conn:
                 if self.dialect == "sqlite":
                     # What MLflow's sessions set on SQLite: foreign keys checked, and a
-                    # locked database waited on for 20 s (pysqlite's own default is 5 s).
+                    # locked database waited on for 20 s (pysqlite's own default is 5 s),
+                    # unless RUNACTORS_SQLITE_BUSY_TIMEOUT says otherwise.
                     conn.exec_driver_sql("PRAGMA foreign_keys = ON")
-                    conn.exec_driver_sql("PRAGMA busy_timeout = 20000")
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
                 if not self._revision_checked:
                     self._check_revision(conn)
                 self._check_run(conn, run_id)

@@ -35,6 +35,25 @@ import sqlalchemy
 
 GATE_WAIT = 1.0  # seconds a call waits for its turn before it goes ahead without it
 
+BUSY_TIMEOUT_ENV = "RUNACTORS_SQLITE_BUSY_TIMEOUT"
+DEFAULT_BUSY_TIMEOUT = 20.0  # MLflow's own (its sessions' ``PRAGMA busy_timeout = 20000``)
+
+
+def busy_timeout_ms() -> int:
+    """How long runactors' own SQLite writes (the SQL fast path) wait for a locked database
+    before "database is locked", in ms: ``RUNACTORS_SQLITE_BUSY_TIMEOUT`` seconds, else
+    MLflow's 20 s, so that they fail exactly when MLflow's own calls would. A shorter wait
+    only makes a lock held by another process fail sooner, to be retried (tests use it to
+    meet a lock in 1 s instead of 20); MLflow's own calls keep their 20 s."""
+    try:
+        seconds = float(os.environ.get(BUSY_TIMEOUT_ENV, DEFAULT_BUSY_TIMEOUT))
+    except ValueError:
+        seconds = DEFAULT_BUSY_TIMEOUT
+    if not 0 <= seconds < 1e6:  # negative, NaN, infinite: MLflow's
+        seconds = DEFAULT_BUSY_TIMEOUT
+    return round(seconds * 1000)
+
+
 _gates: dict[str, threading.RLock] = {}
 _gates_lock = threading.Lock()
 
