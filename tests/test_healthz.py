@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import time
@@ -207,14 +206,18 @@ def test_a_spool_folder_that_cannot_be_written_is_reported(
     tmp_path: Path, experiment_id: str
 ) -> None:
     spool_dir = tmp_path / "spool"
-    client = QueueingClient(spool_dir=spool_dir)
+    # A run addressed by its ID, and a journal interval longer than the test: what is logged
+    # is delivered and acknowledged before any commit, so no journal exists, and the folder
+    # is what the spool needs to write in.
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
+    client = QueueingClient(spool_dir=spool_dir, journal_interval=60)
     with client.serve_status() as server:
-        run = client.create_run(experiment_id)
-        client.log_metrics(run, {"loss": 1.0}, step=0)
+        client.log_metrics(run_id, {"loss": 1.0}, step=0)
         client.flush()
+        assert list(spool_dir.iterdir()) == []
         assert healthz(server) == (200, "ok\n")
         # A regular file where the folder was (a permission bit would not stop root).
-        shutil.rmtree(spool_dir)
+        spool_dir.rmdir()
         spool_dir.write_text("not a folder")
 
         code, body = healthz(server)

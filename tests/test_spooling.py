@@ -220,6 +220,7 @@ def _wait_for(condition: Any, what: str, timeout: float = 60) -> None:
 EXIT_SCRIPT = textwrap.dedent(
     """
     import sys
+    import time
     from client import QueueingClient
 
     uri, experiment_id, spool_dir = sys.argv[1:4]
@@ -232,6 +233,7 @@ EXIT_SCRIPT = textwrap.dedent(
             client.log_metrics(run, {"loss": 1.0 / (step + 1), "acc": step / 100}, step=step)
         client.set_terminated(run, "FINISHED")
     client.flush(synchronous=False)
+    print(time.time(), flush=True)  # the exit begins: what the test bounds
     """
 )
 
@@ -249,7 +251,6 @@ def test_exit_with_backend_down_leaves_a_journal_replay_delivers(
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "RUNACTORS_EXIT_TIMEOUT": str(EXIT_TIMEOUT),
     }
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-c", EXIT_SCRIPT, uri, experiment_id, str(spool_dir), str(STEPS)],
         env=env,
@@ -257,9 +258,9 @@ def test_exit_with_backend_down_leaves_a_journal_replay_delivers(
         text=True,
         timeout=300,
     )
-    took = time.monotonic() - started
+    exiting = time.time() - float(done.stdout.split()[-1])  # not the start-up, which load stretches
     assert done.returncode == 0, done.stderr
-    assert took < EXIT_TIMEOUT + 15, took  # the exit bound, a generous margin for the load
+    assert exiting < EXIT_TIMEOUT + 8, exiting  # the exit bound, a margin for the interpreter's end
     assert len(spool_files(spool_dir)) == 1, done.stderr
     mlflow_server.start()
     delivered = replay(spool_dir, uri)

@@ -309,3 +309,24 @@ def open_journal(path: Path) -> tuple[int, sqlite3.Connection]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def write_problems(journal: Path | None, folder: Path) -> list[str]:
+    """What keeps a live spool from taking a write now (empty: nothing): its ``journal`` was
+    removed (writes would go to a file nobody can replay), or no journal can be created in
+    ``folder`` (proved by a probe file, as the client's constructor proved it)."""
+    if journal is not None and not journal.exists():
+        return [
+            f"spool: the journal {journal} was removed: what it holds and what is "
+            "spooled next cannot be replayed"
+        ]
+    if journal is None and not folder.exists():  # made at the first spool write
+        parent = next(p for p in folder.parents if p.exists())
+        if os.access(parent, os.W_OK | os.X_OK):
+            return []
+        return [f"spool: cannot create {folder}: {parent} is not writable"]
+    try:
+        probe_write(folder)
+    except OSError as exc:
+        return [f"spool: cannot write in {folder}: {exc.strerror or repr(exc)}"]
+    return []

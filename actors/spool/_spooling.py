@@ -30,7 +30,6 @@ for ``runactors replay``. (Without a journal, only what could not be delivered i
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from actors.delivery._jobs import (
 from actors.executors import DaemonThreads, ThreadsStopped
 from actors.queueing._plan import Call, call_kind, plan_snapshot
 from actors.queueing._queues import CreateRunCall
-from actors.spool._files import probe_write
+from actors.spool._files import write_problems
 from actors.spool._journal import Journal
 from actors.spool._journal_rounds import WORKER, JournalRounds
 from actors.spool._replay import deliver_run
@@ -99,7 +98,11 @@ class Spooler(JournalRounds):
         self._outstanding = 0  # rounds tracked and not yet reported
         self.workers = max(workers, 1)
         self._threads: DaemonThreads[Callable[[], None], None] = DaemonThreads(
-            f"{name}-spool", self.workers, _call, _no_state, what="re-sending spooled calls"
+            f"{name}-spool",
+            self.workers,
+            lambda _, work: work(),  # each item is the work itself
+            lambda index: None,  # no state per thread
+            what="re-sending spooled calls",
         )
         self._client_lock = threading.Lock()
         self._client: Any = None
@@ -348,28 +351,12 @@ class Spooler(JournalRounds):
     # -- health -------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
-        """What keeps the spool from taking a write now (empty: nothing): its journal was
-        removed (writes would go to a file nobody can replay), or no journal can be created
-        in ``spool_dir`` (proved by a probe file, as the constructor proved it)."""
-        spool = self._spool
+        """What keeps the spool from taking a write now (empty: nothing): see
+        :func:`~actors.spool._files.write_problems`."""
         if self._closed:
             return []
-        if spool is not None and not spool.path.exists():
-            return [
-                f"spool: the journal {spool.path} was removed: what it holds and what is "
-                "spooled next cannot be replayed"
-            ]
-        folder = Path(self.spool_dir)
-        if spool is None and not folder.exists():  # made at the first spool write
-            parent = next(p for p in folder.parents if p.exists())
-            if os.access(parent, os.W_OK | os.X_OK):
-                return []
-            return [f"spool: cannot create {folder}: {parent} is not writable"]
-        try:
-            probe_write(folder)
-        except OSError as exc:
-            return [f"spool: cannot write in {folder}: {exc.strerror or repr(exc)}"]
-        return []
+        spool = self._spool
+        return write_problems(None if spool is None else spool.path, Path(self.spool_dir))
 
     # -- closing ------------------------------------------------------------------------
 
@@ -454,14 +441,6 @@ class Spooler(JournalRounds):
             handle.record.errors.add([message])
             return [failure_message(handle.record.label, [message])]
         return []
-
-
-def _call(_: None, work: Callable[[], None]) -> None:
-    work()
-
-
-def _no_state(index: int) -> None:
-    return None
 
 
 def _stopped(job: Job, exc: BaseException) -> JobResult:
