@@ -18,7 +18,6 @@ its copies of the parent's worker sockets, so that workers exit when their paren
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import select
@@ -32,10 +31,10 @@ from multiprocessing.connection import Connection
 
 import cloudpickle
 
-from actors.delivery._jobs import Job, JobResult, compress_errors, merge_results, record_outcome
+from actors.delivery._jobs import Job, JobResult, merge_results, record_outcome
 from actors.executors import _template, _worker
 from actors.executors._executor import JobPool, StateHook
-from actors.queueing._plan import Call, call_kind
+from actors.executors._payload import dumps_job, fail_rest, stop_rest
 from actors.queueing._queues import CreateRunCall
 
 # Every worker of this process, so that a forked child can close its copies of their sockets.
@@ -284,32 +283,32 @@ class _Slot:
             run_id = job.run_id if prior is None else prior.run_id
             refused = JobResult(run_id=run_id)
             try:
-                payload = _dumps(job, run_id, remaining, refused)
+                payload = dumps_job(job, run_id, remaining, refused)
             except Exception as exc:  # the job as a whole cannot be pickled (its size, say)
-                return _fail_rest(prior, refused, remaining, f"could not pickle the job: {exc!r}")
+                return fail_rest(prior, refused, remaining, f"could not pickle the job: {exc!r}")
             if refused.errors:  # calls that cannot be pickled failed here; the rest go on
                 prior = refused if prior is None else merge_results(prior, refused)
                 run_id = prior.run_id
             if payload is None:  # nothing sendable is left
-                return _fail_rest(prior, None, [], "")
+                return fail_rest(prior, None, [], "")
             progress = JobResult(run_id=run_id)
             try:
                 worker = self._live_worker()
             except _SlotClosed:
-                return _stop_rest(job, prior, progress, remaining)
+                return stop_rest(job, prior, progress, remaining)
             except Exception as exc:
                 why = f"could not start a worker process: {exc!r}"
-                return _fail_rest(prior, progress, remaining, why)
+                return fail_rest(prior, progress, remaining, why)
             try:
                 worker.hello()
             except (EOFError, OSError) as exc:  # the template died, or the pool closed
                 self._discard(worker, 0)
                 starts += 1
                 if self._closed:
-                    return _stop_rest(job, prior, progress, remaining)
+                    return stop_rest(job, prior, progress, remaining)
                 if starts > 1:
                     why = f"could not start a worker process: {exc!r}"
-                    return _fail_rest(prior, progress, remaining, why)
+                    return fail_rest(prior, progress, remaining, why)
                 continue
             try:
                 worker.conn.send_bytes(payload)
@@ -324,80 +323,27 @@ class _Slot:
                         record_outcome(progress, remaining.pop(0), rest[0], rest[1])
                     else:  # "refused": the worker could not read the job
                         why = f"the worker process could not read the job: {rest[0]}"
-                        return _fail_rest(prior, progress, remaining, why)
+                        return fail_rest(prior, progress, remaining, why)
             except (EOFError, OSError):
                 self._discard(worker, 1.0)
                 deaths += 1
             except BaseException as exc:  # the exchange is out of step: trust no more of it
                 self._discard(worker, 0)
                 why = f"its worker process was stopped: {exc!r}"
-                return _fail_rest(prior, progress, remaining, why)
+                return fail_rest(prior, progress, remaining, why)
             prior = progress if prior is None else merge_results(prior, progress)
             if not remaining:
                 return prior
             if self._closed:
-                return _stop_rest(job, prior, None, remaining)
+                return stop_rest(job, prior, None, remaining)
             if deaths > 1 or isinstance(remaining[0], CreateRunCall):
                 why = (
                     "its worker process died during create_run (not resent: it may have landed)"
                     if isinstance(remaining[0], CreateRunCall)
                     else "its worker process died twice"
                 )
-                return _fail_rest(prior, None, remaining, why)
+                return fail_rest(prior, None, remaining, why)
             on_state("waiting", None)
-
-
-def _dumps(job: Job, run_id: str | None, calls: list[Call], refused: JobResult) -> bytes | None:
-    """The pickled job of ``calls``; a call that cannot be pickled is failed in ``refused``
-    and removed from ``calls`` (the others go on, as after any failed call); ``None`` if no
-    call is left to send."""
-
-    def dumps() -> bytes:
-        return bytes(cloudpickle.dumps(dataclasses.replace(job, run_id=run_id, calls=calls)))
-
-    try:
-        return dumps()
-    except Exception:
-        pass
-    sendable: list[Call] = []
-    for call in calls:
-        try:
-            cloudpickle.dumps(call)
-        except Exception as exc:
-            why = f"it cannot be pickled for a worker process: {exc!r}"
-            record_outcome(refused, call, f"{call_kind(call)} not sent: {why}", None)
-        else:
-            sendable.append(call)
-    calls[:] = sendable
-    return dumps() if calls else None
-
-
-def _fail_rest(
-    prior: JobResult | None, progress: JobResult | None, calls: list[Call], why: str
-) -> JobResult:
-    """The job's outcome when ``calls`` are left unsent because of ``why``."""
-    if prior is None or progress is None:
-        done = prior if progress is None else progress
-    else:
-        done = merge_results(prior, progress)
-    assert done is not None
-    for call in calls:
-        record_outcome(done, call, f"{call_kind(call)} not sent: {why}", None)
-    done.errors = compress_errors(done.errors)
-    return done
-
-
-def _stop_rest(
-    job: Job, prior: JobResult | None, progress: JobResult | None, calls: list[Call]
-) -> JobResult:
-    """The outcome when the client closed with ``calls`` unsent: spooled with a spool
-    (the first may have been in flight in a worker that was stopped), failed without."""
-    if not job.stop_on_transient:
-        return _fail_rest(prior, progress, calls, "the client was closed")
-    done = _fail_rest(prior, progress, [], "")
-    done.unsent, done.unsent_error = list(calls), "not sent: the client was closed"
-    done.unsent_attempted = True
-    return done
 
 
 class ProcessExecutor(JobPool[_Slot]):
