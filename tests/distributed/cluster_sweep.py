@@ -100,7 +100,11 @@ def main(argv: list[str]) -> None:
     here = ray.get_runtime_context().get_node_id()
     if here != nodes["a"]:
         raise RuntimeError(f"the driver joined node {here}, not the head {nodes['a']}")
-    client = QueueingClient(uri, retry_timeout=RETRY_TIMEOUT, spool_dir=spool_dir)
+    # journal_interval=0: a logged point is on disk (the write-ahead journal) when the call
+    # returns, so the points queued before the marker survive the node's death.
+    client = QueueingClient(
+        uri, retry_timeout=RETRY_TIMEOUT, spool_dir=spool_dir, journal_interval=0
+    )
     task = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(run_trial)
     refs = [
         task.options(

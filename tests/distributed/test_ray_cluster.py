@@ -7,7 +7,7 @@ each logging through a pickled ``QueueingClient`` into the session's ``mlflow se
 (PostgreSQL behind it). Once node ``b``'s attempt has flushed part of its points and queued
 more, the test SIGKILLs node ``b``'s raylet: the attempt's worker dies with it, and Ray retries
 the trial on the head. The store must then hold exactly one FINISHED run with all its points per
-trial, and the dead attempt's run as pinned down below (today: RUNNING, what was flushed).
+trial, and the dead attempt's run ended KILLED by its client's keeper, with every point it logged.
 
 Two trials, not more: every Ray worker that runs one imports MLflow (seconds of CPU), and one
 per node shows all of it. ``TRIALS`` may be raised (odd trials go to node ``b``).
@@ -166,19 +166,24 @@ def test_node_death_mid_sweep_leaves_one_finished_run_per_trial(
         assert died.data.tags["ray.node"] == "b"
         assert died.data.tags["ray.pid"] == str(markers[trial]["pid"])
         assert died.data.params == run.data.params
-        # TODAY (no crash-proofing yet): the run stays RUNNING with no end time, holding what
-        # was flushed before the death; the QUEUED points that were only in the process's
-        # memory are lost. The worker quick-exits when its raylet dies: no exit handler runs.
-        # ISSUE 16 (spool_dir + keeper, being built): the keeper outlives the worker and ends
-        # the run KILLED with an end time, holding the QUEUED points too (journaled on disk):
-        # then replace the next three lines by the commented ones (and wait for the keeper).
-        assert died.info.status == RunStatus.to_string(RunStatus.RUNNING)
-        assert died.info.end_time is None
-        expected_steps = range(FLUSHED)
-        # assert died.info.status == RunStatus.to_string(RunStatus.KILLED)
-        # assert died.info.end_time is not None
-        # expected_steps = range(FLUSHED + QUEUED)
+        # The worker quick-exits when its raylet dies (no exit handler runs), but its
+        # client's keeper process outlives it: it delivers the journal (the QUEUED points,
+        # on disk since each call returned) and ends the run KILLED with an end time.
+        died = _ended(store, died.info.run_id, timeout=20)
+        assert died.info.status == RunStatus.to_string(RunStatus.KILLED)
+        assert died.info.end_time is not None
+        expected_steps = range(FLUSHED + QUEUED)
         assert history(store, died.info.run_id) == pytest.approx(
             {step: loss_at(trial, step) for step in expected_steps}
         )
     assert len(runs) == TRIALS + len(on_b)
+
+
+def _ended(store: Any, run_id: str, timeout: float) -> Any:
+    """The run once it is no longer RUNNING (the keeper ends it), or as it is at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = store.get_run(run_id)
+        if run.info.status != "RUNNING" or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
