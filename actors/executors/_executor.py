@@ -63,6 +63,14 @@ def failed_result(job: Job, exc: BaseException) -> JobResult:
     return result
 
 
+def deliver(on_done: DoneHook, result: JobResult) -> None:
+    """Hand a job's result to its run; never raises (a pool thread outlives its callbacks)."""
+    try:
+        on_done(result)
+    except BaseException:
+        _logger.exception("delivering a job's result failed")
+
+
 class ExecutorShutDown(JobStopped):
     """Raised inside a job that the pool gave up on: nothing more of it may be sent."""
 
@@ -76,6 +84,8 @@ class JobPool(Generic[S]):
     :meth:`shutdown` has passed its deadline the pool is *abandoned*: jobs still queued fail
     without being performed, and ``_after_shutdown`` stops whatever is still running.
     """
+
+    group_jobs = 1  # jobs a pool thread takes at once (the process executor's groups)
 
     def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
@@ -110,14 +120,50 @@ class JobPool(Generic[S]):
                 item = self._queue.get()
                 if item is None:
                     return
-                job, on_state, on_done = item
-                result = self._run(state, job, on_state)
-                try:
-                    on_done(result)
-                except BaseException:  # never lose the thread to a callback's fault
-                    _logger.exception("delivering a job's result failed")
+                items, stop = [item], False
+                if self.group_jobs > 1 and self._groupable(item[0]):
+                    stop = self._take_group(items)
+                self._run_many(state, items)
+                if stop:
+                    return
         finally:
             self._close(state)
+
+    def _take_group(self, items: list[tuple[Job, StateHook, DoneHook]]) -> bool:
+        """Add the groupable jobs queued now to ``items`` (up to ``group_jobs``); any other
+        job taken meanwhile goes back to the queue, for an idle thread. True if this
+        thread's stop was taken (it stops after the group)."""
+        put_back: list[tuple[Job, StateHook, DoneHook]] = []
+        try:
+            while len(items) < self.group_jobs and len(put_back) < self.group_jobs:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    return False
+                if more is None:
+                    return True
+                if self._groupable(more[0]):
+                    items.append(more)
+                else:
+                    put_back.append(more)
+            return False
+        finally:
+            with self._lock:  # before any stop shutdown() queues, or kept here if closed
+                if not self._closed:
+                    for each in put_back:
+                        self._queue.put(each)
+                    put_back = []
+            items.extend(put_back)
+
+    def _groupable(self, job: Job) -> bool:
+        """Whether ``job`` may share a group (see :meth:`_run_many`)."""
+        return False
+
+    def _run_many(self, state: S, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
+        """Perform the jobs a pool thread took at once (one by one here), each result
+        delivered as soon as it is known; never raises."""
+        for job, on_state, on_done in items:
+            deliver(on_done, self._run(state, job, on_state))
 
     def _run(self, state: S, job: Job, on_state: StateHook) -> JobResult:
         """Perform one job; never raises."""
