@@ -51,3 +51,13 @@ def processes_with_env(marker: str) -> set[int]:
             except OSError:
                 continue
     return found
+
+
+def running(pid: int) -> bool:
+    """Whether a process with this PID exists and is not a zombie (an orphan, such as a
+    keeper, is reaped by init or a subreaper, maybe a moment after it exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return False

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from liveness import alive
+from liveness import running
 from mlflow.tracking import MlflowClient
 from scripts import REPO, script_env
 from servers import FORWARD, Action, MlflowServer, Proxy
@@ -39,7 +39,8 @@ ENDED_WITHIN = 10.0  # seconds from the death to every run ended (the contract's
 # A logs more and D is created and logged, all spooled. Then it logs A's steps on and on,
 # flushed every few steps, saying how far the store has them, until it is killed (or, past
 # step 30, ends with os._exit: before that, it kills its keeper, whose replacement must then
-# know all of the above).
+# know all of the above; or, die "children", ends as a Ray worker does: it SIGKILLs every
+# process whose parent it is, found in /proc, then ends with os._exit).
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
@@ -93,6 +94,16 @@ while step < 5000:  # killed meanwhile, mid-logging
         client.flush()
         say(stored=step)
         if step >= 30 and cfg["die"] == "os._exit":
+            os._exit(3)
+        if step >= 30 and cfg["die"] == "children":
+            me = str(os.getpid())
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if stat.rsplit(")", 1)[1].split()[1] == me:
+                    os.kill(int(entry), 9)
             os._exit(3)
     time.sleep(0.002)
 time.sleep(120)
@@ -198,7 +209,8 @@ def _assert_nothing_left(report: dict[str, Any], keeper: int, child: Child) -> N
 
 
 @pytest.mark.parametrize(
-    ("executor", "die"), [("thread", "kill"), ("process", "killpg"), ("thread", "os._exit")]
+    ("executor", "die"),
+    [("thread", "kill"), ("process", "killpg"), ("thread", "os._exit"), ("thread", "children")],
 )
 def test_a_process_killed_mid_logging_has_its_runs_ended(
     tmp_path: Path,
@@ -334,13 +346,13 @@ def test_a_clean_close_lets_the_keeper_go_and_leaves_runs_as_they_are(
     client.log_metrics(run, {"m": 1.0})
     client.flush()
     keeper = LINK.pid
-    assert keeper is not None and alive(keeper) and client.status().keeper == "running"
+    assert keeper is not None and running(keeper) and client.status().keeper == "running"
     assert client.keeper_healthy()
     client.close()
     start = time.monotonic()
-    while alive(keeper) and time.monotonic() - start < 5:
+    while running(keeper) and time.monotonic() - start < 5:  # init reaps it, when it will
         time.sleep(0.02)
-    assert not alive(keeper), "the keeper outlived a clean close"
+    assert not running(keeper), "the keeper outlived a clean close"
     assert time.monotonic() - start < 2.0
     assert client.status().keeper == "stopped"
     assert store.get_run(run.resolve()).info.status == "RUNNING"
@@ -365,15 +377,15 @@ def test_a_killed_keeper_is_restarted(
             time.sleep(0.02)
         assert client.status().keeper == "restarted"
         assert client.keeper_healthy()
-        assert not alive(first)  # reaped: no zombie
+        assert not running(first)
         second = LINK.pid
     finally:
         client.close()
     assert second is not None
     start = time.monotonic()
-    while alive(second) and time.monotonic() - start < 5:
+    while running(second) and time.monotonic() - start < 5:
         time.sleep(0.02)
-    assert not alive(second)
+    assert not running(second)
 
 
 def test_no_keeper_with_runactors_keeper_0(

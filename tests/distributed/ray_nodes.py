@@ -41,10 +41,6 @@ FAST_NODE_DEATH = {
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "4",
-    # Ray kills a worker's child processes when the worker exits (its default): that took
-    # the client's keeper along with the dead attempt, and left its run RUNNING (seen: the
-    # keeper's run stayed RUNNING; with this, KILLED with every point). The sweeps guide says so.
-    "RAY_kill_child_processes_on_worker_exit": "0",
 }
 
 
