@@ -12,8 +12,10 @@ the writer's death, SIGKILL included):
 time, name, tags, create key), ``I`` its ID is known, ``T`` its termination was delivered;
 ``W`` a worker process started (with a pidfd of it).
 
-The link keeps the same state itself, so a keeper that dies is replaced by a new one that
-hears all of it again (a watcher thread waits on the keeper; more than
+The keeper is detached (:mod:`actors.keeper._process`: a double fork, no child of this
+process, so that what kills this process's children, Ray's cleanup of a dead worker's, does
+not kill it). The link keeps the same state itself, so a keeper that dies is replaced by a
+new one that hears all of it again (a watcher thread waits on the keeper's pidfd; more than
 :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW` seconds leave it ``dead``, as
 ``status()`` then says). A write that fails or blocks for :data:`SEND_TIMEOUT` seconds (a
 stuck keeper) kills the keeper, which is then replaced. A fork child drops the parent's
@@ -38,20 +40,21 @@ from typing import Any
 from actors.executors import _process_executor
 from actors.executors._template import _PACKAGE_ROOT, _site_dirs
 from actors.keeper._main import encode
+from actors.keeper._process import FORK, KeeperProcess, own_pidfd
 from actors.queueing._queues import CreateRunCall
 
 _logger = logging.getLogger("runactors.keeper")
 
 MAIN_PATH = str(Path(__file__).resolve().with_name("_main.py"))
 
-# ``python -c BOOTSTRAP PATH FD PID``: the keeper's module loaded by its path, so that an idle
-# keeper imports the standard library only (not the ``actors`` package and MLflow), with the
-# current folder off ``sys.path`` (a project's own ``actors/`` folder cannot shadow ours).
+# ``python -c BOOTSTRAP PATH FD PID PIDFD``: forked off (FORK), then the keeper's module loaded
+# by its path, so that an idle keeper imports the standard library only (not the ``actors``
+# package and MLflow), with the current folder off ``sys.path`` (a project's own ``actors/``
+# folder cannot shadow ours).
 BOOTSTRAP = (
     "import sys\n"
     "if sys.path and sys.path[0] == '':\n"
-    "    del sys.path[0]\n"
-    "import importlib.util\n"
+    "    del sys.path[0]\n" + FORK + "import importlib.util\n"
     "spec = importlib.util.spec_from_file_location('runactors_keeper', sys.argv[1])\n"
     "module = importlib.util.module_from_spec(spec)\n"
     "spec.loader.exec_module(module)\n"
@@ -92,7 +95,7 @@ class KeeperLink:
         self._journals: dict[int, list[str]] = {}
         self._runs: dict[int, dict[str, dict[str, Any]]] = {}  # id -> key -> C, I records
         self._workers: dict[int, int] = {}  # pid -> our dup of its pidfd
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: KeeperProcess | None = None
         self._sock: socket.socket | None = None
         self._deaths: collections.deque[float] = collections.deque()
         self.restarts = 0
@@ -104,7 +107,7 @@ class KeeperLink:
         """``running``, ``restarted`` (running, after a restart) or ``dead``. Without the
         lock: ``status()`` answers at once, also while a record waits for the socket."""
         proc = self._proc
-        if self.dead or proc is None or proc.poll() is not None:
+        if self.dead or proc is None or proc.exited():
             return "dead"
         return "restarted" if self.restarts else "running"
 
@@ -203,7 +206,7 @@ class KeeperLink:
 
     def _kill(self) -> None:
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None:
             proc.kill()
 
     def _start(self) -> None:
@@ -214,16 +217,17 @@ class KeeperLink:
                 p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p
             )
         ours, theirs = socket.socketpair()
-        args = [MAIN_PATH, str(theirs.fileno()), str(os.getpid())]
+        me = own_pidfd()  # the keeper watches this process through it (no child of ours)
+        args = [MAIN_PATH, str(theirs.fileno()), str(os.getpid()), str(-1 if me is None else me)]
         try:
-            proc = subprocess.Popen(
+            proc = KeeperProcess.start(  # in a session of its own: group signals pass it by
                 [sys.executable, "-c", BOOTSTRAP, *args],
-                pass_fds=(theirs.fileno(),),
+                ours,
+                pass_fds=(theirs.fileno(),) if me is None else (theirs.fileno(), me),
                 env=env,
                 cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                start_new_session=True,  # the parent's Ctrl-C and group signals pass it by
             )
         except BaseException:
             ours.close()
@@ -231,6 +235,8 @@ class KeeperLink:
             raise
         finally:
             theirs.close()
+            if me is not None:
+                os.close(me)
         ours.settimeout(SEND_TIMEOUT)
         self._proc, self._sock = proc, ours
         for session_id, record in self._sessions.items():
@@ -254,19 +260,16 @@ class KeeperLink:
             os.close(fd)
         self._workers.clear()
 
-    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
-        """Reap the keeper when it exits; restart it if it died while sessions are open."""
+    def _watch(self, proc: KeeperProcess) -> None:
+        """Wait for the keeper to exit; restart it if it died while sessions are open."""
         let_go: float | None = None
-        while True:
-            try:
-                proc.wait(0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if self._proc is proc:
-                    continue
-                let_go = let_go or time.monotonic()
-                if time.monotonic() - let_go > STOP_GRACE:
-                    proc.kill()
+        while not proc.wait(0.5):
+            if self._proc is proc:
+                continue
+            let_go = let_go or time.monotonic()
+            if time.monotonic() - let_go > STOP_GRACE:
+                proc.kill()
+        proc.release()
         with self._lock:
             if self._proc is not proc:  # let go of, or replaced: reaped, nothing more
                 return
@@ -282,12 +285,11 @@ class KeeperLink:
             if len(self._deaths) > MAX_RESTARTS:
                 self.dead = True
                 _logger.warning(
-                    "the keeper process died %d times within %.0f s (exit status %s); not "
-                    "restarted: a death of this process now leaves its runs RUNNING and its "
-                    "journal for `runactors replay`",
+                    "the keeper process died %d times within %.0f s; not restarted: a death "
+                    "of this process now leaves its runs RUNNING and its journal for "
+                    "`runactors replay`",
                     len(self._deaths),
                     RESTART_WINDOW,
-                    proc.returncode,
                 )
                 return
             self.restarts += 1  # before it runs: status() never reads "running" for it
@@ -296,16 +298,15 @@ class KeeperLink:
             except Exception as exc:
                 _logger.warning("the keeper process died and could not be restarted: %r", exc)
                 return
-            _logger.warning(
-                "the keeper process died (exit status %s); a new one was started",
-                proc.returncode,
-            )
+            _logger.warning("the keeper process %d died; a new one was started", proc.pid)
 
     def _after_fork_in_child(self) -> None:
         """The parent's keeper is not ours: drop our copies of its socket and pidfds."""
-        sock = self._sock
+        sock, proc = self._sock, self._proc
         if sock is not None:
             sock.close()
+        if proc is not None:
+            proc.forget()
         for fd in self._workers.values():
             try:
                 os.close(fd)

@@ -1,13 +1,18 @@
 """The keeper process: what it hears from its parent, and how it watches the parent die.
 
-Started by :mod:`actors.keeper._link` as ``python -c BOOTSTRAP PATH FD PID`` (this file loaded by
-its path, the current folder off ``sys.path``), in a session of its own: a terminal's Ctrl-C
-or a signal to the parent's process group does not reach it. While the parent lives it only
-reads records (JSON lines, see :func:`encode`) from its end of a socketpair and keeps them in
-a :class:`KeeperState`: what the parent's clients with ``spool_dir`` are, their journals,
-the runs they created and have not terminated, the parent's worker processes (each record
-``W`` carries a pidfd of the worker, ``SCM_RIGHTS``). What the parent wrote before it died
-is in the socket's buffer, so the state is whole up to the moment of the death.
+Started by :mod:`actors.keeper._link` as ``python -c BOOTSTRAP PATH FD PID PIDFD`` (this file
+loaded by its path, the current folder off ``sys.path``), forked off by an intermediate that
+exits (:mod:`actors.keeper._process`): no child of its parent, in a session of its own, so a
+terminal's Ctrl-C, a signal to the parent's process group, or a kill of the parent's children
+(Ray's, when a worker exits) does not reach it. It watches the parent through ``PIDFD``, a
+pidfd the parent opened of itself (``-1``: none, it then polls the PID).
+
+While the parent lives it only reads records (JSON lines, see :func:`encode`) from its end of a
+socketpair and keeps them in a :class:`KeeperState`: what the parent's clients with
+``spool_dir`` are, their journals, the runs they created and have not terminated, the parent's
+worker processes (each record ``W`` carries a pidfd of the worker, ``SCM_RIGHTS``). What the
+parent wrote before it died is in the socket's buffer, so the state is whole up to the moment of
+the death.
 
 Only the standard library is imported here: an idle keeper costs a bare interpreter. The
 recovery (:mod:`actors.keeper._recovery`: MLflow, the journal) is imported when the parent
@@ -111,16 +116,15 @@ class KeeperState:
         self._fds = []
 
 
-def _parent_pidfd(parent: int) -> int | None:
-    """A pidfd of the parent, or None (no pidfd support, or the parent is gone already)."""
+def _parent_gone(parent: int) -> bool:
+    """Without a pidfd: whether the parent's PID is gone (a zombie still counts as there)."""
     try:
-        fd = os.pidfd_open(parent)
-    except (AttributeError, OSError):
-        return None
-    if os.getppid() != parent:  # it died before the pidfd was made: the pid may be reused
-        os.close(fd)
-        return None
-    return fd
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # pragma: no cover - the PID was reused by another user's process
+        return True
+    return False
 
 
 def _drain(sock: socket.socket, state: KeeperState) -> None:
@@ -138,10 +142,9 @@ def _drain(sock: socket.socket, state: KeeperState) -> None:
         state.feed(data, fds)
 
 
-def watch(sock: socket.socket, parent: int, state: KeeperState) -> str:
+def watch(sock: socket.socket, parent: int, state: KeeperState, pidfd: int | None = None) -> str:
     """Read records until the parent closes cleanly (``"closed"``), dies (``"died"``) or
-    lets go of the keeper while it lives on (``"left"``)."""
-    pidfd = _parent_pidfd(parent)
+    lets go of the keeper while it lives on (``"left"``). ``pidfd``: one of the parent."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     if pidfd is not None:
@@ -152,7 +155,7 @@ def watch(sock: socket.socket, parent: int, state: KeeperState) -> str:
         if eof_at is not None:
             timeout = max(DEATH_GRACE - (time.monotonic() - eof_at), 0.0)
         events = dict(poller.poll(None if timeout is None else int(timeout * 1000) + 1))
-        dead = (pidfd in events) if pidfd is not None else os.getppid() != parent
+        dead = (pidfd in events) if pidfd is not None else _parent_gone(parent)
         if eof_at is None and sock.fileno() in events:
             data, fds, _, _ = socket.recv_fds(sock, READ_SIZE, MAX_FDS)
             if data:
@@ -184,6 +187,7 @@ def _warm_up(delay: float, state: KeeperState) -> None:
 
 def main(argv: list[str]) -> None:
     fd, parent = int(argv[0]), int(argv[1])
+    pidfd = int(argv[2]) if len(argv) > 2 and int(argv[2]) >= 0 else None
     os.chdir("/")
     sock = socket.socket(fileno=fd)
     try:
@@ -192,7 +196,7 @@ def main(argv: list[str]) -> None:
         delay = DEFAULT_WARMUP
     state = KeeperState()
     threading.Thread(target=_warm_up, args=(delay, state), name="warm-up", daemon=True).start()
-    outcome = watch(sock, parent, state)
+    outcome = watch(sock, parent, state, pidfd)
     state.finish()
     if outcome == "died":
         died_ms = int(time.time() * 1000)
