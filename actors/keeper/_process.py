@@ -131,7 +131,7 @@ class KeeperProcess:
         if fd is None:
             return
         try:
-            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)  # type: ignore[attr-defined]
+            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
         except (AttributeError, ChildProcessError, OSError):
             pass  # not ours: init (or a subreaper) reaps it
         os.close(fd)
