@@ -3,7 +3,8 @@
 A real HTTP client (urllib) asks a real status server while the faults are made for real: a
 run's actor and the supervisor actor stopped (the ticker thread then dies at its next
 tick), a worker process of the process executor killed with SIGKILL, the spool's journal
-deleted and its folder replaced by a file. Where the runtime heals the fault by itself (a
+deleted, its writes failing (no file may grow: ``RLIMIT_FSIZE``) and its folder replaced by a
+file, the keeper killed more often than it is restarted. Where the runtime heals the fault by itself (a
 new run actor, a new worker process at the next flush), the probe answers 200 again and
 the data logged after it is read back from the store with MLflow's own client.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import time
@@ -230,6 +232,91 @@ def test_a_spool_folder_that_cannot_be_written_is_reported(
         spool_dir.mkdir(mode=0o700)
         assert healthz(server) == (200, "ok\n")
         client.close()
+
+
+@contextlib.contextmanager
+def no_file_may_grow() -> Iterator[None]:
+    """While inside: no file of this process may grow (``RLIMIT_FSIZE`` at 0, as on a full
+    disk: a write past a file's end fails with EFBIG; SIGXFSZ ignored, not fatal)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_journal_that_cannot_be_written_is_reported(
+    tmp_path: Path, experiment_id: str, fail_fast_http: None
+) -> None:
+    # Nothing listens at the store, and nothing is flushed: only the journal is written.
+    client = QueueingClient(refused_uri(), spool_dir=tmp_path / "spool", journal_interval=0.01)
+    with client.serve_status() as server:
+        run = client.create_run(experiment_id)
+        client.log_metrics(run, {"loss": 1.0}, step=0)
+        deadline = time.monotonic() + WAIT
+        while not list((tmp_path / "spool").glob("runactors-*.spool-wal")):  # written
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        [journal] = (tmp_path / "spool").glob("runactors-*.spool")
+        assert client.status().journal_error is None
+        assert healthz(server) == (200, "ok\n")
+        session = client._session
+        assert session is not None
+
+        with no_file_may_grow():
+            client.log_metrics(run, {"loss": 2.0}, step=1)
+            while client.status().journal_error is None:  # the next commit fails
+                assert time.monotonic() < deadline, "no journal write failed"
+                time.sleep(0.01)
+            error = client.status().journal_error
+            code, body = healthz(server)
+        assert error is not None and f"Journal {journal}: write failed" in error, error
+        assert client.status().to_dict()["journal_error"] == error
+        assert code == 503
+        assert body == (
+            f"client {session.id}: spool: writing the journal {journal} failed ({error}): "
+            "what was logged since is only in memory until a write succeeds\n"
+        )
+
+        wait_for_code(server, 200)  # the disk has room again: the next commit writes it all
+        assert client.status().journal_error is None
+        client.close(timeout=1)
+
+
+@pytest.mark.slow  # keeper processes
+def test_a_keeper_dead_for_good_is_reported(
+    tmp_path: Path, tracking_uri: str, experiment_id: str
+) -> None:
+    from actors.keeper import LINK
+    from actors.keeper._link import MAX_RESTARTS
+
+    client = QueueingClient(tracking_uri, spool_dir=tmp_path / "spool")
+    with client.serve_status() as server:
+        client.create_run(experiment_id)
+        assert client.status().keeper == "running"
+        assert healthz(server) == (200, "ok\n")
+        deadline = time.monotonic() + WAIT
+        for _ in range(MAX_RESTARTS + 1):  # a death more than restarts allow, within seconds
+            pid = LINK.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            while LINK.pid in (pid, None) and not LINK.dead:  # restarted, or not any more
+                assert time.monotonic() < deadline, "the keeper was not restarted"
+                time.sleep(0.01)
+        assert LINK.dead and client.status().keeper == "dead"
+        assert not client.keeper_healthy()
+        session = client._session
+        assert session is not None
+        assert healthz(server) == (
+            503,
+            f"client {session.id}: its keeper process died and is not restarted "
+            "(see status().keeper)\n",
+        )
+        client.close()
+    assert client.status().keeper == "stopped"
 
 
 def test_the_documented_liveness_probe_asks_healthz() -> None:
