@@ -316,6 +316,7 @@ class QueueingClient:
             closed=closed,
             client_id=session.id if session else None,
             keeper=session.keeper_state() if session else None,
+            journal_error=session.journal_failure() if session else None,
         )
 
     def keeper_healthy(self) -> bool:

@@ -108,6 +108,12 @@ class Session:
             return None
         return "stopped" if self.closed else self.keeper.state()
 
+    def journal_failure(self) -> str | None:
+        """Why the last write of the write-ahead journal failed, until one succeeds; None
+        without a journal or while it is written."""
+        journal = None if self.spooler is None else self.spooler.journal
+        return None if journal is None else journal.failure
+
     def new_queues(self, create: CreateRunCall | None = None) -> RunQueues:
         """The queues of a new run: plain, unless ``max_queued`` or ``flush_interval`` is set."""
         if self.budget is None:

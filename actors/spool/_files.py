@@ -311,14 +311,20 @@ def open_journal(path: Path) -> tuple[int, sqlite3.Connection]:
         raise
 
 
-def write_problems(journal: Path | None, folder: Path) -> list[str]:
+def write_problems(journal: Path | None, folder: Path, failure: str | None = None) -> list[str]:
     """What keeps a live spool from taking a write now (empty: nothing): its ``journal`` was
-    removed (writes would go to a file nobody can replay), or no journal can be created in
-    ``folder`` (proved by a probe file, as the client's constructor proved it)."""
+    removed (writes would go to a file nobody can replay), its last write ``failure`` (a full
+    disk: retried at each commit), or no journal can be created in ``folder`` (proved by a
+    probe file, as the client's constructor proved it)."""
     if journal is not None and not journal.exists():
         return [
             f"spool: the journal {journal} was removed: what it holds and what is "
             "spooled next cannot be replayed"
+        ]
+    if failure is not None and journal is not None:
+        return [
+            f"spool: writing the journal {journal} failed ({failure}): what was logged since "
+            "is only in memory until a write succeeds"
         ]
     if journal is None and not folder.exists():  # made at the first spool write
         parent = next(p for p in folder.parents if p.exists())

@@ -355,8 +355,8 @@ class Spooler(JournalRounds):
         :func:`~actors.spool._files.write_problems`."""
         if self._closed:
             return []
-        spool = self._spool
-        return write_problems(None if spool is None else spool.path, Path(self.spool_dir))
+        spool, failure = self._spool, None if self.journal is None else self.journal.failure
+        return write_problems(None if spool is None else spool.path, Path(self.spool_dir), failure)
 
     # -- closing ------------------------------------------------------------------------
 

@@ -105,6 +105,9 @@ class ClientStatus:
     # was replaced), "dead" (not running: a death of the process would leave runs RUNNING),
     # "stopped" (the client is closed); None without spool_dir or before first use.
     keeper: str | None = None
+    # With spool_dir: why the last write of the journal failed (a full disk...), until one
+    # succeeds; what was logged meanwhile is only in memory. None while it is written.
+    journal_error: str | None = None
 
     def counts(self) -> dict[str, int]:
         """Runs per state.
@@ -129,5 +132,6 @@ class ClientStatus:
             "executor": self.executor,
             "closed": self.closed,
             "keeper": self.keeper,
+            "journal_error": self.journal_error,
             "runs": [run.to_dict() for run in self.runs],
         }
