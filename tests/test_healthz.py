@@ -1,12 +1,12 @@
 """``GET /healthz``: 200 ``ok`` while every open client works, 503 naming each real fault.
 
 A real HTTP client (urllib) asks a real status server while the faults are made for real: a
-run's actor and the supervisor actor stopped (the ticker thread then dies at its next
-tick), a worker process of the process executor killed with SIGKILL, the spool's journal
-deleted, its writes failing (no file may grow: ``RLIMIT_FSIZE``) and its folder replaced by a
-file, the keeper killed more often than it is restarted. Where the runtime heals the fault by itself (a
-new run actor, a new worker process at the next flush), the probe answers 200 again and
-the data logged after it is read back from the store with MLflow's own client.
+run's actor and the supervisor actor stopped (the ticker thread then dies at its next tick), a
+worker process of the process executor killed with SIGKILL, the spool's journal deleted, its
+writes failing (no file may grow: ``RLIMIT_FSIZE``) and its folder replaced by a file, the
+keeper killed more often than it is restarted. Where the runtime heals the fault by itself (a
+new run actor, a new worker process at the next flush), the probe answers 200 again and the
+data logged after it is read back from the store with MLflow's own client.
 """
 
 from __future__ import annotations
