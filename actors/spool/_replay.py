@@ -26,7 +26,7 @@ from actors.delivery._dispatch import invoke
 from actors.delivery._jobs import KINDS, RetryHook, call_counts, empty_counts
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._sqlite_gate import uri_database_key
-from actors.queueing._plan import call_kind
+from actors.queueing._plan import SetTerminatedCall, call_kind
 from actors.spool._format import RunEntry, SpoolCorrupt, SpoolError
 from actors.spool._spool import Spool
 
@@ -49,6 +49,7 @@ class RunDelivery:
     calls_left: int = 0
     error: str | None = None
     transient: bool = False  # the error is transient: a later delivery may succeed
+    terminated: bool = False  # its set_terminated was delivered: the run is ended
 
 
 @dataclass
@@ -150,6 +151,7 @@ def deliver_run(
                     partial(invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
                 )
                 spool.remove([seq])
+                outcome.terminated = outcome.terminated or isinstance(call, SetTerminatedCall)
                 counts = call_counts(call)
                 _add(outcome.delivered, counts)
                 outcome.calls += 1

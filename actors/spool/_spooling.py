@@ -130,18 +130,13 @@ class Spooler(JournalRounds):
         return None if spool is None else spool.path
 
     def _journal(self) -> Spool:
-        if self._closed:
-            raise JobStopped("the client is closed: its journal is closed")
-        if self._spool is None:
-            self._spool = Spool.create(self.spool_dir, self.tracking_uri)
-            if self.on_journal is not None:
-                self.on_journal(self._spool.path)
-        return self._spool
-        with self._open_lock:
+        with self._open_lock:  # the journal's writer thread may be making it too
             if self._closed:
                 raise JobStopped("the client is closed: its journal is closed")
             if self._spool is None:
                 self._spool = Spool.create(self.spool_dir, self.tracking_uri)
+                if self.on_journal is not None:
+                    self.on_journal(self._spool.path)
             return self._spool
 
     def attach(self, handle: RunHandle) -> None:
@@ -320,6 +315,7 @@ class Spooler(JournalRounds):
                 )
                 for kind, n in outcome.delivered.items():
                     result.logged[kind] += n
+                result.terminated = result.terminated or outcome.terminated  # as a live round
                 if entry.run_id is None and outcome.run_id is not None:
                     result.run_id, result.created = outcome.run_id, True
                     if self.journal is not None and run is not None:
