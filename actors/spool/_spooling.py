@@ -323,7 +323,9 @@ class Spooler(JournalRounds):
                 if outcome.error is None:
                     continue  # the loop ends: delivered runs leave the journal
                 if outcome.transient or self._closed:  # they stay spooled: nothing lost
-                    result.spool_notes.append(f"re-sending spooled calls failed: {outcome.error}")
+                    result.spool_notes.append(
+                        f"re-sending spooled calls failed; they stay spooled: {outcome.error}"
+                    )
                     return
                 result.errors.append(outcome.error)
                 if outcome.run_id is None:  # its creation failed for good: nothing can go
@@ -332,10 +334,11 @@ class Spooler(JournalRounds):
                     handle.record.create_error = outcome.error
                     if handle.pending is not None:
                         handle.pending._set_failed(outcome.error)
-                    if dropped:
+                    if dropped:  # as a live round reports the calls behind a failed creation
+                        calls, were = ("call", "was") if dropped == 1 else ("calls", "were")
                         result.errors.append(
-                            f"{dropped} spooled calls of run {handle.record.label} were not "
-                            "sent: its creation failed"
+                            f"{dropped} spooled {calls} of run {handle.record.label} {were} "
+                            "dropped, not sent: its creation failed"
                         )
                     return
                 for seq, _ in spool.calls(key, limit=1):
