@@ -83,6 +83,25 @@ def test_a_param_logged_again_is_sent_once_and_a_changed_value_raises(client, st
     assert [r.logged["params"] for r in client.status().runs] == [4, 4]  # none sent twice
 
 
+def test_a_run_keeps_one_param_memory_under_both_its_names(client, store, experiment_id):
+    """A PendingRunId and its run's ID string name one run: a param logged through one and
+    changed through the other raises at the call, as MLflow refuses it; the same value
+    through both is harmless, and sent once."""
+    pending = client.create_run(experiment_id)
+    client.log_params(pending, {"p": "1"})
+    client.flush()
+    run_id = pending.resolve()
+    client.log_params(run_id, {"p": "1"})  # the same value through its other name
+    raises_naming("'p'", client.log_params, run_id, {"p": "2"})
+    client.log_params(run_id, {"q": "a"})  # the other way round: first through the ID
+    raises_naming("'q'", client.log_params, pending, {"q": "b"})
+    client.log_params(pending, {"q": "a", "r": "x"})
+    raises_naming("'r'", client.log_params, run_id, {"r": "y"})  # queued, not yet flushed
+    client.flush()
+    assert run_data(store, run_id)[0] == {"p": "1", "q": "a", "r": "x"}
+    assert sum(r.logged["params"] for r in client.status().runs) == 3  # none sent twice
+
+
 def test_a_param_logged_again_takes_no_room_under_max_queued(store, tracking_uri, experiment_id):
     run_id = store.create_run(experiment_id).info.run_id
     client = QueueingClient(tracking_uri, max_queued=2)

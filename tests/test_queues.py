@@ -46,7 +46,7 @@ def test_a_param_repeated_is_queued_once_and_a_changed_one_queues_nothing(cls):
     with pytest.raises(MlflowException, match="'a'"):
         queues.add_params([("c", "3"), ("a", "other")])
     assert queues.take().params == [("a", "1"), ("b", "2")]
-    assert queues.param_values == {"a": "1", "b": "2"}
+    assert [queues.params_memory.get(key) for key in "abc"] == ["1", "2", None]
 
 
 @pytest.mark.parametrize("cls", [BoundedRunQueues, WatchedRunQueues])

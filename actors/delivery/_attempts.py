@@ -64,7 +64,7 @@ class CreationFailed(Exception):
     is the last error raised, so that it is as transient as that one."""
 
 
-def _creation_failed(
+def creation_failed(
     call: CreateRunCall, created: BaseException | None, looked_up: BaseException | None
 ) -> CreationFailed:
     name = "a run" if call.run_name is None else f"run {call.run_name!r}"
@@ -72,6 +72,15 @@ def _creation_failed(
     if looked_up is not None:
         text += f"; looking up whether an earlier attempt made the run also failed: {looked_up!r}"
     return CreationFailed(text)
+
+
+def creation_error(exc: BaseException, held: bool = False) -> str:
+    """How a creation that did not go through reads wherever it was sent (a round, the
+    spooler's re-send, a replay): ``create_run failed: creating run 'NAME' in experiment ID
+    failed: <the store's error>``; ``held``: it failed transiently and stays in the spool, to
+    be sent again (``create_run not delivered yet: ...``), not a creation that failed."""
+    said = str(exc) if isinstance(exc, CreationFailed) else repr(exc)
+    return f"create_run {'not delivered yet' if held else 'failed'}: {said}"
 
 
 def create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: Retries) -> str:
@@ -114,4 +123,4 @@ def create_once(client: Any, tracking_uri: str, call: CreateRunCall, retries: Re
     except JobStopped:
         raise
     except Exception as exc:
-        raise _creation_failed(call, created or exc, looked_up) from exc
+        raise creation_failed(call, created or exc, looked_up) from exc

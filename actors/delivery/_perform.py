@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from actors.delivery._attempts import CreationFailed, Retries, create_once
+from actors.delivery._attempts import Retries, create_once, creation_error
 from actors.delivery._dispatch import fast_group, fast_path_call, invoke, invoke_fast, write_group
 from actors.delivery._fast_path import (
     ClientFastPath,
@@ -109,8 +109,8 @@ def _perform(client: Any, job: Job, retries: Retries, on_call: CallHook | None) 
             try:
                 run_id = create_once(client, job.tracking_uri, call, retries)
             except Exception as exc:
-                said = str(exc) if isinstance(exc, CreationFailed) else repr(exc)
-                error, failure = f"create_run failed: {said}", exc
+                held = job.stop_on_transient and _spoolable(exc)  # then it is spooled
+                error, failure = creation_error(exc, held), exc
         elif run_id is None:
             error = f"run {job.label} has no ID: its creation failed, so this call was not sent"
         else:

@@ -82,8 +82,9 @@ class BoundedRunQueues(RunQueues):
         while True:
             if self.sealed:
                 raise closed_error()
-            new = self._new_params(pairs)
+            new = self.params_memory.new_params(pairs)
             if budget.room >= len(new):
+                new = self._new_params(pairs)  # remembered (the run's other name may log too)
                 budget.room -= len(new)
                 return new
             budget.wait_for_room(len(new))

@@ -7,10 +7,10 @@ discards the queues under the same lock.) So the order in which a run's operatio
 store is the order in which they were appended.
 
 A run's queues also remember every param this client queued for the run, flushed or not
-(:attr:`RunQueues.param_values`): MLflow refuses a batch with a param key twice, and a param
-whose value changes, so a repeat of the same value is dropped at the append (never sent twice,
-never counted against ``max_queued``) and a changed value raises there, naming the key, with
-nothing of that call queued.
+(:attr:`RunQueues.params_memory`, one for both names of a run): MLflow refuses a batch with a
+param key twice, and a param whose value changes, so a repeat of the same value is dropped at
+the append (never sent twice, never counted against ``max_queued``) and a changed value raises
+there, naming the key, with nothing of that call queued.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE
+from mlflow.protos.databricks_pb2 import INVALID_STATE
+
+from actors.queueing._param_memory import ParamMemory
 
 # key, value, timestamp (ms), step, model_id, dataset_name, dataset_digest.
 # Plain tuples: building mlflow.entities.Metric objects is deferred to the executor.
@@ -51,20 +53,6 @@ def metric_entity(row: MetricRow) -> Metric:
 def closed_error() -> MlflowException:
     """What every call on a closed client raises."""
     return MlflowException("This QueueingClient is closed.", INVALID_STATE)
-
-
-def _quoted(value: str, limit: int = 100) -> str:
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
-
-
-def param_changed(key: str, old: str, new: str) -> MlflowException:
-    """What logging ``key`` again with another value raises."""
-    return MlflowException(
-        f"Invalid param {key!r}: this client already queued or logged the value {_quoted(old)} "
-        f"for this run, and MLflow does not allow changing a param's value (got "
-        f"{_quoted(new)}). Nothing of this call was queued.",
-        INVALID_PARAMETER_VALUE,
-    )
 
 
 class CreateRunCall(NamedTuple):
@@ -147,8 +135,8 @@ class RunQueues:
         "datasets",
         "journal_run",
         "metrics",
-        "param_values",
         "params",
+        "params_memory",
         "sealed",
         "sink",
         "tags",
@@ -169,8 +157,8 @@ class RunQueues:
         # Whether the client ever queued a termination (kept after it is sent): a process
         # that dies ends the runs its client created and did not terminate (``end_runs``).
         self.terminate_queued = False
-        # Every param queued for this run, flushed or not: key -> value (as MLflow stores it).
-        self.param_values: dict[str, str] = {}
+        # Every param queued for this run, flushed or not, under any of its names.
+        self.params_memory = ParamMemory()
         # With a write-ahead journal (spool_dir): each append also goes, in order and under
         # the same lock, to ``sink`` as ``(journal_run, kind, payload)``; ``appended`` counts
         # them and ``taken`` is that count at the last take (what a round acknowledges).
@@ -205,17 +193,16 @@ class RunQueues:
             self._wait_journal(position)
 
     def _new_params(self, pairs: list[Pair]) -> list[Pair]:
-        """Under the lock: the pairs whose key this run has no value for yet; raises
-        ``param_changed`` (and nothing changes) if one has another value already."""
-        known = self.param_values
-        new: list[Pair] = []
-        for key, value in pairs:
-            old = known.get(key)
-            if old is None:
-                new.append((key, value))
-            elif old != value:
-                raise param_changed(key, old, value)
-        return new
+        """Under the lock: the pairs whose key this run has no value for yet, remembered;
+        raises ``param_changed`` (and nothing changes) if one has another value already."""
+        return self.params_memory.admit(pairs)
+
+    def use_params(self, memory: ParamMemory) -> None:
+        """From now on, check params against ``memory`` (the run's other name's), which
+        takes what this one remembers."""
+        with self._lock:
+            self.params_memory.join(memory)
+            self.params_memory = memory
 
     def add_params(self, pairs: list[Pair]) -> None:
         self._add("params", pairs)
@@ -233,8 +220,6 @@ class RunQueues:
         of a training loop, is written out in each class instead.)"""
         with self._lock:
             new = self._admit(kind, items)
-            if kind == "params":
-                self.param_values.update(new)
             getattr(self, kind).extend(new)
             full = self._filled(kind)
             position = 0 if self.sink is None or not new else self._journal(_J_KIND[kind], new)
@@ -300,8 +285,7 @@ class RunQueues:
         its params were never logged, so they are forgotten, free to be logged again."""
         with self._lock:
             snapshot = self._take_locked()
-            for key, _ in snapshot.params:
-                self.param_values.pop(key, None)
+            self.params_memory.forget(key for key, _ in snapshot.params)
             if snapshot.terminate is not None:  # never sent: the run was not terminated
                 self.terminate_queued = False
         if self.journal_run is not None:  # never to be sent: it leaves the journal too

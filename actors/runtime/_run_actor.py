@@ -203,6 +203,7 @@ class RunActor(pykka.ThreadingActor):
         keeper = self._session.keeper if handle.pending is not None else None
         if result.created and result.run_id is not None:
             record.run_id = result.run_id
+            self._session.share_params(handle, result.run_id)  # with its ID string's
             if handle.pending is not None:
                 handle.pending._set_created(result.run_id)
             if keeper is not None:

@@ -14,6 +14,7 @@ from actors.keeper._link import LINK, KeeperLink
 from actors.keeper._link import enabled as keeper_enabled
 from actors.queueing._bounded_queues import BoundedRunQueues, WatchedRunQueues
 from actors.queueing._budget import Budget
+from actors.queueing._param_memory import ParamMemory
 from actors.queueing._queues import CreateRunCall, RunQueues, closed_error
 from actors.runtime._failures import FailureLog
 from actors.spool._spooling import Spooler
@@ -69,6 +70,10 @@ class Session:
             limit = sys.maxsize if config.max_queued is None else config.max_queued
             self.budget = Budget(limit, config.retry_timeout)
         self.failures = FailureLog()  # failed rounds no flush() has raised yet
+        # Each run's one param memory, by run ID: its PendingRunId's queues and its ID
+        # string's share it (share_params), so a param cannot change through the other name.
+        self._params: dict[str, ParamMemory] = {}
+        self._params_lock = threading.Lock()
         self.next_flush: float | None = None  # flush_interval: the next background flush
         # The supervisor's scheduling of run actors (its thread only): at most ``slots`` live
         # actors (``live``); runs waiting for one, first come first served, each at most
@@ -131,6 +136,14 @@ class Session:
         if registered is handle and self.spooler is not None:
             self.spooler.attach(handle)  # its appends are journaled from now on
         return registered
+
+    def share_params(self, handle: RunHandle, run_id: str) -> None:
+        """``handle`` (a run's ID string, or a pending run that has learned its ID) checks
+        params against the run's one memory from now on, whichever of its names came first."""
+        with self._params_lock:
+            memory = self._params.setdefault(run_id, handle.queues.params_memory)
+        if memory is not handle.queues.params_memory:
+            handle.queues.use_params(memory)
 
     def seal(self) -> None:
         """Refuse new runs and new operations from now on; idempotent.

@@ -163,6 +163,7 @@ class Supervisor(pykka.ThreadingActor):
             if existing is not None:
                 return existing
             handle = RunHandle(message.key, None, session.new_queues())
+            session.share_params(handle, message.key)  # with its PendingRunId's, if any
         if isinstance(handle.queues, WatchedRunQueues):
             handle.queues.on_full = _teller(self.actor_ref, FlushInBackground(session, handle))
         return session.add_handle(handle)

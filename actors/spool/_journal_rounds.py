@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from actors.delivery._attempts import CreationFailed, Retries, create_once
+from actors.delivery._attempts import Retries, create_once, creation_error
 from actors.delivery._jobs import Job, JobResult, JobStopped
 from actors.delivery._retry import is_transient
 from actors.delivery._store import make_client
@@ -109,8 +109,9 @@ class JournalRounds:
             run_id = create_once(self._store_client(), self.tracking_uri, run.create, retries)
             journal.created(run, run_id)
         except Exception as exc:
-            error = f"create_run failed: {exc if isinstance(exc, CreationFailed) else repr(exc)}"
-            if isinstance(exc, JobStopped) or is_transient(exc):
+            held = isinstance(exc, JobStopped) or is_transient(exc)  # then it is spooled
+            error = creation_error(exc, held)
+            if held:
                 first.unsent, first.unsent_error = list(job.calls), error
                 first.unsent_attempted = True
                 return False

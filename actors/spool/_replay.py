@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from actors.delivery._attempts import create_run
+from actors.delivery._attempts import CreationFailed, create_run, creation_error, creation_failed
 from actors.delivery._create_key import creation_with_key, find_created_run
 from actors.delivery._dispatch import invoke
 from actors.delivery._jobs import KINDS, RetryHook, call_counts, empty_counts
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._sqlite_gate import uri_database_key
-from actors.queueing._plan import call_kind
+from actors.queueing._plan import SetTerminatedCall, call_kind
 from actors.spool._format import RunEntry, SpoolCorrupt, SpoolError
 from actors.spool._spool import Spool
 
@@ -49,6 +49,7 @@ class RunDelivery:
     calls_left: int = 0
     error: str | None = None
     transient: bool = False  # the error is transient: a later delivery may succeed
+    terminated: bool = False  # its set_terminated was delivered: the run is ended
 
 
 @dataclass
@@ -75,7 +76,16 @@ class DeliverySummary:
 
     @property
     def errors(self) -> list[str]:
-        return [f"run {run.key}: {run.error}" for run in self.runs if run.error]
+        return [f"run {run.key}: {run.error}{_kept(run)}" for run in self.runs if run.error]
+
+
+def _kept(run: RunDelivery) -> str:
+    """What became of a run whose creation did not go through: it stays, for a later try."""
+    if run.run_id is not None:
+        return ""
+    more = run.calls_left - 1
+    calls = f" and {more} more call{'s' * (more != 1)}" if more else ""
+    return f"; its creation{calls} stay in the journal"
 
 
 def resolve_creation(
@@ -99,18 +109,35 @@ def resolve_creation(
     attempted = entry.create_attempted
     to_send = creation_with_key(tracking_uri, create, create_key)
 
+    failed: BaseException | None = None  # the creation's last error (not its look-up's)
+    looked_up: BaseException | None = None  # the look-up's, if the last attempt ended in it
+
     def attempt() -> tuple[str, bool]:
-        nonlocal attempted
+        nonlocal attempted, failed, looked_up
+        looked_up = None
         if attempted:
-            found = find_created_run(client, tracking_uri, create, create_key, exclude)
+            try:
+                found = find_created_run(client, tracking_uri, create, create_key, exclude)
+            except Exception as exc:
+                looked_up = exc
+                raise
             if found is not None:
                 return found, False
         else:
             spool.mark_create_attempted(entry.key)
             attempted = True
-        return create_run(client, to_send, uri_database_key(tracking_uri)), True
+        try:
+            return create_run(client, to_send, uri_database_key(tracking_uri)), True
+        except Exception as exc:
+            failed = exc
+            raise
 
-    run_id, created = call_with_retry(attempt, retry_timeout, on_retry)
+    try:
+        run_id, created = call_with_retry(attempt, retry_timeout, on_retry)
+    except SpoolError:
+        raise
+    except Exception as exc:  # named as a live round names it: the run, its experiment
+        raise creation_failed(create, failed or exc, looked_up) from exc
     spool.mark_created(entry.key, run_id)
     return run_id, created
 
@@ -150,6 +177,7 @@ def deliver_run(
                     partial(invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
                 )
                 spool.remove([seq])
+                outcome.terminated = outcome.terminated or isinstance(call, SetTerminatedCall)
                 counts = call_counts(call)
                 _add(outcome.delivered, counts)
                 outcome.calls += 1
@@ -160,8 +188,11 @@ def deliver_run(
     except SpoolError:  # the journal cannot be written: nothing can be removed, stop all
         raise
     except Exception as exc:
-        outcome.error = f"{step} failed: {exc!r}"
         outcome.transient = is_transient(exc)
+        if isinstance(exc, CreationFailed):  # still in the journal if transient
+            outcome.error = creation_error(exc, held=outcome.transient)
+        else:
+            outcome.error = f"{step} failed: {exc!r}"
     outcome.left = spool.counts(entry.key)
     outcome.calls_left = spool.pending_calls(entry.key)
     return outcome

@@ -130,18 +130,13 @@ class Spooler(JournalRounds):
         return None if spool is None else spool.path
 
     def _journal(self) -> Spool:
-        if self._closed:
-            raise JobStopped("the client is closed: its journal is closed")
-        if self._spool is None:
-            self._spool = Spool.create(self.spool_dir, self.tracking_uri)
-            if self.on_journal is not None:
-                self.on_journal(self._spool.path)
-        return self._spool
-        with self._open_lock:
+        with self._open_lock:  # the journal's writer thread may be making it too
             if self._closed:
                 raise JobStopped("the client is closed: its journal is closed")
             if self._spool is None:
                 self._spool = Spool.create(self.spool_dir, self.tracking_uri)
+                if self.on_journal is not None:
+                    self.on_journal(self._spool.path)
             return self._spool
 
     def attach(self, handle: RunHandle) -> None:
@@ -320,6 +315,7 @@ class Spooler(JournalRounds):
                 )
                 for kind, n in outcome.delivered.items():
                     result.logged[kind] += n
+                result.terminated = result.terminated or outcome.terminated  # as a live round
                 if entry.run_id is None and outcome.run_id is not None:
                     result.run_id, result.created = outcome.run_id, True
                     if self.journal is not None and run is not None:
@@ -327,7 +323,9 @@ class Spooler(JournalRounds):
                 if outcome.error is None:
                     continue  # the loop ends: delivered runs leave the journal
                 if outcome.transient or self._closed:  # they stay spooled: nothing lost
-                    result.spool_notes.append(f"re-sending spooled calls failed: {outcome.error}")
+                    result.spool_notes.append(
+                        f"re-sending spooled calls failed; they stay spooled: {outcome.error}"
+                    )
                     return
                 result.errors.append(outcome.error)
                 if outcome.run_id is None:  # its creation failed for good: nothing can go
@@ -336,10 +334,11 @@ class Spooler(JournalRounds):
                     handle.record.create_error = outcome.error
                     if handle.pending is not None:
                         handle.pending._set_failed(outcome.error)
-                    if dropped:
+                    if dropped:  # as a live round reports the calls behind a failed creation
+                        calls, were = ("call", "was") if dropped == 1 else ("calls", "were")
                         result.errors.append(
-                            f"{dropped} spooled calls of run {handle.record.label} were not "
-                            "sent: its creation failed"
+                            f"{dropped} spooled {calls} of run {handle.record.label} {were} "
+                            "dropped, not sent: its creation failed"
                         )
                     return
                 for seq, _ in spool.calls(key, limit=1):
