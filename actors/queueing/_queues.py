@@ -289,6 +289,15 @@ class RunQueues:
         self.datasets = []
         return snap
 
+    def spill_locked(self) -> Snapshot:
+        """Under the lock: remove everything queued, which the write-ahead journal holds and
+        will deliver (``max_queued`` with ``spool_dir``). No round takes it, so ``taken``, the
+        position the round in flight acknowledges, stays."""
+        taken = self.taken
+        snapshot = self._take_locked()
+        self.taken = taken
+        return snapshot
+
     def discard(self) -> Snapshot:
         """Remove and return everything queued, which will never be sent from memory."""
         snapshot = self.take()
