@@ -167,8 +167,10 @@ class JournalRounds:
             on_disk()
         spilled = 0 if run is None else run.spilled
         self._deliver(handle, key, first, on_state)
-        if run is not None and key not in self._keys:  # all the journal had was sent, so
-            run.ack(spilled)  # what left memory for it before (it was on disk) is delivered
+        if run is not None:
+            run.on_disk = dict(handle.record.spooled)  # what the journal holds of it now
+            if key not in self._keys:  # all the journal had was sent, so what left memory
+                run.ack(spilled)  # for it before (it was on disk) is delivered
 
     def _close_journal(self, handles: list[RunHandle]) -> list[str]:
         """The write-ahead journal's last commit; the runs it still holds read ``spooled``."""
