@@ -298,6 +298,14 @@ class RunQueues:
         self.taken = taken
         return snapshot
 
+    def drop_delivered(self, position: int) -> Snapshot | None:
+        """With the journal: remove what is queued if all of it is at or below ``position``,
+        which a delivery from the journal sent (so it is not sent twice); None otherwise."""
+        with self._lock:
+            if self.appended > position or self.create or self.terminate or not self.has_work():
+                return None
+            return self._take_locked()
+
     def discard(self) -> Snapshot:
         """Remove and return everything queued, which will never be sent from memory."""
         snapshot = self.take()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actors.delivery._jobs import (
+    KINDS,
     Job,
     JobResult,
     JobState,
@@ -179,8 +180,9 @@ class RunActor(pykka.ThreadingActor):
 
         def on_disk() -> None:  # delivered from the journal: out of memory, not in flight
             leave_memory()
-            with record.lock:
-                record.inflight = empty_counts()
+            with record.lock:  # until the spooler counts the journal exactly
+                spooled, record.inflight = record.inflight, empty_counts()
+                record.spooled = {kind: record.spooled[kind] + spooled[kind] for kind in KINDS}
 
         def on_done(result: JobResult) -> None:
             leave_memory()  # the round's entities leave memory, delivered or not

@@ -167,10 +167,21 @@ class JournalRounds:
             on_disk()
         spilled = 0 if run is None else run.spilled
         self._deliver(handle, key, first, on_state)
-        if run is not None:
-            run.on_disk = dict(handle.record.spooled)  # what the journal holds of it now
-            if key not in self._keys:  # all the journal had was sent, so what left memory
-                run.ack(spilled)  # for it before (it was on disk) is delivered
+        if run is None:
+            return
+        run.on_disk = dict(handle.record.spooled)  # what the journal holds of it now
+        if key in self._keys:
+            return
+        run.ack(spilled)  # all the journal had was sent: what left memory for it too
+        # If the journal still has nothing of the run, what was on disk before was sent too:
+        # what is still queued, if it was all there, leaves memory (it is not sent twice).
+        written, spool = run.written, self._spool
+        if spool is None or spool.has_run(key):
+            return
+        run.ack(written)
+        delivered = handle.queues.drop_delivered(written)
+        if delivered is not None:
+            handle.queues.release(delivered)
 
     def _close_journal(self, handles: list[RunHandle]) -> list[str]:
         """The write-ahead journal's last commit; the runs it still holds read ``spooled``."""
