@@ -79,11 +79,15 @@ def test_a_full_budget_spills_to_the_journal_instead_of_blocking(
             took = time.monotonic() - began
             assert took < RETRY, f"{STEPS} steps took {took:.1f} s: calls waited for rounds"
             assert most <= MAX_QUEUED
+            deadline = time.monotonic() + 5  # all on disk: what is still queued is there too
+            while client.status().runs[0].journaled["metrics"] < STEPS:
+                assert time.monotonic() < deadline, client.status()
+                time.sleep(0.02)
             [run] = client.status().runs
-            assert run.spooled["metrics"] > 0 and run.journaled["metrics"] > 0, run
-            assert run.logged["metrics"] == 0, run
+            assert run.spooled["metrics"] > 0 and run.logged["metrics"] == 0, run
         client.flush()
         [run] = client.status().runs
+        # Delivered from the journal, what was still queued too is not sent (counted) again.
         assert run.logged["metrics"] == STEPS and run.logged["tags"] >= STEPS, run
         assert sum(run.spooled.values()) == 0 and sum(run.queued.values()) == 0, run
         deadline = time.monotonic() + 5  # acknowledged rows leave at the journal's next commit
@@ -132,3 +136,42 @@ def test_a_full_budget_still_blocks_and_refuses_when_the_journal_cannot_be_writt
         client.close()
     stored = _stored_steps(tracking_uri, run_id, "loss")
     assert stored == list(range(len(stored))) and MAX_QUEUED <= len(stored) < STEPS
+
+
+def test_what_the_journal_delivered_is_not_sent_again_from_memory(
+    executor: str, tracking_uri: str, experiment_id: str, lock_store: Any, tmp_path: Path
+) -> None:
+    """A run spilled, whose delivery from the journal is blocked, logs a few more points (in
+    memory and, once committed, in the journal too): the delivery sends them from the journal,
+    so the next round must not send (nor count) them again from memory."""
+    client = QueueingClient(
+        tracking_uri,
+        executor=executor,
+        max_queued=MAX_QUEUED,
+        spool_dir=tmp_path / "spool",
+        retry_timeout=RETRY,
+        journal_interval=0.02,
+    )
+    extra = MAX_QUEUED // 2
+    try:
+        pending = client.create_run(experiment_id, run_name="twice")
+        client.flush()
+        run_id = pending.resolve(timeout=5)
+        with lock_store():
+            for step in range(MAX_QUEUED + 1):  # the last one spills the first ten
+                client.log_metrics(pending, {"loss": float(step)}, step=step)
+            deadline = time.monotonic() + 5  # their delivery from the journal is blocked
+            while client.status().runs[0].worker != "spool":
+                assert time.monotonic() < deadline, client.status()
+                time.sleep(0.01)
+            for step in range(MAX_QUEUED + 1, MAX_QUEUED + 1 + extra):
+                client.log_metrics(pending, {"loss": float(step)}, step=step)
+            while client.status().runs[0].journaled["metrics"] < MAX_QUEUED + 1 + extra:
+                assert time.monotonic() < deadline, client.status()
+                time.sleep(0.01)
+        client.flush()
+        [run] = client.status().runs
+        assert run.logged["metrics"] == MAX_QUEUED + 1 + extra, run
+    finally:
+        client.close()
+    assert _stored_steps(tracking_uri, run_id, "loss") == list(range(MAX_QUEUED + 1 + extra))
