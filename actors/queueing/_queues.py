@@ -274,6 +274,23 @@ class RunQueues:
         self.datasets = []
         return snap
 
+    def spill_locked(self) -> Snapshot:
+        """Under the lock: remove everything queued, which the write-ahead journal holds and
+        will deliver (``max_queued`` with ``spool_dir``). No round takes it, so ``taken``, the
+        position the round in flight acknowledges, stays."""
+        taken = self.taken
+        snapshot = self._take_locked()
+        self.taken = taken
+        return snapshot
+
+    def drop_delivered(self, position: int) -> Snapshot | None:
+        """With the journal: remove what is queued if all of it is at or below ``position``,
+        which a delivery from the journal sent (so it is not sent twice); None otherwise."""
+        with self._lock:
+            if self.appended > position or self.create or self.terminate or not self.has_work():
+                return None
+            return self._take_locked()
+
     def discard(self) -> Snapshot:
         """Remove and return everything queued, which will never be sent from memory."""
         snapshot = self.take()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actors.delivery._jobs import (
+    KINDS,
     Job,
     JobResult,
     JobState,
@@ -160,6 +161,13 @@ class RunActor(pykka.ThreadingActor):
             record.inflight = snapshot.counts()
         ref = self.actor_ref
         budget, held = self._session.budget, snapshot.held()
+        counted = [budget is not None]  # the round's entities, until they leave memory
+
+        def leave_memory() -> None:
+            # Once: at the round's end, or (delivered from the journal) once on disk.
+            if counted[0]:
+                counted[0] = False
+                budget.release(held)  # type: ignore[union-attr]
 
         def on_state(state: JobState, worker: str | None, detail: str | None = None) -> None:
             # Called on the executor's thread, while only this run's job writes these fields.
@@ -170,9 +178,14 @@ class RunActor(pykka.ThreadingActor):
 
         session = self._session
 
+        def on_disk() -> None:  # delivered from the journal: out of memory, not in flight
+            leave_memory()
+            with record.lock:  # until the spooler counts the journal exactly
+                spooled, record.inflight = record.inflight, empty_counts()
+                record.spooled = {kind: record.spooled[kind] + spooled[kind] for kind in KINDS}
+
         def on_done(result: JobResult) -> None:
-            if budget is not None:  # the round's entities leave memory, delivered or not
-                budget.release(held)
+            leave_memory()  # the round's entities leave memory, delivered or not
             try:
                 ref.tell(JobDone(result))
             except pykka.ActorDeadError:  # stopped or crashed meanwhile: nobody to tell
@@ -185,7 +198,7 @@ class RunActor(pykka.ThreadingActor):
             done = spooler.track(handle, on_done)
             # With a write-ahead journal, a creation is sent by the spooler (noted durably).
             if spooled or (spooler.journal is not None and snapshot.create is not None):
-                spooler.resend(handle, job, self._session.executor, on_state, done)
+                spooler.resend(handle, job, self._session.executor, on_state, done, on_disk)
                 return
         try:
             self._session.executor().submit(job, on_state, done)
@@ -193,8 +206,7 @@ class RunActor(pykka.ThreadingActor):
             if spooler is not None:  # on_done, inside done, gives the budget back
                 done(failed_result(job, JobStopped(str(exc))))
                 return
-            if budget is not None:
-                budget.release(held)
+            leave_memory()
             self._on_job_done(failed_result(job, exc))
 
     def _on_job_done(self, result: JobResult) -> None:

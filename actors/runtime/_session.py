@@ -17,6 +17,7 @@ from actors.queueing._budget import Budget
 from actors.queueing._param_memory import ParamMemory
 from actors.queueing._queues import CreateRunCall, RunQueues, closed_error
 from actors.runtime._failures import FailureLog
+from actors.spool._spill import Spill
 from actors.spool._spooling import Spooler
 from actors.status._handle import RunHandle
 
@@ -95,6 +96,10 @@ class Session:
                 journal_interval=config.journal_interval,
             )
         )
+        if self.budget is not None and self.spooler and self.spooler.journal is not None:
+            # max_queued with a journal: what is on disk leaves memory (actors.spool._spill).
+            self.budget.spill = Spill(self.spooler, self.handles.values)
+            self.spooler.journal.on_commit = self.budget.wake
         # With spool_dir: the process's keeper, told of this session (started if need be).
         self.keeper: KeeperLink | None = None
         if self.spooler is not None and keeper_enabled():

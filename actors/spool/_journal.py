@@ -68,8 +68,10 @@ class JournalRun:
         "drained",
         "journal",
         "key",
+        "on_disk",
         "rows",
         "run_id",
+        "spilled",
         "sync",
         "written",
     )
@@ -87,6 +89,10 @@ class JournalRun:
         self.acked = 0  # appends the store has acknowledged (or that will never be sent)
         self.rows: deque[tuple[int, int]] = deque()  # (seq, last position it holds)
         self.abandoned = False  # its creation will never be sent: it leaves the journal
+        # Appends up to this position left memory unsent (max_queued): the journal delivers
+        # them, so the run's rounds deliver from it until they acknowledge past it.
+        self.spilled = 0
+        self.on_disk: dict[str, int] = {}  # entities of its calls in the journal (status())
 
     def ack(self, position: int) -> None:
         """The store has every append up to ``position``: it may leave the journal."""
@@ -161,6 +167,7 @@ class Journal:
         self._wake = threading.Event()
         self._stopped = False
         self._failed: str | None = None  # the last commit's error, until one succeeds
+        self.on_commit: Callable[[], None] | None = None  # told after each commit
         self._thread = threading.Thread(target=self._run, name=f"{name}-journal", daemon=True)
         self._thread.start()
 
@@ -182,6 +189,10 @@ class Journal:
             while run.written < position and run.acked < position and not self._stopped:
                 self._wake.set()
                 self._written.wait(0.5)
+
+    def wake(self) -> None:
+        """Ask the writer for a commit now (a call waits for room in memory)."""
+        self._wake.set()
 
     @property
     def failure(self) -> str | None:
@@ -208,6 +219,13 @@ class Journal:
 
     def commit(self) -> None:
         """One group commit of everything appended and acknowledged so far (any thread)."""
+        try:
+            self._commit()
+        finally:  # made or failed: calls waiting for room in memory look again
+            if self.on_commit is not None:
+                self.on_commit()
+
+    def _commit(self) -> None:
         with self._commit_lock:
             sink = self.sink
             drained: dict[JournalRun, list[tuple[int, int, Any]]] = {}
@@ -256,10 +274,18 @@ class Journal:
                 by_key = {run.key: run for run in drained}
                 for write, run_seqs, lasts in zip(writes, seqs, positions, strict=True):
                     by_key[write.key].rows.extend(zip(run_seqs, lasts, strict=True))
+                self._count({*by_key.values(), *acked})
             for run in drained:
                 run.written = run.drained
         with self._written:
             self._written.notify_all()
+
+    def _count(self, runs: set[JournalRun]) -> None:
+        """After a commit: what the journal holds of the runs it changed (``journaled``)."""
+        with contextlib.suppress(Exception):  # a count is not worth failing a commit for
+            counts = self._open_spool().run_counts([run.key for run in runs])
+            for run in runs:
+                run.on_disk = counts.get(run.key, {})
 
     def _undo(
         self, drained: dict[JournalRun, list[tuple[int, int, Any]]], acked: set[JournalRun]

@@ -14,6 +14,7 @@ differs from spooling only what could not be delivered (:mod:`actors.spool._spoo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actors.delivery._attempts import Retries, create_once, creation_error
@@ -43,9 +44,25 @@ class JournalRounds:
     _stopping = False  # closing: what the spooler is still retrying stops, and is spooled
     _spool: Spool | None
 
+    _keys: set[str]
+
     @staticmethod
     def key(handle: RunHandle) -> str:
         raise NotImplementedError
+
+    def holds(self, handle: RunHandle) -> bool:
+        """Whether the run has calls (or its creation) in the journal to deliver from there:
+        spooled after a failure, or spilled out of memory (``max_queued``)."""
+        run = handle.queues.journal_run
+        return self.key(handle) in self._keys or (run is not None and run.spilled > run.acked)
+
+    def spilled(self, handle: RunHandle) -> None:
+        """The run's queued calls left memory for the journal (:mod:`actors.spool._spill`)."""
+        self._keys.add(self.key(handle))  # set.add is atomic: no lock under the queues' lock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _journal(self) -> Spool:
         raise NotImplementedError
@@ -127,6 +144,45 @@ class JournalRounds:
         job.calls = [LogBatchCall([], [], extra)] * bool(extra) + job.calls[1:]
         job.run_id = run_id
         return True
+
+    def _deliver(self, handle: RunHandle, key: str, result: JobResult, on_state: StateHook) -> None:
+        raise NotImplementedError
+
+    def _from_journal(
+        self,
+        handle: RunHandle,
+        key: str,
+        job: Job,
+        first: JobResult,
+        on_state: StateHook,
+        on_disk: Callable[[], None] | None,
+    ) -> None:
+        """A held run's round with the journal: its calls go to disk (and leave memory: the
+        round's entities leave ``max_queued``, told by ``on_disk``), then everything the
+        journal has of the run is delivered from it, in order."""
+        run = handle.queues.journal_run
+        assert self.journal is not None
+        self.journal.commit()
+        job.calls = []
+        if on_disk is not None:
+            on_disk()
+        spilled = 0 if run is None else run.spilled
+        self._deliver(handle, key, first, on_state)
+        if run is None:
+            return
+        run.on_disk = dict(handle.record.spooled)  # what the journal holds of it now
+        if key in self._keys:
+            return
+        run.ack(spilled)  # all the journal had was sent: what left memory for it too
+        # If the journal still has nothing of the run, what was on disk before was sent too:
+        # what is still queued, if it was all there, leaves memory (it is not sent twice).
+        written, spool = run.written, self._spool
+        if spool is None or spool.has_run(key):
+            return
+        run.ack(written)
+        delivered = handle.queues.drop_delivered(written)
+        if delivered is not None:
+            handle.queues.release(delivered)
 
     def _close_journal(self, handles: list[RunHandle]) -> list[str]:
         """The write-ahead journal's last commit; the runs it still holds read ``spooled``."""

@@ -22,11 +22,12 @@ from typing import Any
 
 from actors.delivery._attempts import CreationFailed, create_run, creation_error, creation_failed
 from actors.delivery._create_key import creation_with_key, find_created_run
-from actors.delivery._dispatch import invoke
-from actors.delivery._jobs import KINDS, RetryHook, call_counts, empty_counts
+from actors.delivery._dispatch import fast_path_call, invoke, invoke_fast
+from actors.delivery._fast_path import client_fast_path, log_batch_is_mlflows
+from actors.delivery._jobs import KINDS, JobResult, RetryHook, call_counts, empty_counts
 from actors.delivery._retry import call_with_retry, is_transient
 from actors.delivery._sqlite_gate import uri_database_key
-from actors.queueing._plan import SetTerminatedCall, call_kind
+from actors.queueing._plan import Call, LogBatchCall, SetTerminatedCall, call_kind
 from actors.spool._format import RunEntry, SpoolCorrupt, SpoolError
 from actors.spool._spool import Spool
 
@@ -174,7 +175,7 @@ def deliver_run(
             for seq, call in batch:
                 step = call_kind(call)
                 call_with_retry(
-                    partial(invoke, client, outcome.run_id, call, gate), retry_timeout, on_retry
+                    partial(_send, client, outcome.run_id, call, gate), retry_timeout, on_retry
                 )
                 spool.remove([seq])
                 outcome.terminated = outcome.terminated or isinstance(call, SetTerminatedCall)
@@ -196,6 +197,19 @@ def deliver_run(
     outcome.left = spool.counts(entry.key)
     outcome.calls_left = spool.pending_calls(entry.key)
     return outcome
+
+
+def _send(client: Any, run_id: str, call: Call, gate: str | None) -> None:
+    """One attempt at a journal's call, sent as a live round sends it: a metric-only batch
+    on a database store through the SQL fast path (a re-sent point is stored once either
+    way), anything else through MLflow's client."""
+    if fast_path_call(call):
+        fast = client_fast_path(client)
+        if fast is not None and fast.database and log_batch_is_mlflows(client):
+            assert isinstance(call, LogBatchCall)
+            invoke_fast(fast, client, run_id, call, JobResult(run_id=run_id), gate)
+            return
+    invoke(client, run_id, call, gate)
 
 
 def _add(target: dict[str, int], counts: dict[str, int]) -> None:

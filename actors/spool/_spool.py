@@ -211,6 +211,20 @@ class Spool:
                 counts["tags"] += len(entry.create.tags)
         return counts
 
+    def run_counts(self, keys: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Entities per kind of the calls in the journal, per run of ``keys`` that has any."""
+        out: dict[str, dict[str, int]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = self._read(
+                "SELECT run_key, SUM(metrics), SUM(params), SUM(tags), SUM(datasets) FROM calls"
+                f" WHERE run_key IN ({','.join('?' * len(chunk))}) GROUP BY run_key",
+                chunk,
+            )
+            for key, *sums in rows:
+                out[key] = {kind: int(n or 0) for kind, n in zip(KINDS, sums, strict=True)}
+        return out
+
     def pending_calls(self, key: str | None = None) -> int:
         """Calls left to make (of one run, or of all), creations included: what a replay's
         progress counts."""

@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,10 +120,6 @@ class Spooler(JournalRounds):
     @staticmethod
     def key(handle: RunHandle) -> str:
         return str(handle.pending) if handle.pending is not None else str(handle.key)
-
-    def holds(self, handle: RunHandle) -> bool:
-        """Whether the run has calls (or its creation) in the journal."""
-        return self.key(handle) in self._keys
 
     @property
     def path(self) -> Path | None:
@@ -236,12 +233,14 @@ class Spooler(JournalRounds):
         executor: Callable[[], Executor],
         on_state: StateHook,
         on_done: DoneHook,
+        on_disk: Callable[[], None] | None = None,
     ) -> None:
         """Re-send the run's spooled calls, then hand ``job`` (the round's new calls) to
         the executor; or, if re-sending fails transiently, append its calls behind."""
         on_state("spooled", None)  # on disk, waiting for a re-sending thread
+        work = partial(self._resend, handle, job, executor, on_state, on_done, on_disk)
         try:
-            self._threads.submit(lambda: self._resend(handle, job, executor, on_state, on_done))
+            self._threads.submit(work)
         except ThreadsStopped as exc:  # the client closed meanwhile: spooled if it can be
             on_done(_stopped(job, exc))
 
@@ -252,23 +251,25 @@ class Spooler(JournalRounds):
         executor: Callable[[], Executor],
         on_state: StateHook,
         on_done: DoneHook,
+        on_disk: Callable[[], None] | None = None,
     ) -> None:
         key = self.key(handle)
         first = JobResult(run_id=job.run_id)
         on_state("flushing", WORKER)
         journal = self.journal
-        if journal is not None and key not in self._keys:  # a creation, then the executor
+        if journal is not None and not self.holds(handle):  # a creation, then the executor
             if not self._create(handle, job, first, on_state):
                 on_done(first)
                 return
         else:
             try:
                 if journal is not None:  # the round's calls go to disk, and from there
-                    journal.commit()
-                self._deliver(handle, key, first, on_state)
+                    self._from_journal(handle, key, job, first, on_state, on_disk)
+                else:
+                    self._deliver(handle, key, first, on_state)
             except Exception as exc:  # the journal cannot be read or written
                 first.errors.append(f"re-sending the spooled calls failed: {exc!r}")
-            if key in self._keys:  # still spooled: the new calls go behind, never ahead
+            if self.holds(handle):  # still spooled: the new calls go behind, never ahead
                 if job.calls:
                     first.unsent = list(job.calls)
                     first.unsent_error = "sent behind the run's spooled calls"

@@ -166,4 +166,13 @@ class RunRecord:
                 last_retry_error=self.last_retry_error,
                 spooled=dict(self.spooled),
                 sql_fast_path=self.sql_fast_path,
+                journaled=journaled(queues),
             )
+
+
+def journaled(queues: RunQueues) -> dict[str, int]:
+    """Entities of the run in the write-ahead journal, not yet acknowledged by the store (as
+    of its last commit or delivery); zeros without one."""
+    run = queues.journal_run
+    on_disk = {} if run is None else run.on_disk
+    return {kind: on_disk.get(kind, 0) for kind in KINDS}

@@ -63,6 +63,9 @@ class RunStatus:
     # On a database store: "on" (metrics through the SQL fast path), "off", or "fallback:
     # why" (through MLflow's log_batch); None before any metrics or on other stores.
     sql_fast_path: str | None = None
+    # With spool_dir: entities in the write-ahead journal on disk that the store has not
+    # acknowledged yet, whether still in memory too (queued) or only there (spooled).
+    journaled: dict[str, int] = field(default_factory=empty_counts)
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-ready data (the status server's ``/status`` document).
@@ -83,6 +86,7 @@ class RunStatus:
             "last_retry_error": self.last_retry_error,
             "spooled": dict(self.spooled),
             "sql_fast_path": self.sql_fast_path,
+            "journaled": dict(self.journaled),
         }
 
 
