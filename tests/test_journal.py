@@ -105,6 +105,11 @@ def _die(
                 if how == "kill" and time.time() - began >= lifetime:
                     death = time.time()
                     os.kill(child.pid, signal.SIGKILL)
+                    # What the child reported before it died, still in the pipe: logged too.
+                    for rest in child.stdout:
+                        fields = rest.split()
+                        if rest.endswith("\n") and len(fields) == 2 and fields[0].isdigit():
+                            logged[int(fields[0])] = float(fields[1])
                     break
             child.wait(timeout=60)
         finally:
