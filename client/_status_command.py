@@ -124,7 +124,9 @@ def status_view(
         label = run.get("run_id") or run.get("pending_id") or "?"
         errors = _error_count(run)
         state = str(run.get("state"))
-        style = {"crashed": "red", "retrying": "yellow", "spooled": "yellow"}.get(state, "")
+        style = {"crashed": "red", "failed": "red", "retrying": "yellow", "spooled": "yellow"}.get(
+            state, ""
+        )
         table.add_row(
             Text(str(client.get("client_id"))),
             Text(str(label)),

@@ -105,6 +105,7 @@ def test_a_held_creation_then_refused_for_good_is_named_alike_by_resend_and_repl
         failed = f"create_run failed: {named}"
         assert failed in _said(refused) and reason in _said(refused)
         assert "1 spooled call of run pending-" in _said(refused), _said(refused)
+        assert client.status().runs[0].state == "failed"  # nothing of it can ever be sent
         with pytest.raises(MlflowException) as resolved:
             run.resolve(timeout=5)
         assert f"Run {run} was not created: {failed}" in _said(resolved)

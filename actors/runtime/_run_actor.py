@@ -116,7 +116,7 @@ class RunActor(pykka.ThreadingActor):
                 raise
             # Nothing was sent (the snapshot is back in the queues): this round fails alone.
             record = self._handle.record
-            record.state = "idle"
+            record.state = self._at_rest()
             waits, self._waiters = self._waiters, []
             message = failure_message(record.label, [f"could not start the flush: {exc!r}"])
             if not waits:
@@ -250,8 +250,12 @@ class RunActor(pykka.ThreadingActor):
 
     def _at_rest(self) -> RunState:
         """The state a round leaves its run in, set before its waiters hear the outcome (a
-        ``flush()`` that returned sees ``stopped`` for a finished run, not a moment later)."""
+        ``flush()`` that returned sees ``stopped`` for a finished run, not a moment later).
+        ``failed``: its creation was refused for good (a live round, the journal's creation
+        or the spooler's re-send noted it), so nothing of it can ever be sent."""
         handle = self._handle
+        if handle.record.run_id is None and handle.record.create_error is not None:
+            return "failed"
         if handle.record.terminated and not handle.queues.has_work():
             return "stopped"
         return "idle"
@@ -282,7 +286,8 @@ class RunActor(pykka.ThreadingActor):
         self._fail_waiters("the client was closed before this flush completed", not spooled)
         if self._session.closed:
             record = self._handle.record
-            record.state = "stopped" if record.terminated and not self._inflight else "closed"
+            if record.state != "failed":  # a run whose creation was refused stays so
+                record.state = "stopped" if record.terminated and not self._inflight else "closed"
 
     def on_failure(self, *exc_info: Any) -> None:
         record = self._handle.record

@@ -340,6 +340,6 @@ class Supervisor(pykka.ThreadingActor):
             if handle.ref is not None:
                 stops.append(handle.ref.stop(block=False))
                 handle.ref = None
-            elif handle.record.state not in ("stopped", "crashed"):
+            elif handle.record.state not in ("stopped", "failed", "crashed"):
                 handle.record.state = "closed"
         return stops

@@ -14,6 +14,9 @@ States (``RunStatus.state``):
              (between flushes, or waiting for one of the spooler's re-sending threads);
              its next flush re-sends it first
 ``stopped``  terminated and fully flushed (as its last flush returns); its actor stops
+``failed``   its creation failed for good (refused by the store, or past its retries with
+             no spool to hold it): nothing of the run will be sent; later calls are dropped
+             at their flush, with an error; ``errors`` says why
 ``crashed``  the actor failed; the next flush starts a new one for the run
 ``closed``   the client was closed (``status()`` still answers, with the final state)
 ==========  ==================================================================
@@ -28,7 +31,7 @@ from actors.delivery._jobs import JobState, empty_counts
 from actors.queueing._pending import PendingRunId
 
 # A run's state (the table above); mypy checks every literal written to or compared with one.
-RunState = Literal["idle", "ready", JobState, "stopped", "crashed", "closed"]
+RunState = Literal["idle", "ready", JobState, "stopped", "failed", "crashed", "closed"]
 
 # Every state, in the table's order (the status endpoint's order of its ``state`` labels).
 STATES: tuple[RunState, ...] = get_args(RunState)

@@ -31,6 +31,7 @@ STATE_STYLES = {
     "retrying": "bold yellow",
     "spooled": "magenta",
     "stopped": "green",
+    "failed": "bold red",
     "crashed": "bold red",
     "closed": "dim",
 }
