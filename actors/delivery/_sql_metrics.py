@@ -36,10 +36,11 @@ retried, not a fallback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, Final
 
@@ -95,6 +96,7 @@ _KEY: Final = 0
 _VALUE: Final = 1
 _TIMESTAMP: Final = 2
 _STEP: Final = 3
+_RUN: Final = 5
 _KNOWN_KEYS_MAX = 100_000
 
 
@@ -141,18 +143,18 @@ def _plain_int(value: Any) -> int:
 
 
 def latest_rows(rows: Sequence[Row]) -> list[Row]:
-    """Per key, the row MLflow's latest-metric update would keep from ``rows`` alone: the
-    first one strictly greater by (step, timestamp, value) than all before it. Sorted by key,
-    so that concurrent writers lock latest-metric rows in one order."""
-    best: dict[str, Row] = {}
+    """Per key (and run), the row MLflow's latest-metric update would keep from ``rows`` alone:
+    the first one strictly greater by (step, timestamp, value) than all before it. Sorted by
+    key, so that concurrent writers lock latest-metric rows in one order."""
+    best: dict[tuple[str, str], Row] = {}
     for row in rows:
-        held = best.get(row[_KEY])
+        held = best.get((row[_KEY], row[_RUN]))
         if held is None or (row[_STEP], row[_TIMESTAMP], row[_VALUE]) > (
             held[_STEP],
             held[_TIMESTAMP],
             held[_VALUE],
         ):
-            best[row[_KEY]] = row
+            best[(row[_KEY], row[_RUN])] = row
     return [best[key] for key in sorted(best)]
 
 
@@ -315,6 +317,15 @@ class SqlMetricsWriter:
 
     def _store(self, run_id: str, rows: list[Row]) -> None:
         """Check the run and store ``rows`` in one transaction (see :meth:`write_batches`)."""
+        with self.transaction() as conn:
+            self._check_run(conn, run_id)
+            if rows:
+                self.store_rows(conn, rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlalchemy.engine.Connection]:
+        """One transaction on the database, set up as MLflow's sessions are, on a proven
+        revision; errors as :meth:`__call__` raises them (also for the whole-run writer)."""
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
         try:
@@ -327,16 +338,7 @@ class SqlMetricsWriter:
                     conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
                 if not self._revision_checked:
                     self._check_revision(conn)
-                self._check_run(conn, run_id)
-                if rows:
-                    self._insert_metrics.execute(conn, rows)
-                    latest = latest_rows(rows)
-                    kept = [row for row in latest if type(row) is not WrittenAsIs]
-                    if kept:
-                        self._upsert_latest.execute(conn, kept)
-                    if len(kept) < len(latest):
-                        written = [row for row in latest if type(row) is WrittenAsIs]
-                        self._overwrite_latest.execute(conn, written)
+                yield conn
         except (MlflowException, FastPathUnavailable):
             raise
         except sqlalchemy.exc.OperationalError as exc:
@@ -347,6 +349,17 @@ class SqlMetricsWriter:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def store_rows(self, conn: sqlalchemy.engine.Connection, rows: list[Row]) -> None:
+        """Insert ``rows`` (of one run or several) and upsert their latest values."""
+        self._insert_metrics.execute(conn, rows)
+        latest = latest_rows(rows)
+        kept = [row for row in latest if type(row) is not WrittenAsIs]
+        if kept:
+            self._upsert_latest.execute(conn, kept)
+        if len(kept) < len(latest):
+            written = [row for row in latest if type(row) is WrittenAsIs]
+            self._overwrite_latest.execute(conn, written)
 
     def _validate(self, metrics: Sequence[Metric]) -> None:
         """MLflow's ``log_batch`` validation, with its errors in its order; the costly part

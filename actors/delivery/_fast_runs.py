@@ -1,0 +1,55 @@
+"""Sending a job's calls whole through the SQL fast path for runs
+(:mod:`actors.delivery._sql_runs`): one transaction, shared with the runs that other threads
+of this process send at the same moment, instead of one or more per call.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from actors.delivery._attempts import Retries
+from actors.delivery._fast_path import (
+    FastPathUnavailable,
+    client_fast_path,
+    run_calls_are_mlflows,
+)
+from actors.delivery._jobs import Job, JobResult, JobStopped
+from actors.delivery._retry import is_transient
+
+
+def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) -> bool:
+    """Store all of ``job``'s calls through the fast path: True once stored (``result.run_id``
+    is then the run's ID, a created run's included); False when they must go through
+    MLflow's API, call by call (nothing of them stored: not a database store, the switch
+    off, a fallback, a run the writer does not take).
+
+    A transient failure past the retries is raised: its outcome is unknown to the caller
+    (a creation is then found by its ID, :mod:`actors.delivery._create_key`), as is
+    :class:`~actors.delivery._jobs.JobStopped`.
+    """
+    from actors.delivery._sql_runs import whole_run
+
+    work = whole_run(job.run_id, job.calls)
+    if work is None:
+        return False
+    fast = client_fast_path(client)
+    if fast is None or fast.runs is None or fast.runs.unavailable is not None:
+        return False
+    if not run_calls_are_mlflows(client):
+        return False
+    try:
+        stored = retries(partial(fast.runs.submit, work))
+    except FastPathUnavailable as exc:
+        result.sql_fast_path = fast.fell_back(str(exc))
+        return False
+    except JobStopped:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return False
+    if stored:
+        result.run_id = work.run_id
+        result.sql_fast_path = "on"
+    return stored
