@@ -357,3 +357,43 @@ def test_a_creation_retried_after_it_landed_makes_one_run(client: Any) -> None:
     (run,) = client.search_runs([experiment])
     assert run.info.run_id == work.run_id
     assert run.data.params == {"p": "1"} and run.info.status == "FINISHED"
+
+
+def test_a_sweep_goes_through_whole_and_a_failing_run_fails_alone(
+    tracking_uri: str, experiment_id: str, store: MlflowClient, executor: str
+) -> None:
+    """Through the client, on both executors: a round of short runs is stored whole (status
+    says "on"), each exactly once; a run into a deleted experiment fails with MLflow's own
+    error, the others of its round unaffected."""
+    from client import QueueingClient
+
+    deleted = store.create_experiment("deleted")
+    store.delete_experiment(deleted)
+    client = QueueingClient(tracking_uri, executor=executor, max_workers=2)  # type: ignore[arg-type]
+    try:
+        runs = [
+            client.create_run(experiment_id, run_name=f"r{i}", tags={"t": "x"}) for i in range(12)
+        ]
+        lost = client.create_run(deleted, run_name="lost")
+        for i, run in enumerate([*runs, lost]):
+            client.log_params(run, {"lr": str(i)})
+            client.log_metrics(run, {"loss": i / 3, "acc": 1.0}, step=i)
+            client.set_terminated(run, status="FAILED" if i % 5 == 0 else "FINISHED")
+        with pytest.raises(
+            MlflowException, match=r"experiment \d+ must be in the .+active.+ state"
+        ):
+            client.flush()
+        statuses = client.status().runs
+    finally:
+        client.close()
+    stored = store.search_runs([experiment_id], order_by=["params.lr ASC"])
+    assert sorted(r.info.run_name for r in stored) == sorted(f"r{i}" for i in range(12))
+    for run in stored:
+        i = int(run.info.run_name[1:])
+        assert run.data.params == {"lr": str(i)}
+        assert run.data.metrics == {"loss": i / 3, "acc": 1.0}
+        assert run.data.tags == {"t": "x", "mlflow.runName": f"r{i}"}
+        assert run.info.status == ("FAILED" if i % 5 == 0 else "FINISHED")
+    assert store.search_runs([deleted], run_view_type=ViewType.ALL) == []
+    assert [s.sql_fast_path for s in statuses[:12]] == ["on"] * 12
+    assert statuses[12].errors and "Current state is deleted" in statuses[12].errors[0]

@@ -44,6 +44,8 @@ class RunsWriter(Protocol):
 
     def submit(self, work: Any) -> bool: ...
 
+    def write(self, works: Any) -> list[bool]: ...
+
 
 class ClientFastPath:
     """The fast path of one ``MlflowClient``: its writer (None: the client's store is not a

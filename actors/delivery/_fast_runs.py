@@ -5,6 +5,7 @@ of this process send at the same moment, instead of one or more per call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -14,8 +15,8 @@ from actors.delivery._fast_path import (
     client_fast_path,
     run_calls_are_mlflows,
 )
-from actors.delivery._jobs import Job, JobResult, JobStopped
-from actors.delivery._retry import is_transient
+from actors.delivery._jobs import Job, JobResult, JobStopped, record_outcome
+from actors.delivery._retry import call_with_retry, is_transient
 
 
 def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) -> bool:
@@ -31,7 +32,7 @@ def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) 
     from actors.delivery._sql_runs import whole_run
 
     work = whole_run(job.run_id, job.calls)
-    if work is None:
+    if work is None or not work.small:  # a long run's round: batch by batch, as before
         return False
     fast = client_fast_path(client)
     if fast is None or fast.runs is None or fast.runs.unavailable is not None:
@@ -53,3 +54,48 @@ def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) 
         result.run_id = work.run_id
         result.sql_fast_path = "on"
     return stored
+
+
+def can_group(job: Job) -> bool:
+    """Whether ``job`` may go in a group of whole runs (:func:`perform_group`)."""
+    from actors.delivery._sql_runs import whole_run
+
+    work = whole_run(job.run_id, job.calls)
+    return work is not None and work.small
+
+
+def perform_group(open_client: Callable[[], Any], jobs: list[Job]) -> list[JobResult | None]:
+    """Store the jobs of one tracking URI as whole runs in ONE transaction: per job, its
+    result once stored, or None for a job to be performed on its own (not taken, or the
+    group failed: nothing of it stored, or, after a failure of unknown outcome, found stored
+    by its ID when performed). Never raises."""
+    from actors.delivery._sql_runs import whole_run
+
+    fast = None
+    try:
+        client = open_client()
+        fast = client_fast_path(client)
+        if fast is None or fast.runs is None or fast.runs.unavailable is not None:
+            return [None] * len(jobs)
+        if not run_calls_are_mlflows(client):
+            return [None] * len(jobs)
+        works = [whole_run(job.run_id, job.calls) for job in jobs]
+        given = [work for work in works if work is not None]
+        timeout = min(job.retry_timeout for job in jobs)
+        stored = iter(call_with_retry(partial(fast.runs.write, given), timeout))
+    except FastPathUnavailable as exc:
+        if fast is not None:
+            fast.fell_back(str(exc))
+        return [None] * len(jobs)
+    except Exception:
+        return [None] * len(jobs)
+    results: list[JobResult | None] = []
+    for job, work in zip(jobs, works, strict=True):
+        if work is None or not next(stored):
+            results.append(None)
+            continue
+        result = JobResult(run_id=work.run_id, sql_fast_path="on")
+        for call in job.calls:
+            record_outcome(result, call, None, work.run_id)
+        results.append(result)
+    return results

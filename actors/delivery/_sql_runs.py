@@ -56,6 +56,7 @@ from actors.queueing._plan import Call, LogBatchCall, SetTerminatedCall
 from actors.queueing._queues import CreateRunCall, metric_entity
 
 _ROWS_PER_INSERT = 50  # rows of runs, tags or params per multi-row INSERT
+GROUP_ENTITIES = MAX_ENTITIES_PER_BATCH  # the most metrics, params and tags of a grouped run
 
 
 @dataclass
@@ -67,6 +68,13 @@ class RunWork:
     create: CreateRunCall | None
     batches: list[LogBatchCall]
     terminate: SetTerminatedCall | None
+
+    @property
+    def small(self) -> bool:
+        """Whether the run may share a transaction with others: a long run's round is
+        written alone, so that it never delays a short run (as without groups)."""
+        size = sum(len(c.metrics) + len(c.params) + len(c.tags) for c in self.batches)
+        return size <= GROUP_ENTITIES
 
 
 def _fits_one_call(call: LogBatchCall) -> bool:
@@ -235,6 +243,8 @@ class SqlRunsWriter:
         """Store ``work`` with whatever other threads submit meanwhile, in one transaction:
         True once stored, False when it must go through MLflow's API (nothing of it stored);
         raises as :meth:`write` raises, for the whole group."""
+        if not work.small:
+            return self.write([work])[0]
         entry = _Entry(work)
         with self._cond:
             self._queue.append(entry)
@@ -271,6 +281,8 @@ class SqlRunsWriter:
         if not taken:
             return [False] * len(works)
         with self.metrics.transaction() as conn:
+            # Each group: a store migrated under a running client is met at its next group.
+            self.metrics._check_revision(conn)
             written = self._check(conn, taken)
             self._store(conn, [p for p in taken if written.get(id(p)) is None])
         return [p is not None and written.get(id(p)) is not False for p in prepared]

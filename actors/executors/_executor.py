@@ -65,6 +65,14 @@ def failed_result(job: Job, exc: BaseException) -> JobResult:
     return result
 
 
+def deliver(on_done: DoneHook, result: JobResult) -> None:
+    """Hand a job's result to its run; never raises (a pool thread outlives its callbacks)."""
+    try:
+        on_done(result)
+    except BaseException:
+        _logger.exception("delivering a job's result failed")
+
+
 class ExecutorShutDown(JobStopped):
     """Raised inside a job that the pool gave up on: nothing more of it may be sent."""
 
@@ -81,6 +89,7 @@ class JobPool(Generic[S]):
     """
 
     idle_timeout: float | None = IDLE_TIMEOUT
+    group_jobs = 1  # jobs a pool thread takes at once (the process executor's groups)
 
     def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
@@ -106,8 +115,29 @@ class JobPool(Generic[S]):
             raise RuntimeError("executor is shut down") from None
 
     def _serve(self, state: S, item: tuple[Job, StateHook, DoneHook]) -> None:
-        job, on_state, on_done = item
-        on_done(self._run(state, job, on_state))
+        """Perform the job ``item`` and, if it may share a group, the groupable jobs queued
+        now (up to :attr:`group_jobs`, taken from the queue in their order, the others left
+        in theirs for an idle thread)."""
+        items = [item]
+        try:
+            if self.group_jobs > 1 and self._groupable(item[0]):
+                more = self._threads.take_more(
+                    lambda it: self._groupable(it[0]), self.group_jobs - 1
+                )
+                items += more
+        except Exception:  # a bug: this job alone, as always (the queue lost nothing)
+            _logger.exception("taking a group of jobs failed")
+        self._run_many(state, items)
+
+    def _groupable(self, job: Job) -> bool:
+        """Whether ``job`` may share a group (see :meth:`_run_many`)."""
+        return False
+
+    def _run_many(self, state: S, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
+        """Perform the jobs a pool thread took at once (one by one here), each result
+        delivered as soon as it is known; never raises."""
+        for job, on_state, on_done in items:
+            deliver(on_done, self._run(state, job, on_state))
 
     def _run(self, state: S, job: Job, on_state: StateHook) -> JobResult:
         """Perform one job; never raises."""

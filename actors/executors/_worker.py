@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from actors.delivery._fast_runs import perform_group
 from actors.delivery._jobs import Job, retry_error_text
 from actors.delivery._perform import perform_job
 from actors.executors._executor import failed_result
@@ -51,9 +52,14 @@ def serve(conn: Connection) -> None:
         except (EOFError, OSError):
             return
         try:
-            job: Job = cloudpickle.loads(payload)
+            job: Job | tuple[str, list[Job]] = cloudpickle.loads(payload)
         except Exception as exc:  # a class the parent has and this interpreter cannot import
             conn.send(("refused", repr(exc)))
+            continue
+        if isinstance(job, tuple):  # ("group", jobs): whole runs in one transaction
+            jobs = job[1]
+            done = perform_group(partial(_client, clients, jobs[0].tracking_uri), jobs)
+            conn.send_bytes(cloudpickle.dumps(("group", done)))
             continue
 
         def on_retry(exc: BaseException, delay: float) -> None:

@@ -1,0 +1,105 @@
+"""Groups of whole runs in the process executor: what a pool thread takes at once, stored by
+its worker process in ONE transaction (:func:`actors.delivery._fast_runs.perform_group`).
+
+A worker commits what it is given; worker processes cannot share a transaction, so without
+groups each run of a sweep is a commit of its own (an ``fsync`` on SQLite). A pool thread
+takes up to :data:`GROUP_JOBS` queued jobs, sends those the fast path may take as one
+message, and performs the rest (and any the worker did not store) one by one, as always.
+
+A worker that dies during a group leaves its outcome unknown: the group is sent once more
+to a new worker, where the runs already stored are found by their IDs (a creation's ID is its
+create key's) and nothing is stored twice. If that one dies too, the group's jobs fail, as a
+job whose worker died twice does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cloudpickle
+
+from actors.delivery._fast_runs import can_group
+from actors.delivery._jobs import Job, JobResult, record_outcome
+from actors.executors._executor import DoneHook, StateHook, deliver
+from actors.queueing._plan import call_kind
+
+GROUP_JOBS = 32  # jobs a pool thread of the process executor takes at once, at most
+
+
+class GroupLost(Exception):
+    """The group could not be sent or its worker stopped: perform its jobs one by one."""
+
+
+def send_group(
+    slot: object, jobs: list[Job], on_worker: Callable[[str], None]
+) -> list[JobResult | None]:
+    """The results of ``jobs`` (same tracking URI) stored by ``slot``'s worker as one group;
+    None for a job to be performed on its own; ``on_worker`` hears the worker's name. Raises
+    :class:`GroupLost` when nothing may be concluded (the slot closed, no worker started)."""
+    payload = bytes(cloudpickle.dumps(("group", jobs)))
+    for _attempt in (1, 2):
+        try:
+            worker = slot._live_worker()  # type: ignore[attr-defined]
+            worker.hello()
+            on_worker(worker.name)
+        except Exception as exc:
+            raise GroupLost(repr(exc)) from exc
+        try:
+            worker.conn.send_bytes(payload)
+            kind, results = cloudpickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            slot._discard(worker, 1.0)  # type: ignore[attr-defined]
+            continue
+        except BaseException as exc:  # the exchange is out of step: trust no more of it
+            slot._discard(worker, 0)  # type: ignore[attr-defined]
+            return [_failed(job, f"its worker process was stopped: {exc!r}") for job in jobs]
+        finally:
+            slot._busy = False  # type: ignore[attr-defined]
+        if kind != "group" or len(results) != len(jobs):
+            slot._discard(worker, 0)  # type: ignore[attr-defined]
+            return [_failed(job, f"unexpected answer {kind!r}") for job in jobs]
+        return list(results)
+    return [_failed(job, "its worker process died twice") for job in jobs]
+
+
+def _failed(job: Job, why: str) -> JobResult:
+    result = JobResult(run_id=job.run_id)
+    for call in job.calls:
+        record_outcome(result, call, f"{call_kind(call)} not sent: {why}", None)
+    return result
+
+
+def groupable(jobs: list[Job]) -> list[int]:
+    """The indices of ``jobs`` that may go in one group (the first one's tracking URI)."""
+    if len(jobs) < 2:
+        return []
+    uri = jobs[0].tracking_uri
+    picked = [i for i, job in enumerate(jobs) if job.tracking_uri == uri and can_group(job)]
+    return picked if len(picked) > 1 else []
+
+
+def send_groupable(
+    slot: object, items: list[tuple[Job, StateHook, DoneHook]]
+) -> list[tuple[Job, StateHook, DoneHook]]:
+    """Store the whole runs among ``items`` as one group in ``slot``'s worker, each result
+    delivered as soon as it is known; the items left to perform one by one."""
+    jobs = [job for job, _, _ in items]
+    picked = groupable(jobs)
+    if not picked:
+        return items
+
+    def on_worker(name: str) -> None:
+        for index in picked:
+            items[index][1]("flushing", name)
+
+    try:
+        stored = send_group(slot, [jobs[index] for index in picked], on_worker)
+    except Exception:  # GroupLost, a job that cannot be pickled: one by one
+        stored = [None] * len(picked)
+    again = []
+    for index, result in zip(picked, stored, strict=True):
+        if result is None:
+            again.append(items[index])
+        else:
+            deliver(items[index][2], result)
+    return again + [item for index, item in enumerate(items) if index not in picked]
