@@ -323,7 +323,7 @@ class SqlMetricsWriter:
                 self.store_rows(conn, rows)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlalchemy.engine.Connection]:
+    def transaction(self, each: bool = False) -> Iterator[sqlalchemy.engine.Connection]:
         """One transaction on the database, set up as MLflow's sessions are, on a proven
         revision; errors as :meth:`__call__` raises them (also for the whole-run writer)."""
         if self.unavailable is not None:
@@ -336,8 +336,8 @@ class SqlMetricsWriter:
                     # unless RUNACTORS_SQLITE_BUSY_TIMEOUT says otherwise.
                     conn.exec_driver_sql("PRAGMA foreign_keys = ON")
                     conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
-                if not self._revision_checked:
-                    self._check_revision(conn)
+                if each or not self._revision_checked:  # ``each``: every transaction
+                    self._check_revision(conn, remember=not each)
                 yield conn
         except (MlflowException, FastPathUnavailable):
             raise
@@ -382,7 +382,7 @@ class SqlMetricsWriter:
                 break
         _validate_batch_log_limits(metrics, [], [])
 
-    def _check_revision(self, conn: sqlalchemy.engine.Connection) -> None:
+    def _check_revision(self, conn: sqlalchemy.engine.Connection, remember: bool = True) -> None:
         revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         if revision not in PROVEN_REVISIONS:
             self.unavailable = (
@@ -390,7 +390,7 @@ class SqlMetricsWriter:
                 f"on ({', '.join(sorted(PROVEN_REVISIONS))})"
             )
             raise FastPathUnavailable(self.unavailable)
-        self._revision_checked = True
+        self._revision_checked = remember or self._revision_checked
 
     def _check_run(self, conn: sqlalchemy.engine.Connection, run_id: str) -> None:
         """MLflow's ``_get_run`` and ``_check_run_is_active``: the same errors, same words."""

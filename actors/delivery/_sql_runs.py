@@ -280,9 +280,9 @@ class SqlRunsWriter:
         taken = [p for p in prepared if p is not None]
         if not taken:
             return [False] * len(works)
-        with self.metrics.transaction() as conn:
-            # Each group: a store migrated under a running client is met at its next group.
-            self.metrics._check_revision(conn)
+        # The revision at each group: a store migrated under a running client is met at its
+        # next group (and by the metrics path at its own first transaction).
+        with self.metrics.transaction(each=True) as conn:
             written = self._check(conn, taken)
             self._store(conn, [p for p in taken if written.get(id(p)) is None])
         return [p is not None and written.get(id(p)) is not False for p in prepared]
