@@ -16,8 +16,10 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
+from actors.delivery._fast_runs import can_group
 from actors.delivery._jobs import Job, JobResult, JobState, JobStopped, retry_error_text
 from actors.delivery._perform import perform_job
+from actors.executors._process_groups import GROUP_JOBS, deliver, perform_groupable
 from actors.executors._threads import IDLE_TIMEOUT, DaemonThreads, ThreadsStopped
 from actors.queueing._plan import Call
 
@@ -63,14 +65,6 @@ def failed_result(job: Job, exc: BaseException) -> JobResult:
     if job.run_id is None:
         result.create_error = repr(exc)
     return result
-
-
-def deliver(on_done: DoneHook, result: JobResult) -> None:
-    """Hand a job's result to its run; never raises (a pool thread outlives its callbacks)."""
-    try:
-        on_done(result)
-    except BaseException:
-        _logger.exception("delivering a job's result failed")
 
 
 class ExecutorShutDown(JobStopped):
@@ -211,6 +205,21 @@ class ThreadExecutor(JobPool[str]):
 
     def _open(self, index: int) -> str:
         return threading.current_thread().name
+
+    group_jobs = GROUP_JOBS
+
+    def _groupable(self, job: Job) -> bool:
+        return can_group(job)
+
+    def _run_many(self, state: str, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
+        """Whole runs among ``items`` in one transaction on this thread; the rest (and
+        any the group did not store) one by one."""
+        if not self._abandoned:
+            try:
+                items = perform_groupable(state, items, self._client)
+            except BaseException:  # a bug: perform them one by one, as always
+                _logger.exception("performing a group of runs failed")
+        super()._run_many(state, items)
 
     def _check_open(self) -> None:
         # A thread cannot be stopped in the middle of a call; between calls and retries it

@@ -1,5 +1,6 @@
-"""Groups of whole runs in the process executor: what a pool thread takes at once, stored by
-its worker process in ONE transaction (:func:`actors.delivery._fast_runs.perform_group`).
+"""Groups of whole runs in the executors: what a pool thread takes at once, stored in ONE
+transaction (:func:`actors.delivery._fast_runs.perform_group`): by the thread itself on the
+thread executor (:func:`perform_groupable`), by its worker process on the process executor.
 
 A worker commits what it is given; worker processes cannot share a transaction, so without
 groups each run of a sweep is a commit of its own (an ``fsync`` on SQLite). A pool thread
@@ -14,16 +15,31 @@ job whose worker died twice does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from actors.delivery._fast_runs import can_group
+from actors.delivery._fast_runs import can_group, perform_group
 from actors.delivery._jobs import Job, JobResult, record_outcome
-from actors.executors._executor import DoneHook, StateHook, deliver
 from actors.queueing._plan import call_kind
 
-GROUP_JOBS = 32  # jobs a pool thread of the process executor takes at once, at most
+if TYPE_CHECKING:
+    from actors.executors._executor import DoneHook, StateHook
+
+_logger = logging.getLogger("runactors.executors")
+
+
+def deliver(on_done: DoneHook, result: JobResult) -> None:
+    """Hand a job's result to its run; never raises (a pool thread outlives its callbacks)."""
+    try:
+        on_done(result)
+    except BaseException:
+        _logger.exception("delivering a job's result failed")
+
+
+GROUP_JOBS = 32  # jobs a pool thread takes at once, at most
 
 
 class GroupLost(Exception):
@@ -96,6 +112,28 @@ def send_groupable(
         stored = send_group(slot, [jobs[index] for index in picked], on_worker)
     except Exception:  # GroupLost, a job that cannot be pickled: one by one
         stored = [None] * len(picked)
+    again = []
+    for index, result in zip(picked, stored, strict=True):
+        if result is None:
+            again.append(items[index])
+        else:
+            deliver(items[index][2], result)
+    return again + [item for index, item in enumerate(items) if index not in picked]
+
+
+def perform_groupable(
+    name: str, items: list[tuple[Job, StateHook, DoneHook]], open_client: Callable[[str], Any]
+) -> list[tuple[Job, StateHook, DoneHook]]:
+    """:func:`send_groupable` on this thread (the thread executor), with the client
+    ``open_client(uri)`` gives."""
+    jobs = [job for job, _, _ in items]
+    picked = groupable(jobs)
+    if not picked:
+        return items
+    for index in picked:
+        items[index][1]("flushing", name)
+    uri = jobs[picked[0]].tracking_uri
+    stored = perform_group(lambda: open_client(uri), [jobs[index] for index in picked])
     again = []
     for index, result in zip(picked, stored, strict=True):
         if result is None:
