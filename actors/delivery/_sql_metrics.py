@@ -24,14 +24,9 @@ alembic revision.
 Guarded: the writer only runs on the MLflow schema revisions it was proven identical on
 (``tests/test_sql_fast_path.py``), on SQLite and PostgreSQL; anything else, and any database
 error, raises :class:`FastPathUnavailable`, for the caller to send the batch through MLflow's
-API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
-are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
-
-When the writer is used, and one per ``MlflowClient``: :mod:`actors.delivery._sql_policy`;
-``actors.delivery._perform`` sends a metric-only ``log_batch`` through it on a database store
-and through MLflow's API when it raises :class:`FastPathUnavailable`. A locked or unreachable
-database is raised as MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is
-retried, not a fallback.
+API instead; so are metrics with a ``model_id``. ``RUNACTORS_SQL_FAST_PATH=0`` turns it off.
+When it is used: :mod:`actors.delivery._sql_policy`. A locked or unreachable database is
+raised as MLflow's session raises it (TEMPORARILY_UNAVAILABLE): retried, not a fallback.
 """
 
 from __future__ import annotations
@@ -69,8 +64,7 @@ from actors.queueing._queues import MetricRow, metric_entity
 # equivalence tests were run on. A database on any other revision goes through MLflow's API.
 PROVEN_REVISIONS = frozenset({"dc11669786a5"})
 
-# The SQL dialects whose conflict clauses the writer speaks and the tests prove; MySQL and
-# MSSQL fall back to MLflow's API.
+# The dialects whose conflict clauses the writer speaks (MySQL, MSSQL: MLflow's API).
 INSERTS: dict[str, Callable[..., Any]] = {
     "sqlite": sqlite.insert,
     "postgresql": postgresql.insert,
@@ -143,9 +137,9 @@ def _plain_int(value: Any) -> int:
 
 
 def latest_rows(rows: Sequence[Row]) -> list[Row]:
-    """Per key (and run), the row MLflow's latest-metric update would keep from ``rows`` alone:
-    the first one strictly greater by (step, timestamp, value) than all before it. Sorted by
-    key, so that concurrent writers lock latest-metric rows in one order."""
+    """Per key and run, the row MLflow's latest-metric update would keep from ``rows`` alone:
+    the first one strictly greater by (step, timestamp, value) than all before it. Sorted,
+    so that concurrent writers lock latest-metric rows in one order."""
     best: dict[tuple[str, str], Row] = {}
     for row in rows:
         held = best.get((row[_KEY], row[_RUN]))
@@ -316,16 +310,15 @@ class SqlMetricsWriter:
         return rows
 
     def _store(self, run_id: str, rows: list[Row]) -> None:
-        """Check the run and store ``rows`` in one transaction (see :meth:`write_batches`)."""
-        with self.transaction() as conn:
+        with self.transaction() as conn:  # the run checked, ``rows`` stored
             self._check_run(conn, run_id)
             if rows:
                 self.store_rows(conn, rows)
 
     @contextlib.contextmanager
     def transaction(self, each: bool = False) -> Iterator[sqlalchemy.engine.Connection]:
-        """One transaction on the database, set up as MLflow's sessions are, on a proven
-        revision; errors as :meth:`__call__` raises them (also for the whole-run writer)."""
+        """A transaction set up as MLflow's sessions are, on a proven revision (checked once;
+        ``each``: every time); errors as :meth:`__call__` raises them."""
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
         try:
@@ -336,7 +329,7 @@ class SqlMetricsWriter:
                     # unless RUNACTORS_SQLITE_BUSY_TIMEOUT says otherwise.
                     conn.exec_driver_sql("PRAGMA foreign_keys = ON")
                     conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
-                if each or not self._revision_checked:  # ``each``: every transaction
+                if each or not self._revision_checked:
                     self._check_revision(conn, remember=not each)
                 yield conn
         except (MlflowException, FastPathUnavailable):
@@ -351,8 +344,7 @@ class SqlMetricsWriter:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def store_rows(self, conn: sqlalchemy.engine.Connection, rows: list[Row]) -> None:
-        """Insert ``rows`` (of one run or several) and upsert their latest values."""
-        self._insert_metrics.execute(conn, rows)
+        self._insert_metrics.execute(conn, rows)  # of one run or several; then latest values
         latest = latest_rows(rows)
         kept = [row for row in latest if type(row) is not WrittenAsIs]
         if kept:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cloudpickle
 
@@ -25,8 +25,9 @@ from actors.delivery._fast_runs import can_group, perform_group
 from actors.delivery._jobs import Job, JobResult, record_outcome
 from actors.queueing._plan import call_kind
 
-if TYPE_CHECKING:
-    from actors.executors._executor import DoneHook, StateHook
+# The executors' hooks (actors.executors._executor, which imports this module).
+StateHook = Callable[..., None]
+DoneHook = Callable[[JobResult], None]
 
 _logger = logging.getLogger("runactors.executors")
 
