@@ -397,3 +397,20 @@ def test_a_sweep_goes_through_whole_and_a_failing_run_fails_alone(
     assert store.search_runs([deleted], run_view_type=ViewType.ALL) == []
     assert [s.sql_fast_path for s in statuses[:12]] == ["on"] * 12
     assert statuses[12].errors and "Current state is deleted" in statuses[12].errors[0]
+
+
+def test_the_spool_finds_a_run_the_fast_path_made_by_its_id(client: Any, sql_uri: str) -> None:
+    """A creation re-sent from the spool is looked up first: the run the fast path made (with
+    metrics already, so no longer "fresh") is found by its create key's ID, not made twice."""
+    from actors.delivery._create_key import find_created_run
+
+    writer = fast_metrics_writer(client._tracking_client.store)
+    assert writer is not None
+    experiment = client.create_experiment(f"spool-{uuid.uuid4().hex}")
+    key = str(uuid.uuid4())
+    create = CreateRunCall(experiment, 5, [("team", "a")], "spooled", key)
+    work = whole_run(None, [create, LogBatchCall([("m", 1.0, 1, 0, None, None, None)], [], [])])
+    assert work is not None
+    assert find_created_run(client, sql_uri, create, key) is None
+    assert SqlRunsWriter(writer).write([work]) == [True]
+    assert find_created_run(client, sql_uri, create, key) == uuid.UUID(key).hex == work.run_id
