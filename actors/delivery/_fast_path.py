@@ -66,7 +66,7 @@ class ClientFastPath:
         else:
             self.warned = True
             _logger.warning(
-                "SQL fast path unavailable, metrics go through MLflow's log_batch: %s", reason
+                "SQL fast path unavailable, metrics and runs go through MLflow's API: %s", reason
             )
         return f"fallback: {reason}"
 
