@@ -324,9 +324,8 @@ class SqlMetricsWriter:
         try:
             with database_gate(self._gate), self.engine.begin() as conn:
                 if self.dialect == "sqlite":
-                    # What MLflow's sessions set on SQLite: foreign keys checked, and a
-                    # locked database waited on for 20 s (pysqlite's own default is 5 s),
-                    # unless RUNACTORS_SQLITE_BUSY_TIMEOUT says otherwise.
+                    # As MLflow's sessions: foreign keys checked, a locked database waited
+                    # on 20 s (pysqlite's default: 5 s) or RUNACTORS_SQLITE_BUSY_TIMEOUT.
                     conn.exec_driver_sql("PRAGMA foreign_keys = ON")
                     conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
                 if each or not self._revision_checked:

@@ -138,7 +138,8 @@ class DaemonThreads(Generic[W, S]):
                     item = self._queue.popleft()
                     looked.append(item)
                     if item is not None and wanted(item):
-                        taken.append(looked.pop())
+                        looked.pop()
+                        taken.append(item)
             finally:  # also if ``wanted`` raised: nothing is lost
                 self._queue.extendleft(reversed(looked))
         return taken
