@@ -15,8 +15,15 @@ from actors.delivery._fast_path import (
     client_fast_path,
     run_calls_are_mlflows,
 )
-from actors.delivery._jobs import Job, JobResult, JobStopped, record_outcome
-from actors.delivery._retry import call_with_retry, is_transient
+from actors.delivery._jobs import (
+    Job,
+    JobResult,
+    JobStopped,
+    RetryEndHook,
+    RetryHook,
+    record_outcome,
+)
+from actors.delivery._retry import is_transient
 
 
 def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) -> bool:
@@ -64,11 +71,17 @@ def can_group(job: Job) -> bool:
     return work is not None and work.small
 
 
-def perform_group(open_client: Callable[[], Any], jobs: list[Job]) -> list[JobResult | None]:
+def perform_group(
+    open_client: Callable[[], Any],
+    jobs: list[Job],
+    on_retry: RetryHook | None = None,
+    on_retry_end: RetryEndHook | None = None,
+) -> list[JobResult | None]:
     """Store the jobs of one tracking URI as whole runs in ONE transaction: per job, its
     result once stored, or None for a job to be performed on its own (not taken, or the
     group failed: nothing of it stored, or, after a failure of unknown outcome, found stored
-    by its ID when performed). Never raises."""
+    by its ID when performed). Retried as a job's call is, with its hooks (the runs' status
+    shows ``retrying``). Never raises."""
     from actors.delivery._sql_runs import whole_run
 
     fast = None
@@ -82,7 +95,8 @@ def perform_group(open_client: Callable[[], Any], jobs: list[Job]) -> list[JobRe
         works = [whole_run(job.run_id, job.calls) for job in jobs]
         given = [work for work in works if work is not None]
         timeout = min(job.retry_timeout for job in jobs)
-        stored = iter(call_with_retry(partial(fast.runs.write, given), timeout))
+        retries = Retries(timeout, on_retry, on_retry_end)
+        stored = iter(retries(partial(fast.runs.write, given)))
     except FastPathUnavailable as exc:
         if fast is not None:
             fast.fell_back(str(exc))

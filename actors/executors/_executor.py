@@ -216,7 +216,7 @@ class ThreadExecutor(JobPool[str]):
         any the group did not store) one by one."""
         if not self._abandoned:
             try:
-                items = perform_groupable(state, items, self._client)
+                items = perform_groupable(state, items, self._client, self._check_open)
             except BaseException:  # a bug: perform them one by one, as always
                 _logger.exception("performing a group of runs failed")
         super()._run_many(state, items)

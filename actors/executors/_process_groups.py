@@ -16,13 +16,15 @@ job whose worker died twice does.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import cloudpickle
 
 from actors.delivery._fast_runs import can_group, perform_group
-from actors.delivery._jobs import Job, JobResult, record_outcome
+from actors.delivery._jobs import Job, JobResult, record_outcome, retry_error_text
 from actors.queueing._plan import call_kind
 
 # The executors' hooks (actors.executors._executor, which imports this module).
@@ -47,23 +49,24 @@ class GroupLost(Exception):
     """The group could not be sent or its worker stopped: perform its jobs one by one."""
 
 
-def send_group(
-    slot: object, jobs: list[Job], on_worker: Callable[[str], None]
-) -> list[JobResult | None]:
+def send_group(slot: object, jobs: list[Job], tell: StateHook) -> list[JobResult | None]:
     """The results of ``jobs`` (same tracking URI) stored by ``slot``'s worker as one group;
-    None for a job to be performed on its own; ``on_worker`` hears the worker's name. Raises
+    None for a job to be performed on its own; ``tell(state, worker, detail)`` hears what
+    the group is doing (``flushing``, ``retrying``), as a job's ``on_state``. Raises
     :class:`GroupLost` when nothing may be concluded (the slot closed, no worker started)."""
     payload = bytes(cloudpickle.dumps(("group", jobs)))
     for _attempt in (1, 2):
         try:
             worker = slot._live_worker()  # type: ignore[attr-defined]
             worker.hello()
-            on_worker(worker.name)
+            tell("flushing", worker.name)
         except Exception as exc:
             raise GroupLost(repr(exc)) from exc
         try:
             worker.conn.send_bytes(payload)
-            kind, results = cloudpickle.loads(worker.conn.recv_bytes())
+            while (message := cloudpickle.loads(worker.conn.recv_bytes()))[0] == "state":
+                tell(message[1], worker.name, *message[2:3])  # (state,) or (state, detail)
+            kind, results = message
         except (EOFError, OSError):
             slot._discard(worker, 1.0)  # type: ignore[attr-defined]
             continue
@@ -71,7 +74,8 @@ def send_group(
             slot._discard(worker, 0)  # type: ignore[attr-defined]
             return [_failed(job, f"its worker process was stopped: {exc!r}") for job in jobs]
         finally:
-            slot._busy = False  # type: ignore[attr-defined]
+            with slot._lock:  # type: ignore[attr-defined]
+                slot._busy = False  # type: ignore[attr-defined]
         if kind != "group" or len(results) != len(jobs):
             slot._discard(worker, 0)  # type: ignore[attr-defined]
             return [_failed(job, f"unexpected answer {kind!r}") for job in jobs]
@@ -95,6 +99,33 @@ def groupable(jobs: list[Job]) -> list[int]:
     return picked if len(picked) > 1 else []
 
 
+def _teller(items: list[tuple[Job, StateHook, DoneHook]], picked: list[int]) -> StateHook:
+    """One ``on_state`` for a group: each of its jobs' own."""
+
+    def tell(state: str, worker: str | None, detail: str | None = None) -> None:
+        for index in picked:
+            items[index][1](state, worker, detail)
+
+    return tell
+
+
+def _left(
+    items: list[tuple[Job, StateHook, DoneHook]],
+    picked: list[int],
+    stored: list[JobResult | None],
+    started: float,
+) -> list[tuple[Job, StateHook, DoneHook]]:
+    """Deliver the group's stored results; the items left to perform one by one."""
+    again = []
+    for index, result in zip(picked, stored, strict=True):
+        job, on_state, on_done = items[index]
+        if result is None:
+            again.append((job, on_state, on_done))
+        else:
+            deliver(on_done, result)
+    return again + [item for index, item in enumerate(items) if index not in picked]
+
+
 def send_groupable(
     slot: object, items: list[tuple[Job, StateHook, DoneHook]]
 ) -> list[tuple[Job, StateHook, DoneHook]]:
@@ -104,41 +135,37 @@ def send_groupable(
     picked = groupable(jobs)
     if not picked:
         return items
-
-    def on_worker(name: str) -> None:
-        for index in picked:
-            items[index][1]("flushing", name)
-
+    started = time.monotonic()
     try:
-        stored = send_group(slot, [jobs[index] for index in picked], on_worker)
+        stored = send_group(slot, [jobs[index] for index in picked], _teller(items, picked))
     except Exception:  # GroupLost, a job that cannot be pickled: one by one
         stored = [None] * len(picked)
-    again = []
-    for index, result in zip(picked, stored, strict=True):
-        if result is None:
-            again.append(items[index])
-        else:
-            deliver(items[index][2], result)
-    return again + [item for index, item in enumerate(items) if index not in picked]
+    return _left(items, picked, stored, started)
 
 
 def perform_groupable(
-    name: str, items: list[tuple[Job, StateHook, DoneHook]], open_client: Callable[[str], Any]
+    name: str,
+    items: list[tuple[Job, StateHook, DoneHook]],
+    open_client: Callable[[str], Any],
+    check_open: Callable[[], None],
 ) -> list[tuple[Job, StateHook, DoneHook]]:
     """:func:`send_groupable` on this thread (the thread executor), with the client
-    ``open_client(uri)`` gives."""
+    ``open_client(uri)`` gives; ``check_open`` raises between retries once the pool is
+    abandoned."""
     jobs = [job for job, _, _ in items]
     picked = groupable(jobs)
     if not picked:
         return items
-    for index in picked:
-        items[index][1]("flushing", name)
-    uri = jobs[picked[0]].tracking_uri
-    stored = perform_group(lambda: open_client(uri), [jobs[index] for index in picked])
-    again = []
-    for index, result in zip(picked, stored, strict=True):
-        if result is None:
-            again.append(items[index])
-        else:
-            deliver(items[index][2], result)
-    return again + [item for index, item in enumerate(items) if index not in picked]
+    tell = _teller(items, picked)
+    tell("flushing", name)
+
+    def on_retry(exc: BaseException, delay: float) -> None:
+        check_open()
+        tell("retrying", name, retry_error_text(exc))
+
+    started, uri = time.monotonic(), jobs[picked[0]].tracking_uri
+    group = [jobs[index] for index in picked]
+    stored = perform_group(
+        lambda: open_client(uri), group, on_retry, partial(tell, "flushing", name)
+    )
+    return _left(items, picked, stored, started)

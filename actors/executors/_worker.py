@@ -56,17 +56,19 @@ def serve(conn: Connection) -> None:
         except Exception as exc:  # a class the parent has and this interpreter cannot import
             conn.send(("refused", repr(exc)))
             continue
-        if isinstance(job, tuple):  # ("group", jobs): whole runs in one transaction
-            jobs = job[1]
-            done = perform_group(partial(_client, clients, jobs[0].tracking_uri), jobs)
-            conn.send_bytes(cloudpickle.dumps(("group", done)))
-            continue
 
         def on_retry(exc: BaseException, delay: float) -> None:
             conn.send(("state", "retrying", retry_error_text(exc)))
 
         def on_retry_end() -> None:
             conn.send(("state", "flushing"))
+
+        if isinstance(job, tuple):  # ("group", jobs): whole runs in one transaction
+            jobs = job[1]
+            open_group = partial(_client, clients, jobs[0].tracking_uri)
+            done = perform_group(open_group, jobs, on_retry, on_retry_end)
+            conn.send_bytes(cloudpickle.dumps(("group", done)))
+            continue
 
         def on_call(call: Call, error: str | None, run_id: str | None) -> None:
             conn.send(("call", error, run_id))
