@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from actors.delivery._jobs import Job, JobResult
@@ -175,3 +176,31 @@ def test_a_group_stored_with_a_journal_leaves_the_journal(
     assert [(s.errors, s.sql_fast_path) for s in statuses] == [([], "on")] * RUNS
     assert spool_files(spool) == []  # every call acknowledged: the journal was deleted
     _assert_stored_once(store, experiment_id)
+
+
+@pytest.mark.slow
+def test_a_group_that_outlasts_its_retries_does_not_wait_as_long_again_for_each_run(
+    tracking_uri, experiment_id, store, executor, lock_store, monkeypatch
+):
+    monkeypatch.setenv("RUNACTORS_SQLITE_BUSY_TIMEOUT", "0.05")
+    retry_timeout = 2.0
+    client = QueueingClient(
+        tracking_uri, executor=executor, max_workers=1, retry_timeout=retry_timeout
+    )
+    try:
+        _warm_up(client, store)
+        with lock_store():
+            with _pool_held(client):
+                _sweep(client, experiment_id)
+            started = time.monotonic()
+            client.flush()  # once every round has ended (failed: the creations too)
+            took = time.monotonic() - started
+        statuses = client.status().runs[1:]  # the warm-up's aside
+    finally:
+        with pytest.raises(MlflowException, match="past retry_timeout"):
+            client.close()
+    # The group retries for retry_timeout; its runs, one by one after it, only for what is
+    # left of theirs (not the whole retry_timeout again each: 2 s + 6 x 2 s).
+    assert took < 3 * retry_timeout, took
+    assert all("past retry_timeout" in s.errors[0] for s in statuses)
+    assert store.search_runs([experiment_id]) == []
