@@ -15,6 +15,7 @@ job whose worker died twice does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -115,12 +116,16 @@ def _left(
     stored: list[JobResult | None],
     started: float,
 ) -> list[tuple[Job, StateHook, DoneHook]]:
-    """Deliver the group's stored results; the items left to perform one by one."""
+    """Deliver the group's stored results; the items left to perform one by one, those the
+    group did not store with what is left of their ``retry_timeout`` (a group retried until
+    its store's outage outlasted it must not wait as long again for each of its runs)."""
+    spent = time.monotonic() - started
     again = []
     for index, result in zip(picked, stored, strict=True):
         job, on_state, on_done = items[index]
         if result is None:
-            again.append((job, on_state, on_done))
+            left = max(job.retry_timeout - spent, 0.0)
+            again.append((dataclasses.replace(job, retry_timeout=left), on_state, on_done))
         else:
             deliver(on_done, result)
     return again + [item for index, item in enumerate(items) if index not in picked]
