@@ -119,6 +119,12 @@ _specs = st.builds(
 )
 
 
+def _nan_after_minus_zero(batch: int) -> LogBatchCall:
+    return LogBatchCall(
+        [("m0", [-0.0, math.nan][batch], 3, 1 + 2 * batch, None, None, None)], [], []
+    )
+
+
 def _spec(
     target: str, params: list[tuple[str, str]] | None = None, more: list[tuple[str, str]] = ()
 ) -> Spec:
@@ -293,6 +299,13 @@ def _experiment_times(side: Side) -> list[int]:
 @example(specs=[_spec("existing", params=[("p0", "1")]), _spec("new", params=[("p1", "1")])])
 @example(specs=[_spec("new", params=[("p1", "1")], more=[("p1", "2")]), _spec("existing")])
 @example(specs=[_spec("missing"), _spec("new"), _spec("deleted"), _spec("deleted_run")])
+# A latest value -0.0 from one batch, then a NaN (stored as 0) from the next: MLflow's ORM
+# leaves the equal -0.0 (PostgreSQL tells them apart); found by the generated rounds.
+@example(
+    specs=[
+        Spec("new", {}, None, 0, False, [_nan_after_minus_zero(0), _nan_after_minus_zero(1)], None)
+    ]
+)
 def test_whole_runs_store_what_mlflow_stores(client: Any, specs: list[Spec]) -> None:
     store = client._tracking_client.store
     writer = fast_metrics_writer(store)
