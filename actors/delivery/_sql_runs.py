@@ -140,7 +140,7 @@ class _Prepared:
     work: RunWork
     tags: dict[str, str] = field(default_factory=dict)  # final values, by key
     params: dict[str, str] = field(default_factory=dict)  # in order
-    metrics: list[Row] = field(default_factory=list)
+    metrics: list[list[Row]] = field(default_factory=list)  # per batch, in order
     run: dict[str, Any] | None = None  # the runs row of a creation (artifact_uri to come)
     status: tuple[str, int] | None = None  # (status, end_time) of a termination
 
@@ -216,7 +216,7 @@ def _batch(
             if held != param.value:
                 raise NotTaken(f"param {param.key!r} changes its value")
         prepared.tags.update((tag.key, tag.value) for tag in tags)
-    prepared.metrics.extend(rows)
+    prepared.metrics.append(rows)
 
 
 class SqlRunsWriter:
@@ -365,9 +365,12 @@ class SqlRunsWriter:
             for key, value in p.params.items()
         ]
         self._insert(conn, sqlalchemy.insert(self._params), params)
-        metrics = [row for p in runs for row in p.metrics]
-        if metrics:
-            self.metrics.store_rows(conn, metrics)
+        # The n-th batches of all runs at once, in order: a run's latest values go through
+        # each batch's as MLflow's calls write them (a stored -0.0 an equal 0.0 leaves as is).
+        for depth in range(max((len(p.metrics) for p in runs), default=0)):
+            metrics = [row for p in runs if depth < len(p.metrics) for row in p.metrics[depth]]
+            if metrics:
+                self.metrics.store_rows(conn, metrics)
         for p in runs:
             if p.run is None and p.status is not None:
                 status, end_time = p.status
