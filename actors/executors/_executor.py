@@ -83,7 +83,7 @@ class JobPool(Generic[S]):
     """
 
     idle_timeout: float | None = IDLE_TIMEOUT
-    group_jobs = 1  # jobs a pool thread takes at once (the process executor's groups)
+    group_jobs = 1  # jobs a pool thread takes at once (groups of whole runs)
 
     def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
