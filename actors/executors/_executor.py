@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -114,14 +115,24 @@ class JobPool(Generic[S]):
         in theirs for an idle thread)."""
         items = [item]
         try:
-            if self.group_jobs > 1 and self._groupable(item[0]):
-                more = self._threads.take_more(
-                    lambda it: self._groupable(it[0]), self.group_jobs - 1
-                )
-                items += more
-        except Exception:  # a bug: this job alone, as always (the queue lost nothing)
+            grouped = self.group_jobs > 1 and self._groupable(item[0])
+        except Exception:  # a bug: this job alone, as always
             _logger.exception("taking a group of jobs failed")
-        self._run_many(state, items)
+            grouped = False
+        with self._group_turn(item[0]) if grouped else nullcontext():
+            if grouped:  # taken after the turn: what queued meanwhile joins the group
+                try:
+                    items += self._threads.take_more(
+                        lambda it: self._groupable(it[0]), self.group_jobs - 1
+                    )
+                except Exception:  # a bug: this job alone (the queue lost nothing)
+                    _logger.exception("taking a group of jobs failed")
+            self._run_many(state, items)
+
+    def _group_turn(self, job: Job) -> AbstractContextManager[object]:
+        """Held while a group for ``job``'s store is taken and stored (the process
+        executor's: one pool thread at a time per SQLite file); nothing here."""
+        return nullcontext()
 
     def _groupable(self, job: Job) -> bool:
         """Whether ``job`` may share a group (see :meth:`_run_many`)."""

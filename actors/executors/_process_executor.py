@@ -27,12 +27,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
 
 import cloudpickle
 
 from actors.delivery._fast_runs import can_group
 from actors.delivery._jobs import Job, JobResult, merge_results, record_outcome
+from actors.delivery._sqlite_gate import database_gate, uri_database_key
 from actors.executors import _template, _worker
 from actors.executors._executor import DoneHook, JobPool, StateHook
 from actors.executors._payload import dumps_job, fail_rest, stop_rest
@@ -373,6 +375,13 @@ class ProcessExecutor(JobPool[_Slot]):
 
     def _groupable(self, job: Job) -> bool:
         return can_group(job)
+
+    def _group_turn(self, job: Job) -> AbstractContextManager[object]:
+        # Worker processes meet at SQLite's lock, whose busy handler sleeps up to 100 ms per
+        # look: the pool threads take turns on this process's gate instead, and the runs
+        # queued while one waits go in its group (one commit) rather than in commits of
+        # their own.
+        return database_gate(uri_database_key(job.tracking_uri))
 
     def _run_many(self, state: _Slot, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
         left = [] if self._abandoned else send_groupable(state, items)
