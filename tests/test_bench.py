@@ -29,7 +29,11 @@ def run_bench(*args: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "scenario",
-    [name for name in SCENARIOS if name not in ("server-thread", "scale-10k", "postgres-thread")],
+    [
+        name
+        for name in SCENARIOS
+        if name not in ("server-thread", "scale-10k", "postgres-thread", "small-runs-postgres")
+    ],
 )
 def test_each_sqlite_scenario_reports_a_ratio_against_its_baseline(scenario):
     figures = run_bench("--scenario", scenario)
@@ -61,15 +65,17 @@ def test_server_scenario_starts_and_stops_its_own_server():
 
 
 @pytest.mark.slow
-def test_postgres_scenario_starts_and_stops_its_own_server():
+@pytest.mark.parametrize("scenario", ["postgres-thread", "small-runs-postgres"])
+def test_postgres_scenario_starts_and_stops_its_own_server(scenario):
     reason = _postgres.missing()
     if reason is not None:
         pytest.skip(reason)
-    figures = run_bench("--scenario", "postgres-thread")
+    figures = run_bench("--scenario", scenario)
     (result,) = figures["scenarios"]
     assert result["skipped"] is None
     assert [m["contender"] for m in result["measurements"]] == ["direct loop", "runactors thread"]
-    assert {m["points"] for m in result["measurements"]} == {2 * 3 * 2}
+    points = 3 * 10 if scenario == "small-runs-postgres" else 2 * 3 * 2
+    assert {m["points"] for m in result["measurements"]} == {points}
     (ratio,) = result["ratios"]
     assert ratio["name"] == "runactors thread / direct loop" and ratio["goal"] == 3.0
     assert ratio["of_best"] > 0

@@ -133,3 +133,24 @@ def test_stop_waits_no_longer_than_its_timeout():
         release.set()
         assert pool.stop(WAIT) is True
     assert _alive(pool.name) == []
+
+
+def test_take_more_takes_the_wanted_items_queued_now_and_leaves_the_others_in_order():
+    release, groups = threading.Event(), []
+    pool: DaemonThreads[int, int]
+
+    def handle(_: int, item: int) -> None:
+        if item == 0:  # holds the only thread while the rest is queued
+            release.wait(WAIT)
+            return
+        groups.append([item, *pool.take_more(lambda more: more % 2 == 0, 3)])
+
+    pool = _threads(handle, limit=1)
+    for i in range(11):
+        pool.submit(i)
+    _until(lambda: len(pool.threads()) == 1)
+    release.set()
+    assert pool.stop(WAIT)
+    # 1 takes the even ones among the first 2 x 3 queued after it (2, 4, 6); the odd ones
+    # stay in their order, each taking the even ones still queued.
+    assert groups == [[1, 2, 4, 6], [3, 8, 10], [5], [7], [9]]

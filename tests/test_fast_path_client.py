@@ -201,7 +201,9 @@ def test_a_rounds_batches_of_a_run_share_one_transaction(
 ) -> None:
     """A round's 3 metric batches of one run go in ONE transaction (one commit, one run
     check); a group the writer cannot take goes batch by batch, all stored. (The writer is
-    watched in this process: the thread executor.)"""
+    watched in this process: the thread executor.) The metrics path alone: the whole-run
+    path, which would take this round first, is tested in test_sql_fast_runs.py."""
+    monkeypatch.setattr("actors.delivery._perform.write_whole_run", lambda *args: False)
     real = SqlMetricsWriter.write_queued
     seen: list[int] = []
 

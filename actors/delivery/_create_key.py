@@ -10,17 +10,20 @@ mid-call) may or may not have made its run. Before it is sent again it is looked
   this client), so the look-up matches what the creation fixed: experiment, start time (in
   ms, fixed when it was queued), run name and tags, and requires the run to be *fresh* (no
   params, no metrics, no tags but the creation's and MLflow's): nothing is sent to a run
-  before its ID is known, so a run this creation made is fresh until found.
+  before its ID is known, so a run this creation made is fresh until found. A run the SQL
+  fast path made has the create key's hex as its ID, and is looked up by it first.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Collection
 from typing import Any
 from urllib.parse import urlparse
 
 from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
 
 from actors.queueing._queues import CreateRunCall
 
@@ -73,6 +76,23 @@ def _is_fresh_match(run: Any, create: CreateRunCall) -> bool:
     return all(key in wanted or key.startswith("mlflow.") for key in data.tags)
 
 
+def _run_with_key_id(client: Any, create: CreateRunCall, create_key: str) -> str | None:
+    """The run the SQL fast path made for this creation: its ID is the create key's hex
+    (:mod:`actors.delivery._sql_runs`), and it may already hold metrics, so the look-up
+    for a fresh run below would miss it."""
+    try:
+        run_id = uuid.UUID(create_key).hex
+    except ValueError:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return run_id if run.info.experiment_id == create.experiment_id else None
+
+
 def find_created_run(
     client: Any,
     tracking_uri: str,
@@ -89,6 +109,9 @@ def find_created_run(
     if uses_create_key_tag(tracking_uri):
         found = _search(client, create.experiment_id, f"tags.`{CREATE_KEY_TAG}` = '{create_key}'")
     else:
+        made = _run_with_key_id(client, create, create_key)
+        if made is not None:
+            return made
         if create.start_time is None:
             raise ValueError("a creation without start_time cannot be looked up in a local store")
         found = [

@@ -36,12 +36,26 @@ class BatchWriter(Protocol):
     def write_queued(self, run_id: str, batches: Sequence[Sequence[MetricRow]]) -> None: ...
 
 
+class RunsWriter(Protocol):
+    """What the fast path's callers use of its whole-run writer (``_sql_runs.SqlRunsWriter``)."""
+
+    @property
+    def unavailable(self) -> str | None: ...
+
+    def submit(self, work: Any) -> bool: ...
+
+    def write(self, works: Any) -> list[bool]: ...
+
+
 class ClientFastPath:
     """The fast path of one ``MlflowClient``: its writer (None: the client's store is not a
     database the writer serves, or the switch is off) and whether a fallback was logged."""
 
-    def __init__(self, writer: BatchWriter | None, database: bool) -> None:
+    def __init__(
+        self, writer: BatchWriter | None, database: bool, runs: RunsWriter | None = None
+    ) -> None:
         self.writer = writer
+        self.runs = runs  # whole runs (actors.delivery._sql_runs), on the writer's database
         self.database = database  # MLflow's SQL store: status() shows "on"/"off"/"fallback"
         self.warned = False
 
@@ -52,7 +66,7 @@ class ClientFastPath:
         else:
             self.warned = True
             _logger.warning(
-                "SQL fast path unavailable, metrics go through MLflow's log_batch: %s", reason
+                "SQL fast path unavailable, metrics and runs go through MLflow's API: %s", reason
             )
         return f"fallback: {reason}"
 
@@ -98,3 +112,9 @@ def log_batch_is_mlflows(client: Any) -> bool:
     """:func:`actors.delivery._sql_policy.log_batch_is_mlflows`; False without the fast path."""
     module = sql_metrics()
     return module is not None and bool(module.log_batch_is_mlflows(client))
+
+
+def run_calls_are_mlflows(client: Any) -> bool:
+    """:func:`actors.delivery._sql_policy.run_calls_are_mlflows`; False without the fast path."""
+    module = sql_metrics()
+    return module is not None and bool(module.run_calls_are_mlflows(client))

@@ -19,6 +19,7 @@ from actors.delivery._fast_path import (
     client_fast_path,
     log_batch_is_mlflows,
 )
+from actors.delivery._fast_runs import write_whole_run
 from actors.delivery._jobs import (
     CallHook,
     Job,
@@ -78,6 +79,17 @@ def _perform(client: Any, job: Job, retries: Retries, on_call: CallHook | None) 
     gate = uri_database_key(job.tracking_uri)  # a SQLite file: its writers take turns
     stored_until = 0  # the calls before it were stored with an earlier call's group
     grouping = True  # until the writer refuses a group: then batch by batch
+    try:
+        if write_whole_run(client, job, retries, result):  # all stored in one transaction
+            stored_until = len(job.calls)
+    except Exception as exc:  # transient past the retries, or the client closing
+        if job.stop_on_transient and _spoolable(exc):
+            result.unsent, result.unsent_error = list(job.calls), f"not sent: {exc!r}"
+            result.unsent_attempted = True  # a creation may have landed: looked up first
+            return result
+        if isinstance(exc, JobStopped):
+            raise
+        unavailable = f"the store was unavailable past retry_timeout ({exc!r})"
 
     def report(index: int, call: Call, error: str | None, run_id: str | None) -> bool:
         """Account one call's outcome; False when the job must stop (the client closes)."""

@@ -24,22 +24,18 @@ alembic revision.
 Guarded: the writer only runs on the MLflow schema revisions it was proven identical on
 (``tests/test_sql_fast_path.py``), on SQLite and PostgreSQL; anything else, and any database
 error, raises :class:`FastPathUnavailable`, for the caller to send the batch through MLflow's
-API instead. Metrics that carry a ``model_id`` (MLflow also writes them to the logged model)
-are refused the same way. ``RUNACTORS_SQL_FAST_PATH=0`` turns the path off.
-
-When the writer is used, and one per ``MlflowClient``: :mod:`actors.delivery._sql_policy`;
-``actors.delivery._perform`` sends a metric-only ``log_batch`` through it on a database store
-and through MLflow's API when it raises :class:`FastPathUnavailable`. A locked or unreachable
-database is raised as MLflow's session raises it (TEMPORARILY_UNAVAILABLE), so that it is
-retried, not a fallback.
+API instead; so are metrics with a ``model_id``. ``RUNACTORS_SQL_FAST_PATH=0`` turns it off.
+When it is used: :mod:`actors.delivery._sql_policy`. A locked or unreachable database is
+raised as MLflow's session raises it (TEMPORARILY_UNAVAILABLE): retried, not a fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, Final
 
@@ -68,8 +64,7 @@ from actors.queueing._queues import MetricRow, metric_entity
 # equivalence tests were run on. A database on any other revision goes through MLflow's API.
 PROVEN_REVISIONS = frozenset({"dc11669786a5"})
 
-# The SQL dialects whose conflict clauses the writer speaks and the tests prove; MySQL and
-# MSSQL fall back to MLflow's API.
+# The dialects whose conflict clauses the writer speaks (MySQL, MSSQL: MLflow's API).
 INSERTS: dict[str, Callable[..., Any]] = {
     "sqlite": sqlite.insert,
     "postgresql": postgresql.insert,
@@ -95,6 +90,7 @@ _KEY: Final = 0
 _VALUE: Final = 1
 _TIMESTAMP: Final = 2
 _STEP: Final = 3
+_RUN: Final = 5
 _KNOWN_KEYS_MAX = 100_000
 
 
@@ -141,18 +137,18 @@ def _plain_int(value: Any) -> int:
 
 
 def latest_rows(rows: Sequence[Row]) -> list[Row]:
-    """Per key, the row MLflow's latest-metric update would keep from ``rows`` alone: the
-    first one strictly greater by (step, timestamp, value) than all before it. Sorted by key,
+    """Per key and run, the row MLflow's latest-metric update would keep from ``rows`` alone:
+    the first one strictly greater by (step, timestamp, value) than all before it. Sorted,
     so that concurrent writers lock latest-metric rows in one order."""
-    best: dict[str, Row] = {}
+    best: dict[tuple[str, str], Row] = {}
     for row in rows:
-        held = best.get(row[_KEY])
+        held = best.get((row[_KEY], row[_RUN]))
         if held is None or (row[_STEP], row[_TIMESTAMP], row[_VALUE]) > (
             held[_STEP],
             held[_TIMESTAMP],
             held[_VALUE],
         ):
-            best[row[_KEY]] = row
+            best[(row[_KEY], row[_RUN])] = row
     return [best[key] for key in sorted(best)]
 
 
@@ -314,29 +310,27 @@ class SqlMetricsWriter:
         return rows
 
     def _store(self, run_id: str, rows: list[Row]) -> None:
-        """Check the run and store ``rows`` in one transaction (see :meth:`write_batches`)."""
+        with self.transaction() as conn:  # the run checked, ``rows`` stored
+            self._check_run(conn, run_id)
+            if rows:
+                self.store_rows(conn, rows)
+
+    @contextlib.contextmanager
+    def transaction(self, each: bool = False) -> Iterator[sqlalchemy.engine.Connection]:
+        """A transaction set up as MLflow's sessions are, on a proven revision (checked once;
+        ``each``: every time); errors as :meth:`__call__` raises them."""
         if self.unavailable is not None:
             raise FastPathUnavailable(self.unavailable)
         try:
             with database_gate(self._gate), self.engine.begin() as conn:
                 if self.dialect == "sqlite":
-                    # What MLflow's sessions set on SQLite: foreign keys checked, and a
-                    # locked database waited on for 20 s (pysqlite's own default is 5 s),
-                    # unless RUNACTORS_SQLITE_BUSY_TIMEOUT says otherwise.
+                    # As MLflow's sessions: foreign keys checked, a locked database waited
+                    # on 20 s (pysqlite's default: 5 s) or RUNACTORS_SQLITE_BUSY_TIMEOUT.
                     conn.exec_driver_sql("PRAGMA foreign_keys = ON")
                     conn.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
-                if not self._revision_checked:
-                    self._check_revision(conn)
-                self._check_run(conn, run_id)
-                if rows:
-                    self._insert_metrics.execute(conn, rows)
-                    latest = latest_rows(rows)
-                    kept = [row for row in latest if type(row) is not WrittenAsIs]
-                    if kept:
-                        self._upsert_latest.execute(conn, kept)
-                    if len(kept) < len(latest):
-                        written = [row for row in latest if type(row) is WrittenAsIs]
-                        self._overwrite_latest.execute(conn, written)
+                if each or not self._revision_checked:
+                    self._check_revision(conn, remember=not each)
+                yield conn
         except (MlflowException, FastPathUnavailable):
             raise
         except sqlalchemy.exc.OperationalError as exc:
@@ -347,6 +341,16 @@ class SqlMetricsWriter:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise FastPathUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def store_rows(self, conn: sqlalchemy.engine.Connection, rows: list[Row]) -> None:
+        self._insert_metrics.execute(conn, rows)  # of one run or several; then latest values
+        latest = latest_rows(rows)
+        kept = [row for row in latest if type(row) is not WrittenAsIs]
+        if kept:
+            self._upsert_latest.execute(conn, kept)
+        if len(kept) < len(latest):
+            written = [row for row in latest if type(row) is WrittenAsIs]
+            self._overwrite_latest.execute(conn, written)
 
     def _validate(self, metrics: Sequence[Metric]) -> None:
         """MLflow's ``log_batch`` validation, with its errors in its order; the costly part
@@ -369,7 +373,7 @@ class SqlMetricsWriter:
                 break
         _validate_batch_log_limits(metrics, [], [])
 
-    def _check_revision(self, conn: sqlalchemy.engine.Connection) -> None:
+    def _check_revision(self, conn: sqlalchemy.engine.Connection, remember: bool = True) -> None:
         revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         if revision not in PROVEN_REVISIONS:
             self.unavailable = (
@@ -377,7 +381,7 @@ class SqlMetricsWriter:
                 f"on ({', '.join(sorted(PROVEN_REVISIONS))})"
             )
             raise FastPathUnavailable(self.unavailable)
-        self._revision_checked = True
+        self._revision_checked = remember or self._revision_checked
 
     def _check_run(self, conn: sqlalchemy.engine.Connection, run_id: str) -> None:
         """MLflow's ``_get_run`` and ``_check_run_is_active``: the same errors, same words."""

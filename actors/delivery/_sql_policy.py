@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from actors.delivery._fast_path import ClientFastPath, FastPathUnavailable
 from actors.delivery._sql_metrics import INSERTS, SqlMetricsWriter
+from actors.delivery._sql_runs import SqlRunsWriter
 
 ENV_SWITCH = "RUNACTORS_SQL_FAST_PATH"
 
@@ -58,6 +59,28 @@ def log_batch_is_mlflows(client: Any) -> bool:
     )
 
 
+# MLflow's own methods, of the client and of the store, that whole runs stand in for.
+_MLFLOW_RUN_CALLS: Final = (
+    (MlflowClient.create_run, SqlAlchemyStore.create_run),
+    (MlflowClient.log_batch, SqlAlchemyStore.log_batch),
+    (MlflowClient.set_terminated, SqlAlchemyStore.update_run_info),
+)
+
+
+def run_calls_are_mlflows(client: Any) -> bool:
+    """:func:`log_batch_is_mlflows` for every call a whole run stands in for."""
+    store = client._tracking_client.store
+    for client_method, store_method in _MLFLOW_RUN_CALLS:
+        name, store_name = client_method.__name__, store_method.__name__
+        if getattr(type(client), name) is not client_method:
+            return False
+        if getattr(type(store), store_name) is not store_method:
+            return False
+        if name in vars(client) or store_name in vars(store):
+            return False
+    return True
+
+
 _CLIENTS: weakref.WeakKeyDictionary[Any, ClientFastPath] = weakref.WeakKeyDictionary()
 _CLIENTS_LOCK = threading.Lock()
 
@@ -72,6 +95,8 @@ def client_fast_path(client: Any) -> ClientFastPath:
         return found
     tracking = getattr(client, "_tracking_client", None)
     store = getattr(tracking, "store", None)
-    made = ClientFastPath(fast_metrics_writer(store), isinstance(store, SqlAlchemyStore))
+    writer = fast_metrics_writer(store)
+    runs = None if writer is None else SqlRunsWriter(writer)
+    made = ClientFastPath(writer, isinstance(store, SqlAlchemyStore), runs)
     with _CLIENTS_LOCK:
         return _CLIENTS.setdefault(client, made)

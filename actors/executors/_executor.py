@@ -13,11 +13,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
+from actors.delivery._fast_runs import can_group
 from actors.delivery._jobs import Job, JobResult, JobState, JobStopped, retry_error_text
 from actors.delivery._perform import perform_job
+from actors.executors._process_groups import GROUP_JOBS, deliver, perform_groupable
 from actors.executors._threads import IDLE_TIMEOUT, DaemonThreads, ThreadsStopped
 from actors.queueing._plan import Call
 
@@ -81,6 +84,7 @@ class JobPool(Generic[S]):
     """
 
     idle_timeout: float | None = IDLE_TIMEOUT
+    group_jobs = 1  # jobs a pool thread takes at once (groups of whole runs)
 
     def __init__(self, max_workers: int | None, name: str) -> None:
         self.max_workers = max_workers or default_max_workers()
@@ -106,8 +110,39 @@ class JobPool(Generic[S]):
             raise RuntimeError("executor is shut down") from None
 
     def _serve(self, state: S, item: tuple[Job, StateHook, DoneHook]) -> None:
-        job, on_state, on_done = item
-        on_done(self._run(state, job, on_state))
+        """Perform the job ``item`` and, if it may share a group, the groupable jobs queued
+        now (up to :attr:`group_jobs`, taken from the queue in their order, the others left
+        in theirs for an idle thread)."""
+        items = [item]
+        try:
+            grouped = self.group_jobs > 1 and self._groupable(item[0])
+        except Exception:  # a bug: this job alone, as always
+            _logger.exception("taking a group of jobs failed")
+            grouped = False
+        with self._group_turn(item[0]) if grouped else nullcontext():
+            if grouped:  # taken after the turn: what queued meanwhile joins the group
+                try:
+                    items += self._threads.take_more(
+                        lambda it: self._groupable(it[0]), self.group_jobs - 1
+                    )
+                except Exception:  # a bug: this job alone (the queue lost nothing)
+                    _logger.exception("taking a group of jobs failed")
+            self._run_many(state, items)
+
+    def _group_turn(self, job: Job) -> AbstractContextManager[object]:
+        """Held while a group for ``job``'s store is taken and stored (the process
+        executor's: one pool thread at a time per SQLite file); nothing here."""
+        return nullcontext()
+
+    def _groupable(self, job: Job) -> bool:
+        """Whether ``job`` may share a group (see :meth:`_run_many`)."""
+        return False
+
+    def _run_many(self, state: S, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
+        """Perform the jobs a pool thread took at once (one by one here), each result
+        delivered as soon as it is known; never raises."""
+        for job, on_state, on_done in items:
+            deliver(on_done, self._run(state, job, on_state))
 
     def _run(self, state: S, job: Job, on_state: StateHook) -> JobResult:
         """Perform one job; never raises."""
@@ -181,6 +216,21 @@ class ThreadExecutor(JobPool[str]):
 
     def _open(self, index: int) -> str:
         return threading.current_thread().name
+
+    group_jobs = GROUP_JOBS
+
+    def _groupable(self, job: Job) -> bool:
+        return can_group(job)
+
+    def _run_many(self, state: str, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
+        """Whole runs among ``items`` in one transaction on this thread; the rest (and
+        any the group did not store) one by one."""
+        if not self._abandoned:
+            try:
+                items = perform_groupable(state, items, self._client, self._check_open)
+            except BaseException:  # a bug: perform them one by one, as always
+                _logger.exception("performing a group of runs failed")
+        super()._run_many(state, items)
 
     def _check_open(self) -> None:
         # A thread cannot be stopped in the middle of a call; between calls and retries it

@@ -27,14 +27,18 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
 
 import cloudpickle
 
+from actors.delivery._fast_runs import can_group
 from actors.delivery._jobs import Job, JobResult, merge_results, record_outcome
+from actors.delivery._sqlite_gate import database_gate, uri_database_key
 from actors.executors import _template, _worker
-from actors.executors._executor import JobPool, StateHook
+from actors.executors._executor import DoneHook, JobPool, StateHook
 from actors.executors._payload import dumps_job, fail_rest, stop_rest
+from actors.executors._process_groups import GROUP_JOBS, send_groupable
 from actors.queueing._queues import CreateRunCall
 
 # Every worker of this process, so that a forked child can close its copies of their sockets.
@@ -366,6 +370,22 @@ class ProcessExecutor(JobPool[_Slot]):
 
     def _perform(self, state: _Slot, job: Job, on_state: StateHook) -> JobResult:
         return state.run_job(job, on_state)
+
+    group_jobs = GROUP_JOBS
+
+    def _groupable(self, job: Job) -> bool:
+        return can_group(job)
+
+    def _group_turn(self, job: Job) -> AbstractContextManager[object]:
+        # Worker processes meet at SQLite's lock, whose busy handler sleeps up to 100 ms per
+        # look: the pool threads take turns on this process's gate instead, and the runs
+        # queued while one waits go in its group (one commit) rather than in commits of
+        # their own.
+        return database_gate(uri_database_key(job.tracking_uri))
+
+    def _run_many(self, state: _Slot, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
+        left = [] if self._abandoned else send_groupable(state, items)
+        super()._run_many(state, items if self._abandoned else left)
 
     def _close(self, state: _Slot) -> None:
         state.stop(self._stop_timeout)

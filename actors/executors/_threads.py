@@ -10,9 +10,9 @@ is the only join, and it is bounded.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -37,6 +37,7 @@ class DaemonThreads(Generic[W, S]):
     (``close_state(state)`` when it ends). Whatever ``handle`` raises is logged (``what``
     says what failed) and the thread goes on. A thread with no work for ``idle_timeout``
     seconds ends (``None``: it lives until :meth:`stop`); the next submit starts another.
+    ``handle`` may take more queued items at once with :meth:`take_more` (a group).
     """
 
     def __init__(
@@ -57,8 +58,9 @@ class DaemonThreads(Generic[W, S]):
         self._open = open_state
         self._close = close_state
         self._what = what
-        self._queue: queue.SimpleQueue[W | None] = queue.SimpleQueue()  # None: a stop
+        self._queue: deque[W | None] = deque()  # None: a stop
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # an item was queued
         self._serving: dict[int, threading.Thread] = {}  # taking work, by their number
         self._all: list[threading.Thread] = []  # not yet ended: what stop() joins
         self._stopped = False
@@ -82,7 +84,8 @@ class DaemonThreads(Generic[W, S]):
         with self._lock:
             if self._stopped:
                 raise ThreadsStopped(f"{self.name}: stopped")
-            self._queue.put(item)
+            self._queue.append(item)
+            self._ready.notify()
             # Only live threads count: a thread lost to a fault must not shrink the pool.
             self._serving = {n: t for n, t in self._serving.items() if t.is_alive()}
             if len(self._serving) < self.limit:
@@ -115,14 +118,31 @@ class DaemonThreads(Generic[W, S]):
 
     def _next(self, index: int) -> W | None:
         """The next item, or ``None`` when this thread is to end (stopped, or idle)."""
-        while True:
+        with self._lock:  # submit() sees this thread gone, or this thread sees the item
+            while not self._queue:
+                if not self._ready.wait(self.idle_timeout) and not self._queue:
+                    self._leave(index)
+                    return None
+            return self._queue.popleft()
+
+    def take_more(self, wanted: Callable[[W], bool], n: int) -> list[W]:
+        """Up to ``n`` queued items for which ``wanted`` is true, taken now without waiting
+        (for ``handle`` to serve a group of items at once). Only the first ``2 * n`` queued
+        items are looked at, so that a long queue of other work is not scanned under the
+        lock; the items left keep their order, at the front of the queue."""
+        taken: list[W] = []
+        with self._lock:
+            looked: list[W | None] = []
             try:
-                return self._queue.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                with self._lock:  # submit() sees this thread gone, or this thread sees the item
-                    if self._queue.empty():
-                        self._leave(index)
-                        return None
+                while self._queue and len(taken) < n and len(looked) < 2 * n:
+                    item = self._queue.popleft()
+                    looked.append(item)
+                    if item is not None and wanted(item):
+                        looked.pop()
+                        taken.append(item)
+            finally:  # also if ``wanted`` raised: nothing is lost
+                self._queue.extendleft(reversed(looked))
+        return taken
 
     def _leave(self, index: int) -> None:
         # Under self._lock: this thread takes no more work.
@@ -135,8 +155,8 @@ class DaemonThreads(Generic[W, S]):
         with self._lock:
             if not self._stopped:
                 self._stopped = True
-                for _ in self._serving:
-                    self._queue.put(None)
+                self._queue.extend(None for _ in self._serving)
+                self._ready.notify_all()
             threads = list(self._all)
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:

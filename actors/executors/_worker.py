@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from actors.delivery._fast_runs import perform_group
 from actors.delivery._jobs import Job, retry_error_text
 from actors.delivery._perform import perform_job
 from actors.executors._executor import failed_result
@@ -51,7 +52,7 @@ def serve(conn: Connection) -> None:
         except (EOFError, OSError):
             return
         try:
-            job: Job = cloudpickle.loads(payload)
+            job: Job | tuple[str, list[Job]] = cloudpickle.loads(payload)
         except Exception as exc:  # a class the parent has and this interpreter cannot import
             conn.send(("refused", repr(exc)))
             continue
@@ -61,6 +62,13 @@ def serve(conn: Connection) -> None:
 
         def on_retry_end() -> None:
             conn.send(("state", "flushing"))
+
+        if isinstance(job, tuple):  # ("group", jobs): whole runs in one transaction
+            jobs = job[1]
+            open_group = partial(_client, clients, jobs[0].tracking_uri)
+            done = perform_group(open_group, jobs, on_retry, on_retry_end)
+            conn.send_bytes(cloudpickle.dumps(("group", done)))
+            continue
 
         def on_call(call: Call, error: str | None, run_id: str | None) -> None:
             conn.send(("call", error, run_id))
