@@ -130,6 +130,11 @@ def _steps(line: str) -> int | None:
     return None if logged is None else logged[0]
 
 
+def _default_dispositions() -> None:
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def die(
     uri: str,
     experiment_id: str,
@@ -158,6 +163,9 @@ def die(
         stdout=subprocess.PIPE,
         stderr=errors,  # a file: a keeper the child started may hold it open
         text=True,
+        # Started as from a terminal, whatever this process's dispositions: under `nohup`
+        # (SIGHUP ignored, and inherited) the child would ignore the SIGHUP it is sent.
+        preexec_fn=_default_dispositions,
     )
     out: list[str] = []
     died_at = 0.0
