@@ -2,9 +2,9 @@
 (or raises, or exits), and what the store holds afterwards.
 
 The child prints every step it has logged on both runs, so the parent knows exactly what was
-logged before the death and counts it against the store. Used by ``tests/test_dying.py``;
-``python tests/dying.py`` prints the table of issue 16 (each ending, what was lost, what
-runs were left) for this checkout.
+logged before the death (and when) and counts it against the store. Used by
+``tests/test_dying.py``, and by ``tests/crash_table.py``, which measures the table of each
+ending (what was lost, what runs were left) for this checkout.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ if how == "own-handler":  # the program's own SIGTERM handler, set before the cl
 options = {}
 if os.environ.get("DYING_END_RUNS") == "0":
     options["end_runs"] = False
+if os.environ.get("DYING_SPOOL"):  # the write-ahead journal, and the keeper
+    options["spool_dir"] = os.environ["DYING_SPOOL"]
 client = QueueingClient(
     uri, executor=executor, flush_interval=float(flush_interval), retry_timeout=5, **options
 )
@@ -54,8 +57,10 @@ def train():
     while not stop:
         for run in runs:
             client.log_metrics(run, {"loss": 1.0 / (step + 1)}, step=step)
-        print(step, flush=True)  # logged on both runs
+        print(step, time.time(), flush=True)  # logged on both runs
         if step == end_at:
+            if how == "os._exit":
+                os._exit(3)
             if how == "raise":
                 raise RuntimeError(f"boom at step {step}")
             sys.exit(int(how.removeprefix("exit-")))
@@ -89,6 +94,7 @@ class StoredRun:
     points: int  # stored points of "loss"
     lost: int  # steps the child printed that the store lacks
     duplicates: int  # points stored twice
+    missing: list[int] = field(default_factory=list)  # the steps ``lost`` counts
 
 
 @dataclass
@@ -98,6 +104,9 @@ class Death:
     stdout: str
     stderr: str
     runs: list[StoredRun] = field(default_factory=list)
+    logged_at: dict[int, float] = field(default_factory=dict)  # step: when it was logged
+    died_at: float = 0.0  # the signal sent, or the last step logged (time.time())
+    ended_after: float | None = None  # seconds from the death to no run RUNNING
 
     @property
     def lost(self) -> int:
@@ -108,8 +117,22 @@ class Death:
         return sum(run.status == "RUNNING" for run in self.runs)
 
 
+def _logged(line: str) -> tuple[int, float] | None:
+    """A line the child printed after logging a step: the step and when."""
+    fields = line.split()
+    if len(fields) != 2 or not fields[0].isdigit() or not line.endswith("\n"):
+        return None
+    return int(fields[0]), float(fields[1])
+
+
 def _steps(line: str) -> int | None:
-    return int(line) if line.strip().isdigit() else None
+    logged = _logged(line)
+    return None if logged is None else logged[0]
+
+
+def _default_dispositions() -> None:
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def die(
@@ -123,22 +146,29 @@ def die(
     after_seconds: float | None = None,
     flush_interval: float = 0.2,
     timeout: float = 90,
+    wait_ended: float = 0.0,
     **env: str,
 ) -> Death:
     """Start the child, let it log ``after_steps`` steps (or ``after_seconds``), send it
     ``signum`` (none: it ends by itself at that step, as ``how`` says: ``raise``,
-    ``exit-N``), wait for it and read back its runs."""
+    ``exit-N``, ``os._exit``), wait for it and read back its runs (once none is RUNNING,
+    for up to ``wait_ended`` seconds after the death: a keeper ends them)."""
     if signum is None:
         env.setdefault("DYING_END_AT", str(after_steps))
+    errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, uri, experiment_id, executor, how, str(flush_interval)],
         env=script_env(PYTHONFAULTHANDLER="1", **env),
         cwd=REPO,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errors,  # a file: a keeper the child started may hold it open
         text=True,
+        # Started as from a terminal, whatever this process's dispositions: under `nohup`
+        # (SIGHUP ignored, and inherited) the child would ignore the SIGHUP it is sent.
+        preexec_fn=_default_dispositions,
     )
     out: list[str] = []
+    died_at = 0.0
     try:
         assert child.stdout is not None
         started = None
@@ -156,76 +186,51 @@ def die(
             elif step is not None and step >= after_steps:
                 break
         if signum is not None:
+            died_at = time.time()
             child.send_signal(signum)
         try:
-            rest, stderr = child.communicate(timeout=timeout)
+            rest, _ = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:  # hung: its threads' stacks say where
             child.send_signal(signal.SIGABRT)
-            rest, stderr = child.communicate()
-            raise AssertionError(f"the child did not end within {timeout} s:\n{stderr}") from None
+            child.communicate()
+            errors.seek(0)
+            raise AssertionError(
+                f"the child did not end within {timeout} s:\n{errors.read()}"
+            ) from None
     finally:
         if child.poll() is None:
             child.kill()
             child.communicate()
+        errors.seek(0)
+        stderr = errors.read()
+        errors.close()
     stdout = "".join(out) + rest
-    printed = [s for s in map(_steps, stdout.splitlines()) if s is not None]
-    death = Death(child.returncode, printed[-1] if printed else -1, stdout, stderr)
+    logged = dict(filter(None, map(_logged, stdout.splitlines(keepends=True))))
+    death = Death(child.returncode, max(logged, default=-1), stdout, stderr, logged_at=logged)
+    death.died_at = died_at or max(logged.values(), default=time.time())
     store = MlflowClient(uri)
+    while wait_ended:  # until no run is RUNNING, or the wait is over
+        statuses = [run.info.status for run in store.search_runs([experiment_id])]
+        if statuses and "RUNNING" not in statuses:
+            death.ended_after = time.time() - death.died_at
+            break
+        if time.time() > death.died_at + wait_ended:
+            break
+        time.sleep(0.05)
     for run in store.search_runs([experiment_id]):
         history = store.get_metric_history(run.info.run_id, "loss")
         steps = {metric.step for metric in history}
+        missing = [step for step in range(death.last_step + 1) if step not in steps]
         death.runs.append(
             StoredRun(
                 name=run.info.run_name,
                 status=run.info.status,
                 end_time=run.info.end_time,
                 points=len(history),
-                lost=sum(step not in steps for step in range(death.last_step + 1)),
+                lost=len(missing),
                 duplicates=len(history) - len(steps),
+                missing=missing,
             )
         )
     death.runs.sort(key=lambda run: run.name)
     return death
-
-
-def describe(death: Death) -> str:
-    """One table row's last two cells: what was lost, what runs were left."""
-    logged = 2 * (death.last_step + 1)
-    if not death.runs:
-        return f"all {logged} points, and the runs: never created | none in the store"
-    left = ", ".join(
-        f"{run.status}{'' if run.end_time else ' (no end time)'}" for run in death.runs
-    )
-    return f"{death.lost} of {logged} points | {left} (exit {death.returncode})"
-
-
-def main() -> None:  # pragma: no cover - a measurement, run by hand
-    import tempfile
-
-    rows = [
-        ("SIGTERM 2 s in (flush_interval=5)", "term", signal.SIGTERM, 5.0, 2.0),
-        ("SIGTERM (flush_interval=0.2)", "term", signal.SIGTERM, 0.2, 2.0),
-        ("SIGINT / KeyboardInterrupt", "int", signal.SIGINT, 0.2, 2.0),
-        ("SIGHUP", "hup", signal.SIGHUP, 0.2, 2.0),
-        ("uncaught exception", "raise", None, 0.2, None),
-    ]
-    for executor in sys.argv[1:] or ["thread"]:
-        for label, how, signum, interval, seconds in rows:
-            with tempfile.TemporaryDirectory() as folder:
-                uri = f"sqlite:///{folder}/mlflow.db"
-                experiment = MlflowClient(uri).create_experiment("dying")
-                death = die(
-                    uri,
-                    experiment,
-                    executor,
-                    how,
-                    signum=signum,
-                    after_seconds=seconds,
-                    after_steps=2000,
-                    flush_interval=interval,
-                )
-                print(f"| {label}, {executor} | {describe(death)} |", flush=True)
-
-
-if __name__ == "__main__":
-    main()
