@@ -29,8 +29,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from actors.delivery._dispatch import _send
+from actors.delivery._run_work import whole_run
 from actors.delivery._sql_policy import ENV_SWITCH, fast_metrics_writer
-from actors.delivery._sql_runs import SqlRunsWriter, whole_run
+from actors.delivery._sql_runs import SqlRunsWriter
 from actors.queueing._plan import Call, LogBatchCall, SetTerminatedCall
 from actors.queueing._queues import CreateRunCall
 

@@ -24,6 +24,7 @@ from actors.delivery._jobs import (
     record_outcome,
 )
 from actors.delivery._retry import is_transient
+from actors.delivery._run_work import whole_run
 
 
 def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) -> bool:
@@ -36,8 +37,6 @@ def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) 
     (a creation is then found by its ID, :mod:`actors.delivery._create_key`), as is
     :class:`~actors.delivery._jobs.JobStopped`.
     """
-    from actors.delivery._sql_runs import whole_run
-
     work = whole_run(job.run_id, job.calls)
     if work is None or not work.small:  # a long run's round: batch by batch, as before
         return False
@@ -65,8 +64,6 @@ def write_whole_run(client: Any, job: Job, retries: Retries, result: JobResult) 
 
 def can_group(job: Job) -> bool:
     """Whether ``job`` may go in a group of whole runs (:func:`perform_group`)."""
-    from actors.delivery._sql_runs import whole_run
-
     work = whole_run(job.run_id, job.calls)
     return work is not None and work.small
 
@@ -82,8 +79,6 @@ def perform_group(
     group failed: nothing of it stored, or, after a failure of unknown outcome, found stored
     by its ID when performed). Retried as a job's call is, with its hooks (the runs' status
     shows ``retrying``). Never raises."""
-    from actors.delivery._sql_runs import whole_run
-
     fast = None
     try:
         client = open_client()
