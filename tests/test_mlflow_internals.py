@@ -68,6 +68,53 @@ def test_a_renamed_private_mlflow_name_turns_the_fast_path_off_with_one_warning(
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
 
 
+PATCHED_FIRST = """
+import sys
+from mlflow.tracking import MlflowClient
+
+calls = []
+original = MlflowClient.log_batch
+def counted(self, *args, **kwargs):  # a program's own patch, made before runactors' first use
+    calls.append(1)
+    return original(self, *args, **kwargs)
+MlflowClient.log_batch = counted
+
+from client import QueueingClient
+
+uri, experiment_id = sys.argv[1:3]
+with QueueingClient(uri, executor="thread") as c:
+    run = c.create_run(experiment_id, run_name="patched")  # a whole run: create, batch, end
+    c.log_metrics(run, {"loss": 0.5}, step=0)
+    c.set_terminated(run)
+    c.flush()
+    long = c.create_run(experiment_id, run_name="metrics")
+    c.flush()
+    c.log_metrics(long, {"loss": 0.25}, step=1)  # a metrics-only round of a known run
+    c.flush()
+    print(len(calls), c.status().runs[1].sql_fast_path)
+"""
+
+
+def test_a_patch_made_before_the_fast_paths_first_use_is_honoured(
+    tracking_uri: str, store: MlflowClient, experiment_id: str
+) -> None:
+    """The fast path stands in for MLflow's own log_batch only: one the program patched
+    before runactors' first flush is called for every batch (it was taken for MLflow's, the
+    fast path being imported on first use, after the patch; whole runs then failed on it)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PATCHED_FIRST, tracking_uri, experiment_id],
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "off"], done.stdout + done.stderr[-2000:]
+    runs = store.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.data.metrics.get("loss") for r in runs] == [0.5, 0.25]
+    assert runs[0].info.status == "FINISHED"
+
+
 FORK = """
 import json, os, sys
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore

@@ -144,6 +144,8 @@ def _perform(client: Any, job: Job, retries: Retries, on_call: CallHook | None) 
                         grouping = grouping and len(group) < 2
                         retries(partial(invoke_fast, fast, client, run_id, call, result, gate))
                 else:
+                    if fast is not None and fast.database and fast_path_call(call):
+                        result.sql_fast_path = "off"  # log_batch patched or wrapped: it runs
                     retries(partial(invoke, client, run_id, call, gate))
             except Exception as exc:
                 error = f"{call_kind(call)} failed: {exc!r}"

@@ -8,6 +8,7 @@ Imported on first use by :mod:`actors.delivery._fast_path`, with the writer
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import weakref
 from typing import Any, Final
@@ -45,40 +46,56 @@ def fast_metrics_writer(store: object) -> SqlMetricsWriter | None:
         return None
 
 
-# MLflow's own ``log_batch`` of the client and of the store, which the fast path stands in for.
-_MLFLOW_LOG_BATCH: Final = (MlflowClient.log_batch, SqlAlchemyStore.log_batch)
+def _is_mlflows(owner: object, name: str, defined_in: type) -> bool:
+    """Whether ``owner.name`` is MLflow's own method as ``defined_in`` defines it: not patched
+    or wrapped (instrumentation, a test's fault injection, a subclass's override). Told by
+    where the function was defined, not by identity with a function taken at import, since
+    this module is imported on first use, which may come after a patch."""
+    func = getattr(owner, name, None)
+    module = sys.modules.get(defined_in.__module__)
+    code = getattr(func, "__code__", None)
+    return (
+        getattr(func, "__module__", None) == defined_in.__module__
+        and getattr(func, "__qualname__", None) == f"{defined_in.__qualname__}.{name}"
+        and not hasattr(func, "__wrapped__")
+        and code is not None
+        and module is not None
+        and code.co_filename == getattr(module, "__file__", None)
+    )
+
+
+def _calls_are_mlflows(client: Any, names: tuple[tuple[str, str], ...]) -> bool:
+    store = client._tracking_client.store
+    for name, store_name in names:
+        if name in vars(client) or store_name in vars(store):
+            return False
+        if not _is_mlflows(type(client), name, MlflowClient):
+            return False
+        if not _is_mlflows(type(store), store_name, SqlAlchemyStore):
+            return False
+    return True
+
+
+# MLflow's methods (the client's, the store's) that the fast path for metrics stands in for.
+_METRIC_CALLS: Final = (("log_batch", "log_batch"),)
+# ... and those that whole runs stand in for.
+_RUN_CALLS: Final = (
+    ("create_run", "create_run"),
+    ("log_batch", "log_batch"),
+    ("set_terminated", "update_run_info"),
+)
 
 
 def log_batch_is_mlflows(client: Any) -> bool:
     """Whether ``client.log_batch`` would run MLflow's own code down to its SQL store: not
     when that code is patched or wrapped (instrumentation, a test's fault injection, a
     subclass), whose caller expects it to run for every batch; the fast path would skip it."""
-    store = client._tracking_client.store
-    return (type(client).log_batch, type(store).log_batch) == _MLFLOW_LOG_BATCH and not (
-        "log_batch" in vars(client) or "log_batch" in vars(store)
-    )
-
-
-# MLflow's own methods, of the client and of the store, that whole runs stand in for.
-_MLFLOW_RUN_CALLS: Final = (
-    (MlflowClient.create_run, SqlAlchemyStore.create_run),
-    (MlflowClient.log_batch, SqlAlchemyStore.log_batch),
-    (MlflowClient.set_terminated, SqlAlchemyStore.update_run_info),
-)
+    return _calls_are_mlflows(client, _METRIC_CALLS)
 
 
 def run_calls_are_mlflows(client: Any) -> bool:
     """:func:`log_batch_is_mlflows` for every call a whole run stands in for."""
-    store = client._tracking_client.store
-    for client_method, store_method in _MLFLOW_RUN_CALLS:
-        name, store_name = client_method.__name__, store_method.__name__
-        if getattr(type(client), name) is not client_method:
-            return False
-        if getattr(type(store), store_name) is not store_method:
-            return False
-        if name in vars(client) or store_name in vars(store):
-            return False
-    return True
+    return _calls_are_mlflows(client, _RUN_CALLS)
 
 
 _CLIENTS: weakref.WeakKeyDictionary[Any, ClientFastPath] = weakref.WeakKeyDictionary()
