@@ -154,3 +154,56 @@ def test_take_more_takes_the_wanted_items_queued_now_and_leaves_the_others_in_or
     # 1 takes the even ones among the first 2 x 3 queued after it (2, 4, 6); the odd ones
     # stay in their order, each taking the even ones still queued.
     assert groups == [[1, 2, 4, 6], [3, 8, 10], [5], [7], [9]]
+
+
+def test_jobs_taken_with_a_group_that_did_not_store_them_go_to_idle_threads() -> None:
+    """A pool thread that took jobs for a group and could not store them (a patched
+    log_batch, a failed group) performs the first and puts the others back for idle
+    threads: a slow run never holds up one that was merely taken with it (it did: the
+    healthy run waited behind the slow one on the same thread)."""
+    from actors.delivery._jobs import Job, JobResult
+    from actors.executors._executor import JobPool
+
+    in_turn, queued_both = threading.Event(), threading.Event()
+    release = threading.Event()
+    done: dict[str, str] = {}
+
+    class Pool(JobPool[str]):
+        group_jobs = 2
+
+        def _open(self, index: int) -> str:
+            return threading.current_thread().name
+
+        def _groupable(self, job: Job) -> bool:
+            return True
+
+        def _group_turn(self, job: Job):  # type: ignore[no-untyped-def]
+            in_turn.set()
+            queued_both.wait(WAIT)  # the second job is queued before the group is taken
+            return super()._group_turn(job)
+
+        def _perform(self, state: str, job: Job, on_state: object) -> JobResult:
+            if job.label == "slow":
+                release.wait(WAIT)
+            done[job.label] = state
+            return JobResult(run_id=job.run_id)
+
+    pool = Pool(4, f"grouppool-{uuid.uuid4().hex[:6]}")
+    try:
+        jobs = [
+            Job("sqlite:///x.db", "r-" + label, [], 1.0, label=label)
+            for label in ("slow", "healthy")
+        ]
+        pool.submit(jobs[0], lambda *a, **k: None, lambda result: None)
+        assert in_turn.wait(WAIT)
+        # Queued while every thread is busy (here: the only one), so the group takes it.
+        pool._threads._queue.append((jobs[1], lambda *a, **k: None, lambda result: None))
+        queued_both.set()
+        _until(lambda: "healthy" in done)
+        assert "slow" not in done  # the healthy job did not wait behind the slow one
+        release.set()
+        _until(lambda: "slow" in done)
+        assert done["healthy"] != done["slow"]
+    finally:
+        release.set()
+        pool.shutdown(WAIT)

@@ -99,6 +99,7 @@ class JobPool(Generic[S]):
             what="delivering a job's result",  # _run never raises: only on_done can
         )
         self._lock = threading.Lock()
+        self._put_back: set[int] = set()  # id() of jobs a group put back, not stored by it
         self._closed = False
         self._abandoned = False
         self._stop_timeout: float | None = None
@@ -115,7 +116,7 @@ class JobPool(Generic[S]):
         in theirs for an idle thread)."""
         items = [item]
         try:
-            grouped = self.group_jobs > 1 and self._groupable(item[0])
+            grouped = self.group_jobs > 1 and not self._alone(item) and self._groupable(item[0])
         except Exception:  # a bug: this job alone, as always
             _logger.exception("taking a group of jobs failed")
             grouped = False
@@ -123,7 +124,8 @@ class JobPool(Generic[S]):
             if grouped:  # taken after the turn: what queued meanwhile joins the group
                 try:
                     items += self._threads.take_more(
-                        lambda it: self._groupable(it[0]), self.group_jobs - 1
+                        lambda it: id(it[0]) not in self._put_back and self._groupable(it[0]),
+                        self.group_jobs - 1,
                     )
                 except Exception:  # a bug: this job alone (the queue lost nothing)
                     _logger.exception("taking a group of jobs failed")
@@ -138,9 +140,28 @@ class JobPool(Generic[S]):
         """Whether ``job`` may share a group (see :meth:`_run_many`)."""
         return False
 
+    def _alone(self, item: tuple[Job, StateHook, DoneHook]) -> bool:
+        """Whether ``item`` was put back by a group that did not store it: performed alone."""
+        with self._lock:
+            if id(item[0]) in self._put_back:
+                self._put_back.discard(id(item[0]))
+                return True
+            return False
+
     def _run_many(self, state: S, items: list[tuple[Job, StateHook, DoneHook]]) -> None:
-        """Perform the jobs a pool thread took at once (one by one here), each result
-        delivered as soon as it is known; never raises."""
+        """Perform the first of the jobs a pool thread took at once (those a group did not
+        store) and put the others back for idle threads, so that a slow or failing run
+        never holds up the runs that happened to be taken with it; each result delivered
+        as soon as it is known; never raises."""
+        if len(items) > 1 and not self._abandoned:
+            rest = items[1:]
+            with self._lock:
+                self._put_back.update(id(job) for job, _, _ in rest)
+            if self._threads.put_back(rest):
+                items = items[:1]
+            else:  # stopped meanwhile: this thread performs them, in their order
+                with self._lock:
+                    self._put_back.difference_update(id(job) for job, _, _ in rest)
         for job, on_state, on_done in items:
             deliver(on_done, self._run(state, job, on_state))
 

@@ -86,17 +86,35 @@ class DaemonThreads(Generic[W, S]):
                 raise ThreadsStopped(f"{self.name}: stopped")
             self._queue.append(item)
             self._ready.notify()
-            # Only live threads count: a thread lost to a fault must not shrink the pool.
-            self._serving = {n: t for n, t in self._serving.items() if t.is_alive()}
-            if len(self._serving) < self.limit:
-                self._all = [t for t in self._all if t.is_alive()]
-                index = min(set(range(self.limit)) - self._serving.keys())
-                thread = threading.Thread(
-                    target=self._serve, args=(index,), name=f"{self.name}-{index}", daemon=True
-                )
-                self._serving[index] = thread
-                self._all.append(thread)
-                thread.start()
+            self._grow(1)
+
+    def put_back(self, items: list[W]) -> bool:
+        """Queue ``items`` first, in their order, for other threads to take (what a thread
+        took with :meth:`take_more` and will not serve itself), starting threads for them
+        as :meth:`submit` does. False once stopped: nothing queued, the caller serves them."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._queue.extendleft(reversed(items))
+            self._ready.notify(len(items))
+            self._grow(len(items))
+            return True
+
+    def _grow(self, wanted: int) -> None:
+        # Under self._lock: up to ``wanted`` more threads, within ``limit``. Only live
+        # threads count: a thread lost to a fault must not shrink the pool.
+        self._serving = {n: t for n, t in self._serving.items() if t.is_alive()}
+        for _ in range(wanted):
+            if len(self._serving) >= self.limit:
+                return
+            self._all = [t for t in self._all if t.is_alive()]
+            index = min(set(range(self.limit)) - self._serving.keys())
+            thread = threading.Thread(
+                target=self._serve, args=(index,), name=f"{self.name}-{index}", daemon=True
+            )
+            self._serving[index] = thread
+            self._all.append(thread)
+            thread.start()
 
     def _serve(self, index: int) -> None:
         try:
