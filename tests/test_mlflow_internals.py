@@ -115,6 +115,55 @@ def test_a_patch_made_before_the_fast_paths_first_use_is_honoured(
     assert runs[0].info.status == "FINISHED"
 
 
+# A fault of the whole-run writer itself (a bug, an MLflow it does not know), in every
+# interpreter of the test's program, worker processes included.
+BROKEN_WHOLE_RUNS = """
+import actors.delivery._fast_runs as fast_runs
+
+def whole_run(run_id, calls):
+    raise RuntimeError("a bug in the whole-run writer")
+
+fast_runs.whole_run = whole_run
+"""
+
+
+def test_a_fault_of_the_whole_run_writer_sends_the_run_through_mlflows_calls(
+    tmp_path: Path, tracking_uri: str, store: MlflowClient, experiment_id: str, executor: str
+) -> None:
+    """It stored nothing, so the run's calls go through MLflow's API, with one warning (they
+    all failed as 'the store was unavailable past retry_timeout', without a retry)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BROKEN_WHOLE_RUNS)
+    script = textwrap.dedent(
+        f"""
+        from client import QueueingClient
+
+        with QueueingClient({tracking_uri!r}, executor={executor!r}, max_workers=1) as c:
+            run = c.create_run({experiment_id!r}, run_name="broken")
+            c.log_params(run, {{"lr": 0.1}})
+            c.log_metrics(run, {{"loss": 0.5}}, step=0)
+            c.set_terminated(run)
+            c.flush()
+            print(run.resolve(), c.status().runs[0].sql_fast_path)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), REPO])},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.split()[0]  # its metrics then took the metrics path: "on"
+    assert done.stderr.count("SQL fast path for whole runs failed") == 1, done.stderr[-3000:]
+    run = store.get_run(run_id)
+    assert (run.info.status, run.info.run_name) == ("FINISHED", "broken")
+    assert run.data.params == {"lr": "0.1"} and run.data.metrics == {"loss": 0.5}
+
+
 FORK = """
 import json, os, sys
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore

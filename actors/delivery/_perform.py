@@ -8,6 +8,7 @@ in the seed).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -34,6 +35,8 @@ from actors.delivery._retry import is_transient
 from actors.delivery._sqlite_gate import uri_database_key
 from actors.queueing._plan import Call, LogBatchCall, call_kind
 from actors.queueing._queues import CreateRunCall
+
+_logger = logging.getLogger("runactors.delivery")
 
 
 def perform_job(
@@ -66,6 +69,22 @@ def perform_job(
     return result
 
 
+_whole_run_faults: list[str] = []  # said once per process
+
+
+def fell_back_from_whole_run(exc: BaseException) -> str:
+    """Warn once that whole runs failed with ``exc`` (a bug, or an MLflow it does not know),
+    so their calls go through MLflow's API; the run's ``sql_fast_path`` status text."""
+    if not _whole_run_faults:
+        _whole_run_faults.append(repr(exc))
+        _logger.warning(
+            "SQL fast path for whole runs failed (%r): their calls go through MLflow's API",
+            exc,
+            exc_info=exc,
+        )
+    return f"fallback: {exc!r}"
+
+
 def _spoolable(exc: BaseException) -> bool:
     """Whether a failed call goes to the spool (with ``stop_on_transient``) rather than
     being reported: a transient failure past its retries, or the client closing."""
@@ -89,7 +108,10 @@ def _perform(client: Any, job: Job, retries: Retries, on_call: CallHook | None) 
             return result
         if isinstance(exc, JobStopped):
             raise
-        unavailable = f"the store was unavailable past retry_timeout ({exc!r})"
+        if is_transient(exc):
+            unavailable = f"the store was unavailable past retry_timeout ({exc!r})"
+        else:  # a fault of the fast path itself, which stored nothing: MLflow's calls instead
+            result.sql_fast_path = fell_back_from_whole_run(exc)
 
     def report(index: int, call: Call, error: str | None, run_id: str | None) -> bool:
         """Account one call's outcome; False when the job must stop (the client closes)."""
