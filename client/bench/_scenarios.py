@@ -199,11 +199,21 @@ def postgres_thread(options: Options) -> ScenarioResult:
     and stops; one database, a fresh experiment per measurement. Skipped, saying why, where
     the server binaries or the psycopg driver are missing."""
     workload = Workload(options.runs, options.steps, 2)
-    name = "postgres-thread"
-    title = (
+    return _on_postgres(
+        "postgres-thread",
         f"{workload.runs} runs x {workload.steps} steps x 2 metrics into PostgreSQL 15, "
-        "thread executor"
+        "thread executor",
+        workload,
+        3.0,
+        options,
     )
+
+
+def _on_postgres(
+    name: str, title: str, workload: Workload, goal: float, options: Options
+) -> ScenarioResult:
+    """The direct loop against runactors' thread executor on a throwaway PostgreSQL 15
+    server; skipped, saying why, where the server binaries or the driver are missing."""
     reason = _postgres.missing()
     if reason is not None:
         return ScenarioResult(name, title, skipped=reason)
@@ -217,7 +227,7 @@ def postgres_thread(options: Options) -> ScenarioResult:
             f"{ours.name} / {base.name}",
             result.measurement(ours.name),
             result.measurement(base.name),
-            3.0,
+            goal,
         )
     )
     return result
@@ -265,25 +275,13 @@ def small_runs_postgres(options: Options) -> ScenarioResult:
     """The small runs into a throwaway PostgreSQL 15 server, thread executor (as
     ``postgres-thread``: skipped, saying why, where the server or the driver is missing)."""
     workload = Workload(options.small_runs, 1, 10)
-    name = "small-runs-postgres"
-    title = f"{workload.runs} small runs (10 metrics each) into PostgreSQL 15, thread executor"
-    reason = _postgres.missing()
-    if reason is not None:
-        return ScenarioResult(name, title, skipped=reason)
-    base, ours = DirectLoop(), Queueing("runactors thread", _runactors("thread", options))
-    with _postgres.LocalPostgres() as server:
-        MlflowClient(server.uri).search_experiments(max_results=1)  # MLflow's tables, untimed
-        measurements = _interleaved([base, ours], workload, options.rounds, lambda n: server.uri)
-    result = ScenarioResult(name, title, measurements)
-    result.ratios.append(
-        throughput_ratio(
-            f"{ours.name} / {base.name}",
-            result.measurement(ours.name),
-            result.measurement(base.name),
-            3.0,
-        )
+    return _on_postgres(
+        "small-runs-postgres",
+        f"{workload.runs} small runs (10 metrics each) into PostgreSQL 15, thread executor",
+        workload,
+        3.0,
+        options,
     )
-    return result
 
 
 def small_runs_process(options: Options) -> ScenarioResult:
